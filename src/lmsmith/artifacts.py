@@ -1,0 +1,84 @@
+"""The run-directory contract: every stage writes `RUN/<stage>/` and a `manifest.json` beside its outputs.
+
+A manifest records what went in (resolved config and its hash, hashes of upstream artifacts and of
+external files), what came out (each output's path and hash), the metrics, the wall time and the package
+versions. Downstream stages fingerprint their inputs from upstream manifests, so deciding whether a stage
+is up to date never re-reads large files.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lmsmith.hashing import hash_json, hash_path
+
+MANIFEST = "manifest.json"
+_TRACKED_PACKAGES = (
+    "lmsmith", "torch", "transformers", "peft", "accelerate", "tokenizers", "pydantic", "sacrebleu",
+)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class Manifest:
+    stage: str
+    config: dict[str, Any]
+    config_hash: str
+    inputs: dict[str, str]
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    versions: dict[str, str] = field(default_factory=package_versions)
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    @property
+    def fingerprint(self) -> str:
+        """What downstream stages depend on: the hashes of this stage's outputs."""
+        return hash_json({name: out["hash"] for name, out in self.outputs.items()})
+
+    def write(self, stage_dir: Path) -> Path:
+        path = stage_dir / MANIFEST
+        path.write_text(json.dumps(self.__dict__, indent=2, ensure_ascii=False, default=str))
+        return path
+
+    @classmethod
+    def read(cls, stage_dir: Path) -> "Manifest | None":
+        path = stage_dir / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            return None
+
+    def outputs_present(self, stage_dir: Path) -> bool:
+        return all((stage_dir / out["path"]).exists() for out in self.outputs.values())
+
+    def output_path(self, stage_dir: Path, name: str) -> Path:
+        return stage_dir / self.outputs[name]["path"]
+
+
+def describe_outputs(stage_dir: Path, outputs: dict[str, str | Path]) -> dict[str, dict[str, str]]:
+    """Hash each named output (a file or a directory under `stage_dir`)."""
+    described = {}
+    for name, rel in outputs.items():
+        path = stage_dir / rel
+        if not path.exists():
+            raise FileNotFoundError(f"stage declared output {name!r} at {path}, which was not written")
+        described[name] = {"path": str(Path(rel)), "hash": hash_path(path)}
+    return described
