@@ -40,7 +40,7 @@ class Manifest:
     config: dict[str, Any]
     config_hash: str
     inputs: dict[str, str]
-    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float = 0.0
     versions: dict[str, str] = field(default_factory=package_versions)
@@ -67,18 +67,31 @@ class Manifest:
             return None
 
     def outputs_present(self, stage_dir: Path) -> bool:
-        return all((stage_dir / out["path"]).exists() for out in self.outputs.values())
+        """Cheap integrity check (stat only): every output exists with its recorded file count and size."""
+        for out in self.outputs.values():
+            path = stage_dir / out["path"]
+            if not path.exists() or _footprint(path) != (out.get("files"), out.get("bytes")):
+                return False
+        return True
 
     def output_path(self, stage_dir: Path, name: str) -> Path:
         return stage_dir / self.outputs[name]["path"]
 
 
-def describe_outputs(stage_dir: Path, outputs: dict[str, str | Path]) -> dict[str, dict[str, str]]:
+def describe_outputs(stage_dir: Path, outputs: dict[str, str | Path]) -> dict[str, dict[str, Any]]:
     """Hash each named output (a file or a directory under `stage_dir`)."""
     described = {}
     for name, rel in outputs.items():
         path = stage_dir / rel
         if not path.exists():
             raise FileNotFoundError(f"stage declared output {name!r} at {path}, which was not written")
-        described[name] = {"path": str(Path(rel)), "hash": hash_path(path)}
+        files, size = _footprint(path)
+        described[name] = {"path": str(Path(rel)), "hash": hash_path(path), "files": files, "bytes": size}
     return described
+
+
+def _footprint(path: Path) -> tuple[int, int]:
+    if path.is_file():
+        return 1, path.stat().st_size
+    sizes = [p.stat().st_size for p in path.rglob("*") if p.is_file()]
+    return len(sizes), sum(sizes)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from lmsmith.artifacts import Manifest, describe_outputs
 from lmsmith.console import console
 from lmsmith.errors import UserError
@@ -79,7 +81,7 @@ def external_inputs(config: Any) -> dict[str, Path]:
     found: dict[str, Path] = {}
 
     def visit(value: Any, prefix: str) -> None:
-        if hasattr(value, "model_fields"):
+        if isinstance(value, BaseModel):
             for key in type(value).model_fields:
                 visit(getattr(value, key), f"{prefix}{key}.")
         elif isinstance(value, Path) and value.exists():

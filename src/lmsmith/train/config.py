@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from lmsmith.paths import InputPath
 from lmsmith.schema import StrictModel
@@ -50,7 +50,19 @@ class LoraMethod(StrictModel):
     )
 
 
-MethodConfig = Annotated[Union[FullMethod, LoraMethod], Field(discriminator="name")]
+DEFAULT_METHOD = "lora"
+
+
+def _default_method_name(value: object) -> object:
+    # `--set sft.method.r=8` names no method: it means the default one, not an error.
+    if isinstance(value, dict) and "name" not in value:
+        return {"name": DEFAULT_METHOD, **value}
+    return value
+
+
+MethodConfig = Annotated[
+    Union[FullMethod, LoraMethod], Field(discriminator="name"), BeforeValidator(_default_method_name)
+]
 
 
 class PretrainConfig(StrictModel):
