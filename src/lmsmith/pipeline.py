@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -61,9 +62,10 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:
         pass
-    import torch
-
-    torch.manual_seed(seed)
+    # Only stages that imported torch need it seeded; importing it here would cost a second per stage.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
 
 
 def _stage_inputs(spec: StageSpec, config: Any, run_dir: Path) -> dict[str, str]:
@@ -153,8 +155,8 @@ def _run_stage(spec, config, config_json, config_hash, inputs, recipe, run_dir) 
     stage_dir.mkdir(parents=True)
     console.rule(f"[bold]{spec.name}")
     started = time.perf_counter()
-    seed_everything(recipe.seed)
     run = spec.load_run()
+    seed_everything(recipe.seed)
     result: StageResult = run(config, StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=recipe))
     manifest = Manifest(
         stage=spec.name,

@@ -1,1 +1,1 @@
-
+"""The data stage: readers, cleaning operators (`ops`), exact dedup, grouped split and accounting."""

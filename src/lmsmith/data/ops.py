@@ -1,0 +1,315 @@
+"""Cleaning operators: small classes that each rewrite (mapper) or judge (filter) one text.
+
+A recipe lists them in order as `data.ops: [{op: NAME, ...params}]`. Each operator has a pydantic config
+(its params; unknown or bad ones are rejected when the recipe is validated), a docstring and a name in
+`REGISTRY`. The work is done by the standard library: `unicodedata`, `html`, `re`, and `decimal` (through
+`lmsmith.data.numbers`).
+
+To add one:
+
+    class LowercaseConfig(OpConfig):
+        pass
+
+    @register("lowercase")
+    class Lowercase(Mapper):
+        '''Lowercase everything.'''
+        Config = LowercaseConfig
+
+        def map(self, text: str) -> str:
+            return text.lower()
+
+Order matters: the default chain strips HTML before normalising unicode (entities turn into odd spaces),
+and masks phone numbers before rewriting amounts (`138.12亿` becomes an 11-digit number).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal, Optional
+
+from pydantic import Field, ValidationError
+
+from lmsmith.data.numbers import normalize_amounts
+from lmsmith.schema import StrictModel
+
+Target = Literal["corpus", "instructions", "both"]
+
+
+class OpConfig(StrictModel):
+    """Settings every operator has."""
+
+    apply_to: Target = Field("both", description="Run on corpus texts, instruction messages, or both.")
+
+
+class Op(ABC):
+    """Base of all operators. `resolves` names the embedded noise labels this operator repairs."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[OpConfig]] = OpConfig
+    resolves: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: OpConfig):
+        self.config = config
+
+    def applies_to(self, kind: Literal["corpus", "instructions"]) -> bool:
+        return self.config.apply_to in ("both", kind)
+
+
+class Mapper(Op):
+    """Rewrites a text."""
+
+    @abstractmethod
+    def map(self, text: str) -> str:
+        """The rewritten text (the same string when there is nothing to change)."""
+
+
+class Filter(Op):
+    """Keeps or drops a whole record."""
+
+    @abstractmethod
+    def reject(self, text: str) -> Optional[str]:
+        """Why the record is dropped (a short detail), or None to keep it."""
+
+
+REGISTRY: dict[str, type[Op]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an operator usable as `{op: name}` in a recipe."""
+
+    def decorate(cls: type[Op]) -> type[Op]:
+        if name in REGISTRY:
+            raise ValueError(f"operator {name!r} is already registered")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+# --------------------------------------------------------------------------------------------- mappers
+
+
+class UnicodeNormalizeConfig(OpConfig):
+    form: Literal["NFKC", "NFC"] = Field(
+        "NFKC", description="NFKC also folds full-width letters, digits and punctuation to half width."
+    )
+    collapse_whitespace: bool = Field(True, description="Collapse runs of spaces; keep single line breaks.")
+
+
+_INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff\u00ad]")
+_SPACES = re.compile(r"[^\S\n]+")
+_SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+@register("unicode_normalize")
+class UnicodeNormalize(Mapper):
+    """Unicode normal form (NFKC: full width → half width, `１２．５` → `12.5`, `，` → `,`), invisible
+    characters removed, whitespace runs collapsed to one space, at most one blank line in a row."""
+
+    Config = UnicodeNormalizeConfig
+
+    def map(self, text: str) -> str:
+        text = unicodedata.normalize(self.config.form, text)
+        text = _INVISIBLE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+        if self.config.collapse_whitespace:
+            text = _SPACES.sub(" ", text)
+            text = _SPACE_AROUND_NEWLINE.sub("\n", text)
+            text = _BLANK_LINES.sub("\n\n", text).strip()
+        return text
+
+
+class StripHtmlConfig(OpConfig):
+    pass
+
+
+_SCRIPT_OR_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_LINE_BREAK_TAG = re.compile(r"<\s*(?:br|/p|/div|/li|/h[1-6]|/tr)\b[^>]*>\n?", re.IGNORECASE)
+# A tag starts with a letter (or `/letter`), so `3 < 5` and `<10亿` are not tags.
+_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
+_ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-fA-F]+|[A-Za-z]+);")
+
+
+@register("strip_html")
+class StripHtml(Mapper):
+    """Remove HTML remnants: tags (block tags become line breaks), comments, scripts and styles, and
+    decode entities (`&nbsp;` → space, `&amp;` → `&`)."""
+
+    Config = StripHtmlConfig
+    resolves = ("html",)
+
+    def map(self, text: str) -> str:
+        if "<" not in text and "&" not in text:
+            return text
+        stripped = _SCRIPT_OR_STYLE.sub("", text)
+        stripped = _COMMENT.sub("", stripped)
+        stripped = _LINE_BREAK_TAG.sub("\n", stripped)
+        stripped = _TAG.sub("", stripped)
+        if _ENTITY.search(stripped):
+            stripped = html.unescape(stripped).replace("\u00a0", " ")
+        return stripped.strip() if stripped != text else text
+
+
+class NormalizeNumbersConfig(OpConfig):
+    chinese_units: bool = Field(True, description="Rewrite 万/亿 amounts: 1.2亿 → 120000000.")
+    english_units: bool = Field(True, description="Rewrite million/billion amounts: 1.2 billion → 1200000000.")
+    thousands_separators: bool = Field(True, description="Drop thousands separators: 1,200 → 1200.")
+
+
+@register("normalize_numbers")
+class NormalizeNumbers(Mapper):
+    """Write every financial amount as one plain number (`1.2亿`, `120,000,000` and `120 million` all
+    become `120000000`). Percentages, years and plain decimals are left alone; see
+    `lmsmith.data.numbers`."""
+
+    Config = NormalizeNumbersConfig
+    resolves = ("mixed_numbers",)
+
+    def map(self, text: str) -> str:
+        return normalize_amounts(
+            text,
+            chinese=self.config.chinese_units,
+            english=self.config.english_units,
+            separators=self.config.thousands_separators,
+        )
+
+
+class MaskPiiConfig(OpConfig):
+    phone_token: str = Field("[PHONE]", description="Replaces a mainland China mobile number.")
+    email_token: str = Field("[EMAIL]", description="Replaces an e-mail address.")
+
+
+# A mainland mobile number: 1[3-9] and 9 more digits, optionally +86 and 3-4-4 grouping. Not when it is
+# part of a longer number or followed by a currency/magnitude (then it is an amount).
+_CN_MOBILE = re.compile(
+    r"(?<!\d)(?<!\d\.)(?:\+?86[- ]?)?1[3-9]\d(?:[- ]?\d{4}){2}(?!\d|\.\d|\s*(?:元|亿|万|yuan|RMB))"
+)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+
+
+@register("mask_pii")
+class MaskPii(Mapper):
+    """Mask personal data: mainland China mobile numbers (`13812345678`, `138-1234-5678`,
+    `+86 13812345678`) and e-mail addresses. Run it before `normalize_numbers`."""
+
+    Config = MaskPiiConfig
+    resolves = ("pii",)
+
+    def map(self, text: str) -> str:
+        text = _EMAIL.sub(self.config.email_token, text)
+        return _CN_MOBILE.sub(self.config.phone_token, text)
+
+
+DEFAULT_BOILERPLATE = (
+    "仅供参考", "不构成任何投资建议", "不构成投资建议", "投资有风险", "入市需谨慎", "免责声明", "版权所有",
+    "未经授权", "转载请注明", "©", "扫码关注", "关注我们的公众号", "点击阅读原文",
+    "for reference only", "does not constitute investment advice", "not investment advice", "disclaimer",
+    "all rights reserved", "reproduction without permission",
+)
+
+
+class RemoveBoilerplateConfig(OpConfig):
+    keywords: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BOILERPLATE),
+        description="A sentence containing any of these (case-insensitive) is removed.",
+    )
+    extra_keywords: list[str] = Field(default_factory=list, description="Added to `keywords`.")
+
+
+# Sentence ends: Chinese end punctuation, a line break, or an English end mark followed by a space (so
+# the dot in `12.35` never splits).
+_SENTENCE_END = re.compile(r"(?<=[。！？!?\n])|(?<=[.!?])(?= )")
+
+
+@register("remove_boilerplate")
+class RemoveBoilerplate(Mapper):
+    """Remove boilerplate sentences (disclaimers, copyright notices, "follow our account") found by
+    keyword. A text that was nothing but boilerplate ends up empty and is dropped."""
+
+    Config = RemoveBoilerplateConfig
+    resolves = ("boilerplate",)
+
+    def __init__(self, config: RemoveBoilerplateConfig):
+        super().__init__(config)
+        keywords = [k for k in [*config.keywords, *config.extra_keywords] if k]
+        self._pattern = re.compile("|".join(re.escape(k) for k in keywords), re.IGNORECASE) if keywords else None
+
+    def map(self, text: str) -> str:
+        if self._pattern is None or not self._pattern.search(text):
+            return text
+        kept = [s for s in _SENTENCE_END.split(text) if not self._pattern.search(s)]
+        return re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip()
+
+
+# --------------------------------------------------------------------------------------------- filters
+
+
+class MinLengthConfig(OpConfig):
+    chars: int = Field(50, ge=1, description="Drop texts shorter than this many characters (spaces excluded).")
+
+
+@register("min_length")
+class MinLength(Filter):
+    """Drop texts shorter than `chars` characters, not counting whitespace (fragments, empty pages)."""
+
+    Config = MinLengthConfig
+
+    def reject(self, text: str) -> Optional[str]:
+        length = len(text) - sum(1 for c in text if c.isspace())
+        return f"{length} chars < {self.config.chars}" if length < self.config.chars else None
+
+
+# ---------------------------------------------------------------------------------------------- specs
+
+DEFAULT_OPS: tuple[dict[str, Any], ...] = (
+    {"op": "strip_html"},
+    {"op": "unicode_normalize"},
+    {"op": "remove_boilerplate"},
+    {"op": "mask_pii"},
+    {"op": "normalize_numbers"},
+    {"op": "min_length", "chars": 50, "apply_to": "corpus"},
+)
+
+
+def validate_op_spec(spec: Any) -> dict[str, Any]:
+    """Check `{op: NAME, ...params}` and return it with every default filled in.
+
+    Raises ValueError naming the operator and the offending parameter.
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"expected a mapping like {{op: strip_html}}, got {spec!r}")
+    name = spec.get("op")
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        shown = "missing 'op'" if name is None else f"unknown operator {name!r}"
+        raise ValueError(f"{shown}; available: {known}")
+    params = {k: v for k, v in spec.items() if k != "op"}
+    try:
+        config = REGISTRY[name].Config.model_validate(params)
+    except ValidationError as exc:
+        problems = []
+        for problem in exc.errors():
+            field = ".".join(str(part) for part in problem["loc"])
+            message = "unknown parameter" if problem["type"] == "extra_forbidden" else problem["msg"]
+            problems.append(f"{name}.{field}: {message}")
+        raise ValueError("; ".join(problems)) from None
+    return {"op": name, **config.model_dump(mode="json")}
+
+
+def build_op(spec: dict[str, Any]) -> Op:
+    cls = REGISTRY[spec["op"]]
+    return cls(cls.Config.model_validate({k: v for k, v in spec.items() if k != "op"}))
+
+
+def build_ops(specs: list[dict[str, Any]]) -> list[Op]:
+    return [build_op(validate_op_spec(spec)) for spec in specs]
+
+
+def describe_ops() -> dict[str, str]:
+    """Name → first docstring line of every registered operator (for `--help`-style listings)."""
+    return {name: (cls.__doc__ or "").strip().split("\n")[0] for name, cls in sorted(REGISTRY.items())}

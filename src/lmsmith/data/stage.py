@@ -1,0 +1,163 @@
+"""The data stage: read the corpus and the instructions, clean them with the recipe's operators, drop
+exact duplicates, split them by group, and account for every record.
+
+Outputs (names for `ctx.artifact("data", NAME)`):
+- `corpus_{train,val,test}` → `corpus/{split}.jsonl`: `{"id", "text", "source", "noise"}` per line;
+- `sft_{train,val,test}` → `sft/{split}.jsonl`: `{"id", "task", "messages", "answer"}` per line;
+- `stats` → `stats.json`: read / kept / dropped per operator and per split, and the noise rates;
+- `dropped` → `dropped.jsonl`: every dropped record with its `reason` (an operator name) and `detail`.
+
+Only the standard library and the modules beside this one; the default embedded dataset runs end to
+end in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from lmsmith.console import console, track
+from lmsmith.data.cleaning import Ledger, clean, noise_report
+from lmsmith.data.config import EMBEDDED, DataConfig
+from lmsmith.data.ops import build_ops
+from lmsmith.data.readers import (
+    embedded_conversations,
+    embedded_documents,
+    list_files,
+    read_corpus_file,
+    read_instruction_file,
+)
+from lmsmith.data.records import Conversation, Document
+from lmsmith.data.split import SPLITS, assign_groups
+from lmsmith.datasets.finance import FinanceDataset, generate
+from lmsmith.pipeline import StageContext, StageResult
+
+
+def _embedded(config: DataConfig) -> FinanceDataset:
+    with track("generating embedded:finance", total=1) as bar:
+        dataset = generate(config.embedded.seed, config.embedded.companies, config.embedded.years)
+        bar.advance()
+    return dataset
+
+
+def read_documents(config: DataConfig, dataset: Optional[FinanceDataset]) -> list[Document]:
+    if config.corpus == EMBEDDED:
+        assert dataset is not None
+        return embedded_documents(dataset)
+    files = list_files(Path(config.corpus), (".jsonl", ".txt"))
+    documents: list[Document] = []
+    with track("reading corpus", total=len(files)) as bar:
+        for file, name in files:
+            documents.extend(read_corpus_file(file, name))
+            bar.advance()
+    return documents
+
+
+def read_conversations(config: DataConfig, dataset: Optional[FinanceDataset]) -> list[Conversation]:
+    if config.instructions == EMBEDDED:
+        assert dataset is not None
+        return embedded_conversations(dataset)
+    files = list_files(Path(config.instructions), (".jsonl",))
+    conversations: list[Conversation] = []
+    with track("reading instructions", total=len(files)) as bar:
+        for file, name in files:
+            conversations.extend(read_instruction_file(file, name))
+            bar.advance()
+    return conversations
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run(config: DataConfig, ctx: StageContext) -> StageResult:
+    ops = build_ops(config.ops)
+    uses_embedded = EMBEDDED in (config.corpus, config.instructions)
+    dataset = _embedded(config) if uses_embedded else None
+    documents = read_documents(config, dataset)
+    conversations = read_conversations(config, dataset)
+
+    # One assignment over both kinds, so a company-year's documents and instructions share a split.
+    split_of = assign_groups(
+        [doc.group for doc in documents] + [conv.group for conv in conversations],
+        config.split.ratios,
+        config.split.seed,
+    )
+    corpus_ledger, sft_ledger = Ledger("corpus"), Ledger("instructions")
+    corpus = clean(documents, ops, "corpus", split_of, config.exact_dedup, corpus_ledger)
+    sft = clean(conversations, ops, "instructions", split_of, config.exact_dedup, sft_ledger)
+
+    outputs: dict[str, str] = {}
+    with track("writing splits", total=2 * len(SPLITS) + 2) as bar:
+        for split in SPLITS:
+            for name, records in (("corpus", corpus), ("sft", sft)):
+                relative = f"{name}/{split}.jsonl"
+                _write_jsonl(ctx.stage_dir / relative, (record.to_row() for record in records[split]))
+                outputs[f"{name}_{split}"] = relative
+                bar.advance()
+        _write_jsonl(ctx.stage_dir / "dropped.jsonl", corpus_ledger.rows + sft_ledger.rows)
+        outputs["dropped"] = "dropped.jsonl"
+        bar.advance()
+
+        stats = _stats(config, split_of, corpus_ledger, sft_ledger, documents, corpus, sft)
+        (ctx.stage_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+        outputs["stats"] = "stats.json"
+        bar.advance()
+
+    metrics = _metrics(stats)
+    summary = (
+        f"kept: corpus {metrics['corpus_kept']}/{metrics['corpus_read']}, "
+        f"instructions {metrics['sft_kept']}/{metrics['sft_read']}"
+    )
+    if "noise_rate_before" in metrics:
+        summary += f"; noise {metrics['noise_rate_before']:.1%} → {metrics['residual_noise_rate_after']:.1%}"
+    console.print(summary)
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+def _stats(
+    config: DataConfig,
+    split_of: dict[str, str],
+    corpus_ledger: Ledger,
+    sft_ledger: Ledger,
+    documents: list[Document],
+    corpus: dict[str, list[Document]],
+    sft: dict[str, list[Conversation]],
+) -> dict[str, Any]:
+    corpus_stats: dict[str, Any] = {"source": config.corpus, **corpus_ledger.summary()}
+    if config.corpus == EMBEDDED or any(doc.noise for doc in documents):
+        kept_docs = [doc for split in SPLITS for doc in corpus[split]]
+        corpus_stats["noise"] = noise_report(documents, kept_docs)
+    tasks: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        for conv in sft[split]:
+            tasks.setdefault(conv.task, {s: 0 for s in SPLITS})[split] += 1
+    groups = {split: sum(1 for s in split_of.values() if s == split) for split in SPLITS}
+    return {
+        "ops": config.ops,
+        "split": {"ratios": list(config.split.ratios), "seed": config.split.seed, "groups": groups},
+        "corpus": corpus_stats,
+        "instructions": {"source": config.instructions, **sft_ledger.summary(), "tasks": dict(sorted(tasks.items()))},
+    }
+
+
+def _metrics(stats: dict[str, Any]) -> dict[str, Any]:
+    """The flat numbers for the manifest and the report."""
+    metrics: dict[str, Any] = {}
+    for prefix, section in (("corpus", stats["corpus"]), ("sft", stats["instructions"])):
+        for key in ("read", "kept", "dropped"):
+            metrics[f"{prefix}_{key}"] = section[key]
+        for split in SPLITS:
+            metrics[f"{prefix}_{split}"] = section["splits"][split]["kept"]
+        for reason, count in section["dropped_by"].items():
+            metrics[f"{prefix}_dropped_{reason}"] = count
+    noise = stats["corpus"].get("noise")
+    if noise:
+        metrics["noise_rate_before"] = noise["rate_before"]
+        metrics["noise_rate_after"] = noise["rate_after"]
+        metrics["residual_noise_rate_after"] = noise["residual_rate_after"]
+    return metrics
