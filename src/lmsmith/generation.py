@@ -1,0 +1,306 @@
+"""Batched generation from chat messages, and loading of the models the pipeline writes.
+
+transformers does the modelling (the forward pass and its KV cache, `DynamicCache`) and renders prompts
+with the tokenizer's chat template. The decode loop is ours: it is a few lines, it lets eval and compress
+count exactly how many new tokens each sequence produced and time just the decoding, and
+`stop_at_eos=False` gives the fixed-length decodes a speed benchmark needs. With `do_sample=False` it makes the same choices as `model.generate` with greedy decoding.
+
+`load_causal_lm` reads either a plain HF folder or the dynamic-int8 folder written by the compress stage
+(torch's `quantize_dynamic` modules, state saved with `torch.save`, marked by `QUANTIZED_MARKER`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from lmsmith.console import Tracker, track
+from lmsmith.errors import UserError
+
+Messages = list[dict[str, str]]
+
+QUANTIZED_MARKER = "lmsmith_quantized.json"
+QUANTIZED_FORMAT = "lmsmith-dynamic-int8"
+QUANTIZED_STATE = "quantized_state.pt"
+
+
+@dataclass
+class Generation:
+    """Decoded continuations, how many new tokens each one used (eos included) and the loop's wall time."""
+
+    texts: list[str]
+    new_tokens: list[int]
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.new_tokens) / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@contextmanager
+def quiet_quantization_warnings() -> Iterator[None]:
+    """`torch.ao.quantization` and quantized tensors warn that they are deprecated on every use.
+
+    They still work on torch 2.13 and are the fastest int8 path on CPU without `torch.compile`, so the
+    warnings are silenced here, around our own calls only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+        yield
+
+
+def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every `nn.Linear` (in place) with torch's dynamically quantized qint8 Linear."""
+    with quiet_quantization_warnings():
+        return torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
+        )
+
+
+def is_quantized_folder(path: Path) -> bool:
+    return (Path(path) / QUANTIZED_MARKER).is_file()
+
+
+def save_quantized(model: torch.nn.Module, tokenizer, folder: Path, method: str = "dynamic_int8") -> Path:
+    """Write a folder `load_causal_lm` can read back: config, tokenizer, quantized state and a marker."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with quiet_quantization_warnings():
+        torch.save(model.state_dict(), folder / QUANTIZED_STATE)
+    marker = {
+        "format": QUANTIZED_FORMAT,
+        "method": method,
+        "quantized_modules": ["torch.nn.Linear"],
+        "weight_dtype": "qint8",
+        "state": QUANTIZED_STATE,
+        "torch": torch.__version__,
+    }
+    (folder / QUANTIZED_MARKER).write_text(json.dumps(marker, indent=2))
+    return folder
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load an HF causal-LM folder, or an int8 folder from the compress stage, in eval mode on CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: model folder not found")
+    if not is_quantized_folder(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    marker = json.loads((path / QUANTIZED_MARKER).read_text())
+    if marker.get("format") != QUANTIZED_FORMAT:
+        raise UserError(f"{path / QUANTIZED_MARKER}: unknown quantized format {marker.get('format')!r}")
+    # Rebuild the float skeleton, swap in the same quantized modules, then load the saved int8 state:
+    # packed int8 weights cannot be loaded into float Linear layers.
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    quantize_dynamic_int8(model)
+    with quiet_quantization_warnings():
+        state = torch.load(path / marker.get("state", QUANTIZED_STATE), weights_only=True)
+        model.load_state_dict(state, strict=True)
+    generation_config = path / "generation_config.json"
+    if generation_config.is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved beside a model, exactly as trained, set up for batched generation.
+
+    With a `tokenizer.json` present it is loaded as the generic fast tokenizer: `AutoTokenizer` picks
+    the class from the model's `config.json` when one sits beside it, and `Qwen2Tokenizer` then replaces
+    the saved normalizer and pre-tokenizer with Qwen's own, which changes the ids of a tokenizer we
+    trained ourselves ("2023" becomes four digit tokens).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """Every id that ends an answer: the tokenizer's eos and the model's generation-config eos."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    return ids
+
+
+def render_prompts(tokenizer, conversations: Sequence[Messages]) -> list[str]:
+    """Chat-template each conversation, ending with the assistant's turn opened."""
+    return [
+        tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        for messages in conversations
+    ]
+
+
+def _choose_next(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def decode_batch(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    stop_at_eos: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Decode up to `max_new_tokens` for a left-padded batch; returns the new ids (pad after eos)."""
+    from transformers import DynamicCache
+
+    batch = input_ids.shape[0]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    # Left padding shifts each row, so positions come from the mask, as in `generate`.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    chosen: list[torch.Tensor] = []
+    step_ids = input_ids
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_ids = _choose_next(out.logits[:, -1, :], do_sample, temperature, top_p, generator)
+        next_ids = next_ids.masked_fill(finished, pad_id)
+        chosen.append(next_ids)
+        if stop_at_eos:
+            finished |= torch.isin(next_ids, eos)
+            if bool(finished.all()):
+                break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+    if not chosen:
+        return input_ids.new_empty(batch, 0)
+    return torch.stack(chosen, dim=1)
+
+
+def _trim(new_ids: list[int], eos_ids: set[int], stop_at_eos: bool) -> tuple[list[int], int]:
+    """Content ids (before eos) and the count of generated tokens (eos included)."""
+    if not stop_at_eos:
+        return new_ids, len(new_ids)
+    for index, token in enumerate(new_ids):
+        if token in eos_ids:
+            return new_ids[:index], index + 1
+    return new_ids, len(new_ids)
+
+
+def generate_chat(
+    model: torch.nn.Module,
+    tokenizer,
+    conversations: Sequence[Messages],
+    max_new_tokens: int = 96,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+    progress: str | None = None,
+) -> Generation:
+    """Answer each conversation (its last turn is the user's); greedy unless `do_sample`.
+
+    Prompts are batched in the order given with left padding. `stop_at_eos=False` always produces
+    `max_new_tokens` per prompt, for throughput measurements.
+    """
+    prompts = render_prompts(tokenizer, conversations)
+    eos_ids = eos_token_ids(model, tokenizer)
+    # Finished rows are filled with pad (or eos) ids; they are cut off again before decoding.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+    generator = torch.Generator().manual_seed(seed) if do_sample else None
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    texts: list[str] = []
+    counts: list[int] = []
+    wall = 0.0
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    try:
+        with maybe_track(progress, len(prompts)) as tracker:
+            for chunk in batches:
+                encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                started = time.perf_counter()
+                new_ids = decode_batch(
+                    model,
+                    encoded["input_ids"],
+                    encoded["attention_mask"],
+                    max_new_tokens,
+                    eos_ids,
+                    pad_id,
+                    stop_at_eos=stop_at_eos,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_p=top_p,
+                    generator=generator,
+                )
+                wall += time.perf_counter() - started
+                for row in new_ids.tolist():
+                    content, used = _trim(row, eos_ids, stop_at_eos)
+                    texts.append(tokenizer.decode(content, skip_special_tokens=True).strip())
+                    counts.append(used)
+                if tracker is not None:
+                    tracker.advance(len(chunk), tok_s=sum(counts) / wall if wall else 0.0)
+    finally:
+        tokenizer.padding_side = previous_side
+    return Generation(texts=texts, new_tokens=counts, wall_s=wall)
+
+
+@contextmanager
+def maybe_track(description: str | None, total: int) -> Iterator[Tracker | None]:
+    """A progress bar when `description` is given, nothing otherwise (callers that show their own)."""
+    if description is None:
+        yield None
+        return
+    with track(description, total) as tracker:
+        yield tracker

@@ -1,0 +1,245 @@
+"""The report stage: one markdown file and one self-contained HTML file describing the whole run.
+
+Everything comes from the upstream manifests and artifacts: wall times and metrics, the loss curves
+(matplotlib), the eval and compress tables (`lmsmith.report.tables`) and the serve transcript. A missing
+optional piece (a stage that did not run, an output it did not write) is listed, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmsmith.artifacts import Manifest
+from lmsmith.errors import UserError
+from lmsmith.eval.data import read_jsonl
+from lmsmith.pipeline import StageContext, StageResult
+from lmsmith.report.config import ReportConfig
+from lmsmith.report.document import Bullets, Document, Image, Paragraph
+from lmsmith.report.plots import LossHistory, loss_curve_png, read_loss_history
+from lmsmith.report.tables import Table, format_number
+from lmsmith.stages import STAGE_NAMES
+
+UPSTREAM = tuple(name for name in STAGE_NAMES if name != "report")
+# Metrics shown first in the summary when a stage has them; other stages show their first few.
+KEY_METRICS = {
+    "eval": ("tuned_perplexity", "tuned_bleu4", "tuned_rougeL", "tuned_numeric_acc"),
+    "compress": ("size_ratio", "speedup_b1", "speedup_bn", "delta_rougeL"),
+}
+SUMMARY_METRICS = 4
+SAMPLES_SHOWN = 3
+TEXT_CELL_LIMIT = 300
+
+
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics as dotted keys; lists of scalars joined, other lists summarised by length."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            if all(isinstance(v, (str, int, float, bool)) or v is None for v in value) and len(value) <= 12:
+                flat[name] = ", ".join(str(v) for v in value)
+            else:
+                flat[name] = f"{len(value)} items"
+        else:
+            flat[name] = value
+    return flat
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format_number(value)
+    text = "–" if value is None else str(value)
+    return text if len(text) <= TEXT_CELL_LIMIT else text[: TEXT_CELL_LIMIT - 1] + "…"
+
+
+def metrics_table(metrics: dict[str, Any]) -> Table:
+    table = Table(["metric", "value"], numeric=False)
+    for key, value in flatten(metrics).items():
+        table.add(key, _cell(value))
+    return table
+
+
+class Upstream:
+    """Reads upstream manifests and artifacts, remembering what is missing instead of failing."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.missing: list[str] = []
+        self.manifests: dict[str, Manifest] = {}
+        for stage in UPSTREAM:
+            try:
+                self.manifests[stage] = ctx.manifest(stage)
+            except UserError:
+                self.missing.append(f"stage {stage} has not run")
+
+    def artifact(self, stage: str, name: str, what: str) -> Path | None:
+        if stage not in self.manifests:
+            return None
+        try:
+            path = self.ctx.artifact(stage, name)
+        except KeyError:
+            self.missing.append(f"{what} ({stage} wrote no {name!r} output)")
+            return None
+        if not path.exists():
+            self.missing.append(f"{what} ({path} is gone)")
+            return None
+        return path
+
+    def json(self, stage: str, name: str, what: str) -> Any | None:
+        path = self.artifact(stage, name, what)
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
+def summary_table(upstream: Upstream) -> Table:
+    table = Table(["stage", "status", "wall time (s)", "key metrics"], numeric=False)
+    for stage in UPSTREAM:
+        manifest = upstream.manifests.get(stage)
+        if manifest is None:
+            table.add(stage, "missing", "–", "")
+            continue
+        flat = {k: v for k, v in flatten(manifest.metrics).items() if isinstance(v, (int, float, str))}
+        preferred = [k for k in KEY_METRICS.get(stage, ()) if k in flat]
+        keys = (preferred + [k for k in flat if k not in preferred])[:SUMMARY_METRICS]
+        shown = ", ".join(f"{k}={_cell(flat[k])}" for k in keys)
+        table.add(stage, "done", manifest.wall_time_s, shown)
+    return table
+
+
+def training_section(doc: Document, upstream: Upstream, stage_dir: Path) -> None:
+    section = doc.section("Training")
+    table = Table(["stage", "logged steps", "final loss", "final val loss", "best val loss", "mean tokens/s"])
+    for stage in ("pretrain", "sft"):
+        path = upstream.artifact(stage, "metrics", f"{stage} loss curve")
+        if path is None:
+            continue
+        history: LossHistory = read_loss_history(path)
+        if history.empty:
+            upstream.missing.append(f"{stage} loss curve ({path} has no loss rows)")
+            continue
+        png = loss_curve_png(history, f"{stage} loss")
+        filename = f"loss_{stage}.png"
+        (stage_dir / filename).write_bytes(png)
+        section.blocks.append(Image(filename, f"{stage}: train and validation loss by step", png))
+        speeds = history.tokens_per_s
+        table.add(
+            stage,
+            len(history.train),
+            history.train[-1][1] if history.train else None,
+            history.val[-1][1] if history.val else None,
+            min(v for _, v in history.val) if history.val else None,
+            sum(speeds) / len(speeds) if speeds else None,
+        )
+    if table.rows:
+        section.blocks.insert(0, table)
+    else:
+        section.blocks.append(Paragraph("No training metrics were found."))
+
+
+def eval_section(doc: Document, upstream: Upstream) -> None:
+    section = doc.section("Evaluation: base vs tuned")
+    results = upstream.json("eval", "results", "eval results")
+    if results is None:
+        section.blocks.append(Paragraph("The eval results are missing."))
+        return
+    section.blocks.append(Paragraph(
+        f"{results.get('samples', '?')} held-out instructions, {results.get('ppl_documents', '?')} held-out "
+        "documents. BLEU-4, ROUGE-L and accuracy are on a 0–100 scale."
+    ))
+    section.blocks.append(Table.from_json(results["table"]))
+    samples_path = upstream.artifact("eval", "samples", "eval samples")
+    if samples_path is None:
+        return
+    samples = Table(["question", "reference", "base", "tuned"], numeric=False)
+    for _, row in read_jsonl(samples_path)[:SAMPLES_SHOWN]:
+        samples.add(*(_cell(row.get(key, "")) for key in ("question", "reference", "base", "tuned")))
+    if samples.rows:
+        section.blocks.append(Paragraph(f"Sample answers (the first {len(samples.rows)} of samples.jsonl):"))
+        section.blocks.append(samples)
+
+
+def compress_section(doc: Document, upstream: Upstream) -> None:
+    section = doc.section("Compression: fp32 vs int8")
+    results = upstream.json("compress", "results", "compress results")
+    if results is None:
+        section.blocks.append(Paragraph("The compress results are missing."))
+        return
+    bench = results.get("bench", {})
+    section.blocks.append(Paragraph(
+        f"Method {results.get('method', '?')}; speed is greedy decoding of {bench.get('new_tokens', '?')} new "
+        f"tokens for {bench.get('prompts', '?')} prompts on {results.get('threads', '?')} CPU threads (best of "
+        f"{bench.get('repeats', 1)} runs); quality "
+        f"on {results.get('samples', '?')} held-out instructions."
+    ))
+    section.blocks.append(Table.from_json(results["table"]))
+
+
+def serve_section(doc: Document, upstream: Upstream) -> None:
+    section = doc.section("Serving transcript")
+    transcript = upstream.json("serve", "transcript", "serve transcript")
+    if transcript is None:
+        section.blocks.append(Paragraph("No serve transcript."))
+        return
+    if not isinstance(transcript, list):
+        raise UserError(f"{upstream.ctx.artifact('serve', 'transcript')}: expected a list of exchanges")
+    table = Table(["question", "answer", "latency (s)"], numeric=False)
+    for exchange in transcript:
+        if isinstance(exchange, dict):
+            table.add(_cell(exchange.get("question")), _cell(exchange.get("answer")), _cell(exchange.get("latency_s")))
+    asked = len(table.rows)
+    section.blocks.append(Paragraph(
+        f"{asked} question{'s' if asked != 1 else ''} asked through the OpenAI-compatible API."
+    ))
+    if table.rows:
+        section.blocks.append(table)
+
+
+def metrics_section(doc: Document, upstream: Upstream, stage: str, title: str) -> None:
+    section = doc.section(title)
+    manifest = upstream.manifests.get(stage)
+    if manifest is None:
+        section.blocks.append(Paragraph(f"The {stage} stage has not run."))
+    elif not manifest.metrics:
+        section.blocks.append(Paragraph(f"The {stage} stage recorded no metrics."))
+    else:
+        section.blocks.append(metrics_table(manifest.metrics))
+
+
+def build_report(config: ReportConfig, ctx: StageContext) -> tuple[Document, list[str]]:
+    upstream = Upstream(ctx)
+    doc = Document(
+        title=config.title,
+        subtitle=f"Recipe {ctx.recipe.name!r}, seed {ctx.seed}, run folder {ctx.run_dir.name}.",
+    )
+    doc.section("Stages").blocks.append(summary_table(upstream))
+    metrics_section(doc, upstream, "data", "Data")
+    metrics_section(doc, upstream, "tokenizer", "Tokenizer")
+    training_section(doc, upstream, ctx.stage_dir)
+    eval_section(doc, upstream)
+    compress_section(doc, upstream)
+    serve_section(doc, upstream)
+    versions = next((m.versions for m in upstream.manifests.values() if m.versions), {})
+    if versions:
+        doc.section("Versions").blocks.append(Paragraph(", ".join(f"{k} {v}" for k, v in versions.items())))
+    missing = doc.section("Missing pieces")
+    missing.blocks.append(Bullets(upstream.missing) if upstream.missing else Paragraph("Nothing is missing."))
+    return doc, upstream.missing
+
+
+def run(config: ReportConfig, ctx: StageContext) -> StageResult:
+    doc, missing = build_report(config, ctx)
+    (ctx.stage_dir / "report.md").write_text(doc.to_markdown(), encoding="utf-8")
+    (ctx.stage_dir / "report.html").write_text(doc.to_html(), encoding="utf-8")
+    return StageResult(
+        outputs={"md": "report.md", "html": "report.html"},
+        metrics={"sections": len(doc.sections), "images": len(doc.images), "missing": len(missing),
+                 "missing_pieces": "; ".join(missing)},
+    )
