@@ -1,0 +1,60 @@
+"""Which model folder a user means: a run folder stands for its tuned (sft) model, an HF folder for itself.
+
+`lmsmith serve` and `lmsmith chat` accept either. A run folder is recognised by `sft/manifest.json` and
+read through `lmsmith.artifacts.Manifest`, so the sft stage's `model` output (the merged model) is found
+exactly as downstream stages find it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmsmith.artifacts import MANIFEST, Manifest
+from lmsmith.errors import UserError
+
+_SFT_STAGE = "sft"
+_SFT_MODEL_OUTPUT = "model"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A loadable HF model folder and the name clients address it by."""
+
+    path: Path
+    name: str
+
+
+def resolve_model(path: str | Path) -> ResolvedModel:
+    """Resolve a run folder or an HF model folder; the name is the run's folder name or the model's."""
+    given = Path(path).expanduser()
+    if not given.exists():
+        raise UserError(f"{given}: no such run folder or model folder")
+    if not given.is_dir():
+        raise UserError(f"{given}: expected a run folder or an HF model folder, got a file")
+    folder = given.resolve()
+    if (folder / _SFT_STAGE / MANIFEST).is_file():
+        return ResolvedModel(path=_sft_model_dir(folder), name=folder.name)
+    if (folder / "config.json").is_file():
+        return ResolvedModel(path=folder, name=folder.name)
+    raise UserError(
+        f"{given}: neither a run folder (no {_SFT_STAGE}/{MANIFEST}) nor an HF model folder (no config.json)"
+    )
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The HF model folder to load for `path` (a run folder or a model folder)."""
+    return resolve_model(path).path
+
+
+def _sft_model_dir(run_dir: Path) -> Path:
+    stage_dir = run_dir / _SFT_STAGE
+    manifest = Manifest.read(stage_dir)
+    if manifest is None:
+        raise UserError(f"{stage_dir / MANIFEST}: unreadable manifest; rerun the sft stage")
+    if _SFT_MODEL_OUTPUT not in manifest.outputs:
+        raise UserError(f"{stage_dir / MANIFEST}: the sft stage recorded no {_SFT_MODEL_OUTPUT!r} output")
+    model_dir = manifest.output_path(stage_dir, _SFT_MODEL_OUTPUT)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: the sft model folder is missing or has no config.json")
+    return model_dir
