@@ -49,7 +49,9 @@ def fabricate_finished_run(run_dir: Path, with_serve: bool) -> None:
     if with_serve:
         (run_dir / "serve").mkdir()
         (run_dir / "serve" / "transcript.json").write_text(json.dumps(
-            [{"question": "华信银行的资产负债率是多少?", "answer": "61.2%,详见 https://example.com", "latency_s": 0.42}],
+            {"model": "demo", "model_dir": "sft/merged", "entries": [
+                {"question": "华信银行的资产负债率是多少?", "answer": "61.2%,详见 https://example.com", "latency_s": 0.42}
+            ]},
             ensure_ascii=False))
         write_manifest(run_dir, "serve", {"transcript": "transcript.json"})
 

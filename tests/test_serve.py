@@ -112,7 +112,7 @@ def run_dir(tmp_path, tiny_model_dir) -> Path:
         {"id": f"q{i}", "task": "qa", "answer": {},
          "messages": [{"role": "system", "content": "你是财务分析助手。"}, {"role": "user", "content": question},
                       {"role": "assistant", "content": f"参考答案{i}"}]}
-        for i, question in enumerate(["星辰科技2023年营业收入是多少?", "华信银行", "Revenue growth?", "毛利率"])
+        for i, question in enumerate(["星辰科技2023年营业收入是多少?", "华信银行的毛利率", "Revenue growth?", "毛利率"])
     ]
     (data_dir / "sft" / "test.jsonl").write_text(
         "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
@@ -369,7 +369,7 @@ def test_client_disconnect_cancels_generation(server, tiny_model_dir):
     body = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 450, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=30) as response:
         for line in response.iter_lines():
-            if '"content": "\\n"' in line:
+            if '"content":' in line:
                 break  # leave after the first generated text
     deadline = time.monotonic() + 10
     while True:
@@ -410,7 +410,8 @@ def test_serve_stage_writes_a_transcript_of_real_answers(run_dir, hf_model):
         assert entry["answer"] == expected
         assert (entry["prompt_tokens"], entry["completion_tokens"]) == (prompt_tokens, new_tokens)
         assert entry["latency_s"] > 0
-    assert entries[1]["first_token_s"] is not None
+    assert entries[1]["answer"], "the streamed question must produce text for first_token_s to mean anything"
+    assert 0 < entries[1]["first_token_s"] <= entries[1]["latency_s"]
     metrics = result.metrics
     assert metrics["requests"] == 3 and metrics["errors"] == 0 and metrics["streamed_requests"] == 1
     assert metrics["tokens_per_s"] > 0 and metrics["mean_latency_s"] > 0

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.set_defaults(func=_cmd_chat)
+
+    from lmsmith.data.cli import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

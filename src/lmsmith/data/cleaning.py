@@ -2,19 +2,26 @@
 record read — kept, or dropped with a reason naming the operator.
 
 Reasons are operator names (`min_length`, or a mapper such as `remove_boilerplate` when it leaves nothing)
-plus two built-in checks: `empty` (nothing to clean in the first place) and `exact_dedup`.
+plus built-in checks: `empty` (nothing to clean in the first place), `exact_dedup`, and `near_dedup` /
+`near_dedup_leak` (MinHash near duplicates within a split / across splits).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
+
+import numpy as np
 
 from lmsmith.console import track
+from lmsmith.data.minhash import MinHasher, NearDupIndex
 from lmsmith.data.ops import Filter, Mapper, Op
 from lmsmith.data.records import Conversation, Document, dedup_key
 from lmsmith.data.split import SPLITS
+
+if TYPE_CHECKING:
+    from lmsmith.data.config import NearDedupConfig
 
 Kind = Literal["corpus", "instructions"]
 Record = Union[Document, Conversation]
@@ -145,3 +152,42 @@ def noise_report(read: Sequence[Document], kept: Sequence[Document]) -> dict[str
 
 def _rate(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
+
+
+def near_dedup(
+    kept: dict[str, list[Record]],
+    config: "NearDedupConfig",
+    kind: Kind,
+    ledger: Ledger,
+) -> dict[str, list[Record]]:
+    """Remove near duplicates (MinHash LSH, `lmsmith.data.minhash`) across all splits at once.
+
+    Records are ranked train, then val, then test, so the earliest of a cluster is kept: a near copy
+    inside one split is dropped as `near_dedup`; a val/test record close to one in an earlier split is
+    a leak between splits, dropped as `near_dedup_leak`.
+    """
+    if not config.enabled or config.apply_to not in ("both", kind):
+        return kept
+    ranked = [(split, record) for split in SPLITS for record in kept[split]]
+    if not ranked:
+        return kept
+    hasher = MinHasher(config.num_perm, config.unit, config.char_ngram, config.word_ngram)
+    with track(f"near-duplicates {kind}", total=len(ranked)) as bar, \
+            NearDupIndex(config.threshold, config.num_perm) as index:
+        signatures = np.empty((len(ranked), config.num_perm), dtype=np.uint32)
+        for position, (_, record) in enumerate(ranked):
+            signatures[position] = hasher.signature(record.content())
+            bar.advance()
+        index.add(signatures)
+        keeper = index.clusters().keeper
+    survivors: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    for position, (split, record) in enumerate(ranked):
+        first = int(keeper[position])
+        if first == position:
+            survivors[split].append(record)
+            continue
+        first_split, original = ranked[first]
+        reason = "near_dedup" if first_split == split else "near_dedup_leak"
+        ledger.kept[split] -= 1
+        ledger.drop(record, split, reason, f"near duplicate of {original.id} ({first_split})")
+    return survivors

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
-from lmsmith.data.ops import DEFAULT_OPS, validate_op_spec
+from lmsmith.data.io import RecordFormat, TextUnit
+from lmsmith.data.ops import DEFAULT_OPS, Target, validate_op_spec
 from lmsmith.paths import resolve_existing
 from lmsmith.schema import StrictModel
 
@@ -61,6 +62,42 @@ class SplitConfig(StrictModel):
         return ratios
 
 
+class NearDedupConfig(StrictModel):
+    """MinHash LSH near-duplicate removal (`lmsmith.data.minhash`): the first text of each cluster of
+    texts whose estimated Jaccard similarity reaches `threshold` is kept."""
+
+    enabled: bool = Field(True, description="Run near-duplicate removal.")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity of shingle sets at which two texts are duplicates.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash signature slots (more: finer estimates, slower).")
+    unit: Literal["auto", "char", "word"] = Field(
+        "auto", description="Shingle unit: char n-grams (Chinese), word n-grams, or auto per text by its Han share."
+    )
+    char_ngram: int = Field(5, ge=1, le=32, description="Characters per shingle.")
+    word_ngram: int = Field(3, ge=1, le=16, description="Words per shingle.")
+    apply_to: Target = Field(
+        "corpus",
+        description="corpus: raw texts only (templated instructions differ only by their numbers and would "
+        "cluster), instructions, or both.",
+    )
+
+
+class PipelineConfig(StrictModel):
+    """A cleaning pipeline for `lmsmith data clean --pipeline PIPE.yaml`: the operators in order, then
+    exact and near-duplicate removal, and how input is read and sharded."""
+
+    ops: list[OpSpec] = Field(
+        default_factory=lambda: [dict(spec) for spec in DEFAULT_OPS],
+        validate_default=True,
+        description="Cleaning operators in order: [{op: NAME, ...params}]; `lmsmith data ops` lists them.",
+    )
+    exact_dedup: bool = Field(True, description="Drop records whose normalised text was already seen.")
+    near_dedup: NearDedupConfig = NearDedupConfig()
+    format: RecordFormat = Field("auto", description="Record format: auto (per record), text, alpaca, sharegpt or messages.")
+    text_unit: TextUnit = Field("block", description="txt/md files: one record per blank-line-separated block, or per file.")
+    batch_size: int = Field(256, ge=1, description="Records per work unit sent to a worker.")
+    shard_bytes: int = Field(1 << 30, ge=1, description="Input bytes per shard (about 1 GB): the unit Ray materialises.")
+
+
 class DataConfig(StrictModel):
     """Read, clean, deduplicate and split the corpus (raw text) and the instructions."""
 
@@ -81,6 +118,7 @@ class DataConfig(StrictModel):
         description="Cleaning operators in order: [{op: NAME, ...params}]; see `lmsmith.data.ops`.",
     )
     exact_dedup: bool = Field(True, description="Drop records whose normalised text was already seen.")
+    near_dedup: NearDedupConfig = NearDedupConfig()
     split: SplitConfig = SplitConfig()
 
     @field_validator("corpus")

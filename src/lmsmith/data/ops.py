@@ -32,7 +32,8 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, ValidationError
 
-from lmsmith.data.numbers import normalize_amounts
+from lmsmith.data.numbers import OutputForm, PercentForm, normalize_amounts
+from lmsmith.data.pii import mask_bank_cards, mask_id_numbers
 from lmsmith.schema import StrictModel
 
 Target = Literal["corpus", "instructions", "both"]
@@ -50,6 +51,8 @@ class Op(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[OpConfig]] = OpConfig
     resolves: ClassVar[tuple[str, ...]] = ()
+    # (params, input text) shown in the operator catalog (docs/data.md) with the live output.
+    example: ClassVar[tuple[dict[str, Any], str]] = ({}, "")
 
     def __init__(self, config: OpConfig):
         self.config = config
@@ -112,6 +115,7 @@ class UnicodeNormalize(Mapper):
     characters removed, whitespace runs collapsed to one space, at most one blank line in a row."""
 
     Config = UnicodeNormalizeConfig
+    example = ({}, "营收１２．３５亿元，\u3000同比增长（预计）")
 
     def map(self, text: str) -> str:
         text = unicodedata.normalize(self.config.form, text)
@@ -142,6 +146,7 @@ class StripHtml(Mapper):
 
     Config = StripHtmlConfig
     resolves = ("html",)
+    example = ({}, '<div class="note"><p>营业收入&nbsp;12.35亿元</p><script>track()</script></div>')
 
     def map(self, text: str) -> str:
         if "<" not in text and "&" not in text:
@@ -159,6 +164,13 @@ class NormalizeNumbersConfig(OpConfig):
     chinese_units: bool = Field(True, description="Rewrite 万/亿 amounts: 1.2亿 → 120000000.")
     english_units: bool = Field(True, description="Rewrite million/billion amounts: 1.2 billion → 1200000000.")
     thousands_separators: bool = Field(True, description="Drop thousands separators: 1,200 → 1200.")
+    negative_parentheses: bool = Field(True, description="Accounting negatives: (1,234) → -1234.")
+    percent_words: bool = Field(True, description="15 percent / 15 pct / 15 % → 15%.")
+    percent: PercentForm = Field("keep", description="keep: 15.2% stays; fraction: 15.2% → 0.152.")
+    output: OutputForm = Field(
+        "plain", description="Form of a rewritten amount: plain 120000000, thousands 120,000,000, yi 1.2亿, wan 12000万."
+    )
+    decimals: Optional[int] = Field(None, ge=0, le=8, description="Round yi/wan/thousands output to this many decimals.")
 
 
 @register("normalize_numbers")
@@ -169,6 +181,7 @@ class NormalizeNumbers(Mapper):
 
     Config = NormalizeNumbersConfig
     resolves = ("mixed_numbers",)
+    example = ({}, "营收1.2亿元，净利润(3,500)万元，up 15 percent; revenue of RMB 1.2 billion")
 
     def map(self, text: str) -> str:
         return normalize_amounts(
@@ -176,12 +189,23 @@ class NormalizeNumbers(Mapper):
             chinese=self.config.chinese_units,
             english=self.config.english_units,
             separators=self.config.thousands_separators,
+            negative_parentheses=self.config.negative_parentheses,
+            percent_words=self.config.percent_words,
+            percent=self.config.percent,
+            output=self.config.output,
+            decimals=self.config.decimals,
         )
 
 
 class MaskPiiConfig(OpConfig):
     phone_token: str = Field("[PHONE]", description="Replaces a mainland China mobile number.")
     email_token: str = Field("[EMAIL]", description="Replaces an e-mail address.")
+    id_token: str = Field("[ID]", description="Replaces an 18-digit resident ID number whose checksum is valid.")
+    card_token: str = Field("[CARD]", description="Replaces a 13-19 digit bank card number that passes Luhn.")
+    phones: bool = Field(True, description="Mask mobile numbers.")
+    emails: bool = Field(True, description="Mask e-mail addresses.")
+    id_numbers: bool = Field(True, description="Mask resident ID numbers.")
+    bank_cards: bool = Field(True, description="Mask bank card numbers.")
 
 
 # A mainland mobile number: 1[3-9] and 9 more digits, optionally +86 and 3-4-4 grouping. Not when it is
@@ -194,15 +218,28 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za
 
 @register("mask_pii")
 class MaskPii(Mapper):
-    """Mask personal data: mainland China mobile numbers (`13812345678`, `138-1234-5678`,
-    `+86 13812345678`) and e-mail addresses. Run it before `normalize_numbers`."""
+    """Mask personal data: e-mail addresses, resident ID numbers (checksum validated), bank card numbers
+    (Luhn validated) and mainland China mobile numbers (`13812345678`, `138-1234-5678`,
+    `+86 13812345678`). Numbers that fail their checksum are left alone. Run it before
+    `normalize_numbers`."""
 
     Config = MaskPiiConfig
     resolves = ("pii",)
+    example = ({}, "联系王先生13812345678，邮箱wang@example.com，身份证11010519491231002X，卡号6222 0212 3456 7890 128")
 
     def map(self, text: str) -> str:
-        text = _EMAIL.sub(self.config.email_token, text)
-        return _CN_MOBILE.sub(self.config.phone_token, text)
+        config = self.config
+        if config.emails and "@" in text:
+            text = _EMAIL.sub(config.email_token, text)
+        if not any(c.isdigit() for c in text):
+            return text
+        if config.id_numbers:
+            text = mask_id_numbers(text, config.id_token)
+        if config.bank_cards:
+            text = mask_bank_cards(text, config.card_token)
+        if config.phones:
+            text = _CN_MOBILE.sub(config.phone_token, text)
+        return text
 
 
 DEFAULT_BOILERPLATE = (
@@ -233,6 +270,7 @@ class RemoveBoilerplate(Mapper):
 
     Config = RemoveBoilerplateConfig
     resolves = ("boilerplate",)
+    example = ({}, "营业收入12.35亿元。本报告仅供参考，不构成任何投资建议。")
 
     def __init__(self, config: RemoveBoilerplateConfig):
         super().__init__(config)
@@ -258,6 +296,7 @@ class MinLength(Filter):
     """Drop texts shorter than `chars` characters, not counting whitespace (fragments, empty pages)."""
 
     Config = MinLengthConfig
+    example = ({"chars": 10}, "短句。")
 
     def reject(self, text: str) -> Optional[str]:
         length = len(text) - sum(1 for c in text if c.isspace())
@@ -301,6 +340,10 @@ def validate_op_spec(spec: Any) -> dict[str, Any]:
     return {"op": name, **config.model_dump(mode="json")}
 
 
+def op_kind(cls: type[Op]) -> str:
+    return "filter" if issubclass(cls, Filter) else "mapper"
+
+
 def build_op(spec: dict[str, Any]) -> Op:
     cls = REGISTRY[spec["op"]]
     return cls(cls.Config.model_validate({k: v for k, v in spec.items() if k != "op"}))
@@ -313,3 +356,9 @@ def build_ops(specs: list[dict[str, Any]]) -> list[Op]:
 def describe_ops() -> dict[str, str]:
     """Name → first docstring line of every registered operator (for `--help`-style listings)."""
     return {name: (cls.__doc__ or "").strip().split("\n")[0] for name, cls in sorted(REGISTRY.items())}
+
+
+# The rest of the catalog registers itself on import; imported last because those modules subclass the
+# bases above.
+from lmsmith.data import filters as _filters  # noqa: E402,F401
+from lmsmith.data import mappers as _mappers  # noqa: E402,F401

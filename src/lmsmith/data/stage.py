@@ -1,5 +1,6 @@
 """The data stage: read the corpus and the instructions, clean them with the recipe's operators, drop
-exact duplicates, split them by group, and account for every record.
+exact and near duplicates (MinHash LSH; near copies across splits are leaks and leave val/test), split
+them by group, and account for every record.
 
 Outputs (names for `ctx.artifact("data", NAME)`):
 - `corpus_{train,val,test}` → `corpus/{split}.jsonl`: `{"id", "text", "source", "noise"}` per line;
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from lmsmith.console import console, track
-from lmsmith.data.cleaning import Ledger, clean, noise_report
+from lmsmith.data.cleaning import Ledger, clean, near_dedup, noise_report
 from lmsmith.data.config import EMBEDDED, DataConfig
 from lmsmith.data.ops import build_ops
 from lmsmith.data.readers import (
@@ -90,6 +91,8 @@ def run(config: DataConfig, ctx: StageContext) -> StageResult:
     corpus_ledger, sft_ledger = Ledger("corpus"), Ledger("instructions")
     corpus = clean(documents, ops, "corpus", split_of, config.exact_dedup, corpus_ledger)
     sft = clean(conversations, ops, "instructions", split_of, config.exact_dedup, sft_ledger)
+    corpus = near_dedup(corpus, config.near_dedup, "corpus", corpus_ledger)
+    sft = near_dedup(sft, config.near_dedup, "instructions", sft_ledger)
 
     outputs: dict[str, str] = {}
     with track("writing splits", total=2 * len(SPLITS) + 2) as bar:

@@ -188,10 +188,11 @@ def serve_section(doc: Document, upstream: Upstream) -> None:
     if transcript is None:
         section.blocks.append(Paragraph("No serve transcript."))
         return
-    if not isinstance(transcript, list):
-        raise UserError(f"{upstream.ctx.artifact('serve', 'transcript')}: expected a list of exchanges")
+    exchanges = transcript.get("entries") if isinstance(transcript, dict) else None
+    if not isinstance(exchanges, list):
+        raise UserError(f"{upstream.ctx.artifact('serve', 'transcript')}: expected {{'entries': [...]}}")
     table = Table(["question", "answer", "latency (s)"], numeric=False)
-    for exchange in transcript:
+    for exchange in exchanges:
         if isinstance(exchange, dict):
             table.add(_cell(exchange.get("question")), _cell(exchange.get("answer")), _cell(exchange.get("latency_s")))
     asked = len(table.rows)

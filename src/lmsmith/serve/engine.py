@@ -205,16 +205,21 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> "Engine":
-        """Load an HF model folder (weights and tokenizer with a chat template)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """Load an HF model folder or a compress-stage int8 folder (weights and tokenizer with a chat template)."""
+        from lmsmith.generation import is_quantized_folder, load_causal_lm, load_tokenizer
 
         model_dir = Path(model_dir)
         target = resolve_device(device)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
-            )
+            tokenizer = load_tokenizer(model_dir)
+            if is_quantized_folder(model_dir):
+                model = load_causal_lm(model_dir)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
+                )
         except (OSError, ValueError) as exc:
             raise UserError(f"{model_dir}: cannot load the model: {exc}") from None
         if not getattr(tokenizer, "chat_template", None):

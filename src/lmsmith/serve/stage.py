@@ -128,7 +128,7 @@ def _ask_plain(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
 
 def _ask_streamed(client: httpx.Client, body: dict[str, Any], started: float) -> dict[str, Any]:
     body = body | {"stream": True, "stream_options": {"include_usage": True}}
-    result: dict[str, Any] = {"answer": ""}
+    result: dict[str, Any] = {"answer": "", "first_token_s": None}
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             response.read()
@@ -145,7 +145,8 @@ def _ask_streamed(client: httpx.Client, body: dict[str, Any], started: float) ->
             for choice in event.get("choices", []):
                 text = choice.get("delta", {}).get("content")
                 if text:
-                    result.setdefault("first_token_s", round(time.perf_counter() - started, 4))
+                    if result["first_token_s"] is None:
+                        result["first_token_s"] = round(time.perf_counter() - started, 4)
                     result["answer"] += text
                 if choice.get("finish_reason"):
                     result["finish_reason"] = choice["finish_reason"]
