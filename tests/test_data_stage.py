@@ -37,6 +37,7 @@ def test_outputs_follow_the_contract(embedded_run):
     expected = {f"corpus_{s}": f"corpus/{s}.jsonl" for s in SPLITS}
     expected |= {f"sft_{s}": f"sft/{s}.jsonl" for s in SPLITS}
     expected |= {"stats": "stats.json", "dropped": "dropped.jsonl"}
+    expected |= {f"quality_{kind}": f"quality/report.{kind}" for kind in ("json", "md", "html")}
     assert {name: out["path"] for name, out in manifest.outputs.items()} == expected
     for split in SPLITS:
         for row in read_jsonl(stage_dir / f"corpus/{split}.jsonl"):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
+from lmsmith.data.annotate import AnnotateConfig
+from lmsmith.data.augment import AugmentConfig
 from lmsmith.data.io import RecordFormat, TextUnit
 from lmsmith.data.ops import DEFAULT_OPS, Target, validate_op_spec
+from lmsmith.data.quality import QualityConfig
+from lmsmith.data.synth import SynthConfig
 from lmsmith.paths import resolve_existing
 from lmsmith.schema import StrictModel
 
@@ -120,6 +124,20 @@ class DataConfig(StrictModel):
     exact_dedup: bool = Field(True, description="Drop records whose normalised text was already seen.")
     near_dedup: NearDedupConfig = NearDedupConfig()
     split: SplitConfig = SplitConfig()
+    synth_tables: list[DataSource] = Field(
+        default_factory=list,
+        description="Company × year × metric tables (csv/json/jsonl) turned into instructions before the split.",
+    )
+    synth: SynthConfig = SynthConfig()
+    quality: Optional[QualityConfig] = Field(
+        QualityConfig(), description="3C quality report (quality/report.{json,md,html}); null turns it off."
+    )
+    augment: Optional[AugmentConfig] = Field(
+        None, description="Augment the train instructions (EDA, back-translation, oversampling); null: off."
+    )
+    annotate: Optional[AnnotateConfig] = Field(
+        None, description="BIO-annotate the instructions (entities.conll, seqeval scores); null: off."
+    )
 
     @field_validator("corpus")
     @classmethod

@@ -21,11 +21,16 @@ from typing import Any, Iterable, Optional
 from lmsmith.console import console, track
 from lmsmith.data.cleaning import Ledger, clean, near_dedup, noise_report
 from lmsmith.data.config import EMBEDDED, DataConfig
+from lmsmith.data.annotate import Annotator, annotate_rows, score, write_conll
+from lmsmith.data.augment import augment
 from lmsmith.data.ops import build_ops
+from lmsmith.data.quality import build_quality_report, summarise_for_manifest
+from lmsmith.data.synth import synthesize_table
 from lmsmith.data.readers import (
     embedded_conversations,
     embedded_documents,
     list_files,
+    parse_instruction,
     read_corpus_file,
     read_instruction_file,
 )
@@ -80,7 +85,9 @@ def run(config: DataConfig, ctx: StageContext) -> StageResult:
     uses_embedded = EMBEDDED in (config.corpus, config.instructions)
     dataset = _embedded(config) if uses_embedded else None
     documents = read_documents(config, dataset)
-    conversations = read_conversations(config, dataset)
+    conversations = read_conversations(config, dataset) + synthesized_conversations(config)
+    # Cleaning rewrites records in place: the quality report needs them as they were read.
+    before = _rows(documents, dataset) + _rows(conversations, dataset) if config.quality else []
 
     # One assignment over both kinds, so a company-year's documents and instructions share a split.
     split_of = assign_groups(
@@ -95,6 +102,21 @@ def run(config: DataConfig, ctx: StageContext) -> StageResult:
     sft = near_dedup(sft, config.near_dedup, "instructions", sft_ledger)
 
     outputs: dict[str, str] = {}
+    extra_metrics: dict[str, Any] = {}
+    if config.quality is not None:
+        kept_rows = _rows([r for split in SPLITS for r in corpus[split]], dataset)
+        kept_rows += _rows([r for split in SPLITS for r in sft[split]], dataset)
+        report = build_quality_report(
+            before, kept_rows, corpus_ledger.rows + sft_ledger.rows, ctx.stage_dir / "quality",
+            config.quality.model_copy(update={"ops": config.ops}),
+        )
+        outputs |= {f"quality_{kind}": f"quality/report.{kind}" for kind in ("json", "md", "html")}
+        extra_metrics |= summarise_for_manifest(report)
+    if config.augment is not None:
+        sft["train"], counts = augment_train(sft["train"], config, ctx.stage_dir)
+        extra_metrics["augment_added"] = counts["output"] - counts["input"]
+        if (ctx.stage_dir / "class_weights.json").exists():
+            outputs["class_weights"] = "class_weights.json"
     with track("writing splits", total=2 * len(SPLITS) + 2) as bar:
         for split in SPLITS:
             for name, records in (("corpus", corpus), ("sft", sft)):
@@ -111,7 +133,15 @@ def run(config: DataConfig, ctx: StageContext) -> StageResult:
         outputs["stats"] = "stats.json"
         bar.advance()
 
-    metrics = _metrics(stats)
+    metrics = _metrics(stats) | extra_metrics
+    if config.annotate is not None:
+        annotator = Annotator(config.annotate, company_names=_company_names(dataset))
+        rows = [r.to_row() for split in SPLITS for r in sft[split]]
+        write_conll(ctx.stage_dir / "entities.conll", annotate_rows(rows, annotator))
+        outputs["entities"] = "entities.conll"
+        if any(isinstance(row["answer"].get("entities"), list) for row in rows):
+            scores = score(rows, annotator)
+            metrics |= {f"entities_{key}": scores[key] for key in ("precision", "recall", "f1")}
     summary = (
         f"kept: corpus {metrics['corpus_kept']}/{metrics['corpus_read']}, "
         f"instructions {metrics['sft_kept']}/{metrics['sft_read']}"
@@ -120,6 +150,43 @@ def run(config: DataConfig, ctx: StageContext) -> StageResult:
         summary += f"; noise {metrics['noise_rate_before']:.1%} → {metrics['residual_noise_rate_after']:.1%}"
     console.print(summary)
     return StageResult(outputs=outputs, metrics=metrics)
+
+
+def synthesized_conversations(config: DataConfig) -> list[Conversation]:
+    """Instructions computed from structured tables (`lmsmith.data.synth`), read like any instruction row."""
+    conversations: list[Conversation] = []
+    for table in config.synth_tables:
+        rows = synthesize_table(table, config.synth)
+        conversations += [parse_instruction(row, f"{table}:{i + 1}", f"synth-{i}") for i, row in enumerate(rows)]
+    return conversations
+
+
+def augment_train(train: list[Conversation], config: DataConfig, out_dir: Path) -> tuple[list[Conversation], dict]:
+    """Augment only the train split, so val/test stay untouched references."""
+    assert config.augment is not None
+    rows = [conv.to_row() | {"group": conv.group} for conv in train]
+    augmented, counts = augment(rows, config.augment, out_dir)
+    return [parse_instruction(row, f"augment:{i}", f"aug-{i}") for i, row in enumerate(augmented)], counts
+
+
+def _industry_of(dataset: Optional[FinanceDataset]) -> dict[str, str]:
+    return {c.ticker: c.industry for c in dataset.companies} if dataset is not None else {}
+
+
+def _company_names(dataset: Optional[FinanceDataset]) -> list[str]:
+    return [c.name for c in dataset.companies] if dataset is not None else []
+
+
+def _rows(records: Iterable[Document | Conversation], dataset: Optional[FinanceDataset]) -> list[dict[str, Any]]:
+    """Plain rows for the quality report, with `group` and (embedded data) `industry` for its charts."""
+    industry = _industry_of(dataset)
+    rows = []
+    for record in records:
+        row = json.loads(json.dumps(record.to_row(), ensure_ascii=False)) | {"group": record.group}
+        if record.group.split(":")[0] in industry:
+            row["industry"] = industry[record.group.split(":")[0]]
+        rows.append(row)
+    return rows
 
 
 def _stats(
