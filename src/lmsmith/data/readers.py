@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lmsmith.data.records import Conversation, Document
 from lmsmith.datasets.finance import FinanceDataset
 from lmsmith.errors import UserError
+from lmsmith.jsonl import iter_jsonl
 
 _SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -38,21 +39,6 @@ def list_files(path: Path, suffixes: tuple[str, ...]) -> list[tuple[Path, str]]:
     if not found:
         raise UserError(f"{path}: no {' or '.join(suffixes)} files in this folder")
     return [(file, str(file.relative_to(path))) for file in found]
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; anything but a JSON object is an error."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
 
 
 # ---------------------------------------------------------------------------------------------- corpus

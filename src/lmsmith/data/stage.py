@@ -37,6 +37,7 @@ from lmsmith.data.readers import (
 from lmsmith.data.records import Conversation, Document
 from lmsmith.data.split import SPLITS, assign_groups
 from lmsmith.datasets.finance import FinanceDataset, generate
+from lmsmith.jsonl import write_jsonl
 from lmsmith.pipeline import StageContext, StageResult
 
 
@@ -71,13 +72,6 @@ def read_conversations(config: DataConfig, dataset: Optional[FinanceDataset]) ->
             conversations.extend(read_instruction_file(file, name))
             bar.advance()
     return conversations
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def run(config: DataConfig, ctx: StageContext) -> StageResult:
@@ -121,10 +115,10 @@ def run(config: DataConfig, ctx: StageContext) -> StageResult:
         for split in SPLITS:
             for name, records in (("corpus", corpus), ("sft", sft)):
                 relative = f"{name}/{split}.jsonl"
-                _write_jsonl(ctx.stage_dir / relative, (record.to_row() for record in records[split]))
+                write_jsonl(ctx.stage_dir / relative, (record.to_row() for record in records[split]))
                 outputs[f"{name}_{split}"] = relative
                 bar.advance()
-        _write_jsonl(ctx.stage_dir / "dropped.jsonl", corpus_ledger.rows + sft_ledger.rows)
+        write_jsonl(ctx.stage_dir / "dropped.jsonl", corpus_ledger.rows + sft_ledger.rows)
         outputs["dropped"] = "dropped.jsonl"
         bar.advance()
 

@@ -5,33 +5,18 @@ Plain `json`; every bad record is reported as `file:line` so the user can find i
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmsmith.errors import UserError
+from lmsmith.jsonl import iter_jsonl
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every non-blank line; a line that is not a JSON object is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object")
-            rows.append((number, record))
-    return rows
+    return list(iter_jsonl(path))
 
 
 @dataclass
