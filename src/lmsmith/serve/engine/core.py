@@ -1,0 +1,373 @@
+"""The engine: a continuous-batching loop on one worker thread, and the methods callers use.
+
+One step is three calls, as in vLLM's engine core: the scheduler decides (which sequences, how many of
+their tokens), the runner executes (one forward pass for all of them), and the engine applies the
+output (sample, detokenize, check stops, deliver chunks); the scheduler sees the result at the next
+step, when finished sequences leave and free their KV slots. Requests join and leave at every step.
+
+Callers submit from any thread; chunks come back through a sink (an asyncio queue for `stream`, a
+plain queue for `stream_sync`). Admin calls that change the model's state (LoRA adapters) run on the
+worker thread between steps, so no step ever sees half an adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+
+import torch
+
+from lmsmith.errors import UserError
+from lmsmith.serve.engine.config import EngineConfig
+from lmsmith.serve.engine.lora import LoraInfo, read_peft_adapter
+from lmsmith.serve.engine.request import (
+    Chunk,
+    Completion,
+    EngineError,
+    Event,
+    Sequence,
+    Sink,
+    UnknownAdapterError,
+)
+from lmsmith.serve.engine.runner import ModelRunner
+from lmsmith.serve.engine.scheduler import ScheduledChunk, Scheduler
+from lmsmith.serve.sampling import SamplingParams, sample_rows
+
+log = logging.getLogger("lmsmith.serve")
+
+Messages = list[dict[str, str]]
+T = TypeVar("T")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"device: {device!r} is not a torch device ({exc})") from None
+
+
+class Engine:
+    """Owns the model, the tokenizer, the KV cache and the worker thread that generates.
+
+    Requests:
+    - `stream(prompt_ids, params, lora=None)`: async iterator of `Chunk`s; leaving it early cancels the
+      request, which frees its KV slot at the next step.
+    - `stream_sync(...)`: the same for synchronous callers; `complete(...)`: one `Completion`.
+    - `lora` names a loaded adapter; an unknown name raises `UnknownAdapterError` (a ValueError).
+    - `encode_chat(messages)`: prompt ids from the chat template.
+
+    Adapters: `add_lora(name, path)` loads a peft LoRA folder (UserError when it does not fit),
+    `remove_lora(name)` unloads it (requests still using it end with an EngineError), `loras()` lists them.
+
+    `stats()`: completed/cancelled/failed requests, prompt and completion tokens, running and waiting
+    sequences, the last step's batch size, tokens and milliseconds, KV slots used/free/total, steps,
+    loaded adapters, CUDA graphs captured and decode steps run in bucketed (graph) shapes.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        device = next(model.parameters()).device
+        self.config = (config or EngineConfig()).resolve(
+            device.type, getattr(model.config, "max_position_embeddings", None)
+        )
+        self._runner = ModelRunner(model, self.config)
+        self._scheduler = Scheduler(self.config.max_slots, self.config.max_step_tokens, self.config.prefill_chunk)
+        self._eos_ids = self._find_eos_ids(model, tokenizer)
+        self.max_context: int = self.config.max_model_len
+        self._ids = itertools.count(1)
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._lora_lock = threading.Lock()  # guards the name -> bank row map read by submitters
+        self._lora_rows: dict[str, int] = {}
+        self._stats_lock = threading.Lock()
+        self._stats: dict[str, float] = {
+            "completed": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0,
+            "steps": 0, "last_batch_size": 0, "last_step_tokens": 0, "last_step_ms": 0.0,
+        }
+        self._worker = threading.Thread(target=self._work, name="lmsmith-engine", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+             config: EngineConfig | None = None) -> "Engine":
+        """Load an HF model folder or a compress-stage int8 folder (weights and tokenizer with a chat template)."""
+        from lmsmith.generation import is_quantized_folder, load_causal_lm, load_tokenizer
+
+        model_dir = Path(model_dir)
+        target = resolve_device(device)
+        try:
+            tokenizer = load_tokenizer(model_dir)
+            if is_quantized_folder(model_dir):
+                model = load_causal_lm(model_dir)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
+                )
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{model_dir}: cannot load the model: {exc}") from None
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{model_dir}: the tokenizer has no chat template, so chat requests cannot be rendered")
+        model.to(target).eval()
+        return cls(model, tokenizer, config)
+
+    @staticmethod
+    def _find_eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    # ----- requests -----
+
+    def encode_chat(self, messages: Messages) -> list[int]:
+        """Prompt token ids for `messages`, ending with the assistant's turn opener."""
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except TemplateError as exc:
+            raise ValueError(f"the chat template rejected the messages: {exc}") from None
+        return [int(i) for i in ids]
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, lora: str | None = None) -> Sequence:
+        """Queue a request; its chunks (or an EngineError) are passed to `sink` from the worker thread."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
+        lora_index = 0
+        if lora is not None:
+            with self._lora_lock:
+                if lora not in self._lora_rows:
+                    raise UnknownAdapterError(f"no LoRA adapter named {lora!r} is loaded")
+                lora_index = self._lora_rows[lora]
+        sequence = Sequence(next(self._ids), list(prompt_ids), params, sink, self.tokenizer,
+                            self._runner.device, lora, lora_index)
+        self._scheduler.add(sequence)
+        return sequence
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> AsyncIterator[Chunk]:
+        """Chunks as they are generated. Closing the iterator early cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        sequence = self.submit(prompt_ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), lora)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, EngineError):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self._cancel(sequence)
+
+    def stream_sync(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> Iterator[Chunk]:
+        """`stream` for synchronous callers (the terminal chat)."""
+        events: queue.Queue[Event] = queue.Queue()
+        sequence = self.submit(prompt_ids, params, events.put, lora)
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, EngineError):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self._cancel(sequence)
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> Completion:
+        parts: list[str] = []
+        last: Chunk | None = None
+        async for chunk in self.stream(prompt_ids, params, lora):
+            parts.append(chunk.text)
+            last = chunk
+        if last is None:
+            raise EngineError("the engine ended the request without an answer")
+        return Completion("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    def _cancel(self, sequence: Sequence) -> None:
+        if not sequence.finished:
+            sequence.cancel()
+            self._scheduler.wake()  # free its slot now, even if the worker is idle
+
+    # ----- LoRA adapters -----
+
+    def add_lora(self, name: str, path: str | Path) -> LoraInfo:
+        """Load a peft LoRA adapter under `name`; requests pick it with `lora=name`."""
+        if not name:
+            raise ValueError("an adapter needs a name")
+        with self._lora_lock:
+            if name in self._lora_rows:
+                raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
+        weights = read_peft_adapter(name, path, self._runner.projection_shapes())  # file I/O off the worker
+
+        def install() -> LoraInfo:
+            row = self._runner.install_lora(weights)
+            with self._lora_lock:
+                self._lora_rows[name] = row
+            return weights.info
+
+        return self._on_worker(install)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter `name`; new requests for it fail, running ones end with an EngineError."""
+        with self._lora_lock:
+            if name not in self._lora_rows:
+                raise UnknownAdapterError(f"no LoRA adapter named {name!r} is loaded")
+            del self._lora_rows[name]  # from here on, submits for it fail
+
+        def uninstall() -> None:
+            for seq in self._scheduler.abort(lambda seq: seq.lora_name == name):
+                self._fail(seq, EngineError(f"the LoRA adapter {name!r} was removed"))
+            self._runner.lora.remove(name)
+
+        self._on_worker(uninstall)
+
+    def loras(self) -> list[LoraInfo]:
+        """The loaded adapters, by name."""
+        with self._lora_lock:
+            names = sorted(self._lora_rows)
+        infos = self._runner.lora.infos
+        return [infos[name] for name in names if name in infos]
+
+    def _on_worker(self, work: Callable[[], T]) -> T:
+        if not self._worker.is_alive():
+            raise EngineError("the engine is shut down")
+        future: Future = Future()
+        self._commands.put((work, future))
+        self._scheduler.wake()
+        return future.result()
+
+    # ----- state -----
+
+    @property
+    def healthy(self) -> bool:
+        return self._worker.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            counts: dict[str, Any] = dict(self._stats)
+        counts |= self._scheduler.counts()
+        counts["kv_slots_total"] = self.config.max_slots
+        counts["loras"] = len(self._lora_rows)
+        graphs = self._runner.graphs
+        counts["cuda_graphs"] = graphs.captured if graphs is not None else 0
+        counts["bucketed_decode_steps"] = graphs.steps if graphs is not None else 0
+        return counts
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still queued or running end with an EngineError."""
+        self._scheduler.close()
+        self._worker.join(timeout)
+
+    # ----- the worker thread -----
+
+    def _work(self) -> None:
+        while True:
+            self._run_commands()
+            plan = self._scheduler.next_step()
+            if plan is None:
+                break
+            for seq in plan.cancelled:
+                self._finish(seq, "cancelled")
+            if not plan.chunks:
+                continue
+            try:
+                self._step(plan.chunks)
+            except Exception as exc:  # never let one bad step kill the server
+                log.exception("engine step failed")
+                failed = {id(chunk.seq) for chunk in plan.chunks}
+                for seq in self._scheduler.abort(lambda seq: id(seq) in failed):
+                    self._fail(seq, exc)
+        self._run_commands()
+        for seq in self._scheduler.drain():
+            self._fail(seq, EngineError("the engine shut down before the request finished"))
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                work, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(work())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _step(self, chunks: list[ScheduledChunk]) -> None:
+        started = time.perf_counter()
+        sampling, logits = self._runner.execute(chunks)
+        for chunk in chunks:
+            chunk.seq.num_computed = chunk.start + chunk.count
+        if sampling:
+            seqs = [chunk.seq for chunk in sampling]
+            tokens = sample_rows(
+                logits, [seq.params for seq in seqs], [seq.generator for seq in seqs],
+                [seq.token_ids if seq.params.repetition_penalty != 1.0 else () for seq in seqs],
+            )
+            for seq, token in zip(seqs, tokens):
+                self._advance(seq, token)
+        with self._stats_lock:
+            self._stats["steps"] += 1
+            self._stats["last_batch_size"] = len(chunks)
+            self._stats["last_step_tokens"] = sum(chunk.count for chunk in chunks)
+            self._stats["last_step_ms"] = round((time.perf_counter() - started) * 1000, 3)
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        if token in self._eos_ids:
+            self._finish(seq, "stop", seq.stops.feed(seq.detokenizer.flush()) + seq.stops.flush())
+            return
+        text = seq.stops.feed(seq.detokenizer.push(token))
+        if seq.stops.stopped:
+            self._finish(seq, "stop", text)
+            return
+        if seq.num_output >= seq.params.max_tokens or seq.length >= self.max_context:
+            text += seq.stops.feed(seq.detokenizer.flush())
+            reason = "stop" if seq.stops.stopped else "length"
+            self._finish(seq, reason, text + seq.stops.flush())
+            return
+        if text:
+            self._deliver(seq, Chunk(text, seq.num_prompt, seq.num_output))
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "") -> None:
+        seq.finish_reason = reason
+        self._scheduler.release(seq)  # the KV slot is free before the caller hears the request ended
+        with self._stats_lock:
+            self._stats["cancelled" if reason == "cancelled" else "completed"] += 1
+            self._stats["prompt_tokens"] += seq.num_prompt
+            self._stats["completion_tokens"] += seq.num_output
+        self._deliver(seq, Chunk(text, seq.num_prompt, seq.num_output, reason))
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        seq.finish_reason = "error"
+        self._scheduler.release(seq)
+        with self._stats_lock:
+            self._stats["failed"] += 1
+        error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
+        self._deliver(seq, error)
+
+    def _deliver(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.sink(event)
+        except RuntimeError:
+            # The caller's event loop is gone (client disconnected, server stopping): stop working for it.
+            seq.cancel()

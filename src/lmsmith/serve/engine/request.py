@@ -1,0 +1,95 @@
+"""A request's state inside the engine, and what callers get back from it (chunks, completions, errors)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch
+
+from lmsmith.serve.sampling import SamplingParams, make_generator
+from lmsmith.serve.text import IncrementalDetokenizer, StopStringFilter
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of an answer as it is generated; the last one carries the finish reason."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" (eos or stop string), "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole answer, for callers that do not stream."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class EngineError(RuntimeError):
+    """Generation failed inside the engine (not the caller's fault)."""
+
+
+class UnknownAdapterError(ValueError):
+    """A request named a LoRA adapter that is not loaded (never was, or was removed)."""
+
+
+Event = Union[Chunk, EngineError]
+Sink = Callable[[Event], None]
+
+
+class Sequence:
+    """One request while the engine works on it.
+
+    `token_ids` holds the prompt followed by the answer so far; `num_computed` counts the leading tokens
+    whose keys and values are in the sequence's KV slot. Each step computes some of the rest (a prompt
+    piece, or the one newest token), and once all are computed the next token is sampled.
+    """
+
+    def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams, sink: Sink,
+                 tokenizer: Any, device: torch.device, lora_name: str | None = None, lora_index: int = 0):
+        self.request_id = request_id
+        self.token_ids = list(prompt_ids)
+        self.num_prompt = len(prompt_ids)
+        self.num_computed = 0
+        self.params = params
+        self.sink = sink
+        self.lora_name = lora_name
+        self.lora_index = lora_index  # row of the adapter bank; 0 is the base model
+        self.slot: int | None = None  # KV slot, assigned by the scheduler on admission
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stops = StopStringFilter(params.stop)
+        self.generator = make_generator(params, device)
+        self.finish_reason: str | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this sequence at its next step (safe from any thread, idempotent)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose keys and values are not yet in the cache."""
+        return len(self.token_ids) - self.num_computed

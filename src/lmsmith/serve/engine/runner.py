@@ -1,0 +1,242 @@
+"""Executes one engine step: a single forward pass over every scheduled token, decodes and prompt pieces mixed.
+
+transformers supplies the model's modules (embedding, RMSNorms, projections, rotary embedding, MLP,
+LM head); this module runs its decoder layers itself, so one pass can carry many sequences at different
+positions without padding. The step's tokens are packed into one `[tokens, hidden]` matrix for every
+projection and MLP. Attention is torch's `scaled_dot_product_attention` over the slot KV cache:
+
+- all decode rows at once (one query each, keys gathered from their slots, masked past each position);
+- each prompt piece over a view of its own slot (causal, offset by what is already cached).
+
+Only rows that sample (decodes, and prompt pieces that reach the prompt's end) go through the final norm
+and the LM head. Decoder-only models of the Llama family (Qwen2/Qwen3, Llama, Mistral without sliding
+windows) are supported. The runner never decides what runs; it executes the scheduler's plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmsmith.errors import UserError
+from lmsmith.serve.engine.config import ResolvedEngineConfig
+from lmsmith.serve.engine.cuda_graphs import DecodeGraphs
+from lmsmith.serve.engine.kv_cache import SlotKVCache
+from lmsmith.serve.engine.lora import PROJECTIONS, Key, LoraBank, LoraPlan, LoraWeights
+from lmsmith.serve.engine.scheduler import ScheduledChunk
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+
+
+@dataclass
+class PromptPiece:
+    """A prompt piece's place in the packed batch and in its slot."""
+
+    offset: int  # first packed row
+    count: int
+    slot: int
+    start: int  # position of its first token
+    mask: torch.Tensor | None  # None: plain causal (the piece starts the prompt)
+
+
+@dataclass
+class StepBatch:
+    """Tensors of one step; decode rows come first in the packed order, then prompt pieces."""
+
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    slots: torch.Tensor  # [tokens] KV slot of each token
+    num_decode: int
+    decode_key_len: int  # keys read by the decode rows
+    pieces: list[PromptPiece] = field(default_factory=list)
+    sample_rows: torch.Tensor | None = None  # rows that produce logits; None: all
+    lora: LoraPlan | None = None
+
+
+def check_supported(model) -> None:
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"model_type {model_type!r} is not supported by the serving engine (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        raise UserError("sliding-window attention is not supported by the serving engine")
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        raise UserError("sliding-window attention is not supported by the serving engine")
+
+
+class ModelRunner:
+    """Owns the KV cache, the LoRA bank and the decode graphs; turns scheduled chunks into logits."""
+
+    def __init__(self, model, config: ResolvedEngineConfig):
+        check_supported(model)
+        self.model = model
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        model_config = model.config
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers)
+        self.num_heads = model_config.num_attention_heads
+        self.num_kv_heads = getattr(model_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // self.num_heads
+        self.kv = SlotKVCache(len(self.layers), config.max_slots, self.num_kv_heads, config.max_model_len,
+                              self.head_dim, self.dtype, self.device)
+        self.lora = LoraBank(self.projection_shapes(), config.max_loras, config.max_lora_rank, self.dtype, self.device)
+        self._positions = torch.arange(config.max_model_len, device=self.device)
+        self.graphs: DecodeGraphs | None = None
+        if config.bucketed_decode:
+            self.graphs = DecodeGraphs(
+                self.forward, self._decode_batch, config.max_slots, config.graph_key_len_step,
+                config.max_model_len, self.kv.scratch_slot, self.device, capture=config.cuda_graphs,
+            )
+        self._graph_lora_version = self.lora.version
+
+    def projection_shapes(self) -> dict[Key, tuple[int, int]]:
+        shapes = {}
+        for index, layer in enumerate(self.layers):
+            for name in PROJECTIONS:
+                parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+                module = getattr(parent, name)
+                shapes[(index, name)] = (module.in_features, module.out_features)
+        return shapes
+
+    def install_lora(self, weights: LoraWeights) -> int:
+        return self.lora.install(weights)
+
+    # ----- one step -----
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """Run the step; returns the chunks that sample, in order, and their logits [n, vocab] (float32)."""
+        decodes = [chunk for chunk in chunks if chunk.count == 1]
+        pieces = [chunk for chunk in chunks if chunk.count > 1]
+        if self.graphs is not None and not pieces and len(decodes) <= self.graphs.max_batch:
+            return decodes, self._run_bucketed(decodes)
+        ordered = decodes + pieces
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        lora_rows: list[int] = []
+        for chunk in ordered:
+            seq = chunk.seq
+            token_ids.extend(seq.token_ids[chunk.start:chunk.start + chunk.count])
+            positions.extend(range(chunk.start, chunk.start + chunk.count))
+            slots.extend([seq.slot] * chunk.count)
+            lora_rows.extend([seq.lora_index] * chunk.count)
+        packed = torch.tensor([token_ids, positions, slots], dtype=torch.long).to(self.device, non_blocking=True)
+        batch = StepBatch(
+            input_ids=packed[0], positions=packed[1], slots=packed[2], num_decode=len(decodes),
+            decode_key_len=max((chunk.start + 1 for chunk in decodes), default=0),
+            lora=self.lora.plan(lora_rows, self.device) if self.lora.active else None,
+        )
+        sampling = list(decodes)
+        sample_rows = list(range(len(decodes)))
+        offset = len(decodes)
+        for chunk in pieces:
+            mask = None
+            if chunk.start > 0:
+                queries = self._positions[chunk.start:chunk.start + chunk.count]
+                mask = self._positions[:chunk.start + chunk.count].unsqueeze(0) <= queries.unsqueeze(1)
+            batch.pieces.append(PromptPiece(offset, chunk.count, chunk.seq.slot, chunk.start, mask))
+            offset += chunk.count
+            if chunk.samples:
+                sampling.append(chunk)
+                sample_rows.append(offset - 1)
+        if len(sample_rows) < offset:
+            batch.sample_rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return sampling, self.forward(batch)
+
+    def _run_bucketed(self, decodes: list[ScheduledChunk]) -> torch.Tensor:
+        assert self.graphs is not None
+        if self.lora.version != self._graph_lora_version:
+            self.graphs.clear()  # the bank's tensors moved; graphs captured before point at old memory
+            self._graph_lora_version = self.lora.version
+        return self.graphs.run(
+            [chunk.seq.token_ids[chunk.start] for chunk in decodes],
+            [chunk.start for chunk in decodes],
+            [chunk.seq.slot for chunk in decodes],
+            [chunk.seq.lora_index for chunk in decodes],
+            self.lora.version if self.lora.active else None,
+        )
+
+    def _decode_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                      key_len: int, lora_rows: torch.Tensor | None) -> StepBatch:
+        """A decode-only batch in fixed shapes (what the CUDA graphs capture)."""
+        return StepBatch(
+            input_ids=input_ids, positions=positions, slots=slots, num_decode=input_ids.shape[0],
+            decode_key_len=key_len, lora=None if lora_rows is None else LoraPlan(rows=lora_rows),
+        )
+
+    # ----- the forward pass -----
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        hidden = self.decoder.embed_tokens(batch.input_ids)
+        cos, sin = self.decoder.rotary_emb(hidden, batch.positions.unsqueeze(0))
+        rotary = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [tokens, 1, head_dim]
+        decode_mask = None
+        if batch.num_decode:
+            decode_positions = batch.positions[:batch.num_decode]
+            keys = self._positions[:batch.decode_key_len]
+            decode_mask = (keys.unsqueeze(0) <= decode_positions.unsqueeze(1))[:, None, None, :]
+        for index, layer in enumerate(self.layers):
+            attended = self._attention(index, layer, layer.input_layernorm(hidden), batch, rotary, decode_mask)
+            hidden = hidden + attended
+            hidden = hidden + self._mlp(index, layer.mlp, layer.post_attention_layernorm(hidden), batch.lora)
+        if batch.sample_rows is not None:
+            hidden = hidden.index_select(0, batch.sample_rows)
+        return self.model.lm_head(self.decoder.norm(hidden)).float()
+
+    def _project(self, key: Key, module: torch.nn.Module, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
+        out = module(x)
+        if lora is not None:
+            delta = self.lora.delta(key, x, lora)
+            if delta is not None:
+                out = out + delta
+        return out
+
+    def _mlp(self, index: int, mlp: torch.nn.Module, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
+        gate = self._project((index, "gate_proj"), mlp.gate_proj, x, lora)
+        up = self._project((index, "up_proj"), mlp.up_proj, x, lora)
+        return self._project((index, "down_proj"), mlp.down_proj, mlp.act_fn(gate) * up, lora)
+
+    def _attention(self, index: int, layer: torch.nn.Module, x: torch.Tensor, batch: StepBatch,
+                   rotary: tuple[torch.Tensor, torch.Tensor], decode_mask: torch.Tensor | None) -> torch.Tensor:
+        attn = layer.self_attn
+        tokens = x.shape[0]
+        q = self._project((index, "q_proj"), attn.q_proj, x, batch.lora).view(tokens, self.num_heads, self.head_dim)
+        k = self._project((index, "k_proj"), attn.k_proj, x, batch.lora).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self._project((index, "v_proj"), attn.v_proj, x, batch.lora).view(tokens, self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = rotary
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        self.kv.write(index, batch.slots, batch.positions, k, v)
+        gqa = self.num_kv_heads != self.num_heads
+        parts = []
+        if batch.num_decode:
+            keys, values = self.kv.gather(index, batch.slots[:batch.num_decode], batch.decode_key_len)
+            out = F.scaled_dot_product_attention(
+                q[:batch.num_decode].unsqueeze(2), keys, values, attn_mask=decode_mask,
+                scale=attn.scaling, enable_gqa=gqa,
+            )
+            parts.append(out.squeeze(2))
+        for piece in batch.pieces:
+            keys, values = self.kv.view(index, piece.slot, piece.start + piece.count)
+            query = q[piece.offset:piece.offset + piece.count].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=piece.mask, is_causal=piece.mask is None,
+                scale=attn.scaling, enable_gqa=gqa,
+            )
+            parts.append(out[0].transpose(0, 1))
+        attended = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._project((index, "o_proj"), attn.o_proj, attended.reshape(tokens, -1), batch.lora)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
