@@ -21,7 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lmsmith run recipes/finance-demo.yaml --out runs/finance-demo
 
+# Redis (Debian's redis-server) backs the response-cache tests; the tests start their own instance.
 test: $(STAMP)
+	bash scripts/ensure_redis.sh
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 clean-venv:

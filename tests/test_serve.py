@@ -215,7 +215,7 @@ def server(tiny_model_dir, tmp_path_factory):
             if process.poll() is not None:
                 pytest.fail(f"lmsmith serve exited with {process.returncode}:\n{log_path.read_text()}")
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -324,7 +324,7 @@ def test_stop_sequences_through_the_api(client, tiny_model_dir, hf_model):
 
 
 def test_models_endpoint_lists_the_served_model(client, server, tiny_model_dir):
-    assert [model.id for model in client.models.list().data] == [tiny_model_dir.name]
+    assert [model.id for model in client.models.list().data] == [tiny_model_dir.name, "all-MiniLM-L6-v2"]
     assert client.models.retrieve(tiny_model_dir.name).id == tiny_model_dir.name
     health = httpx.get(f"{server}/healthz").json()
     assert health["status"] == "ok" and health["model"] == tiny_model_dir.name

@@ -26,10 +26,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from lmsmith.serve.api import serve_forever
     from lmsmith.serve.config import ServeConfig
 
-    config = ServeConfig(host=args.host, port=args.port, max_new_tokens=args.max_new_tokens)
+    loras: dict[str, str] = {}
+    for item in args.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--lora {item!r}: expected NAME=PATH")
+        loras[name] = path
+    upstreams = [url.strip() for group in args.upstream for url in group.split(",") if url.strip()]
+    if bool(args.path) == bool(upstreams):
+        raise UserError("lmsmith serve: give either a model/run folder or --upstream URL[,URL...], not both")
+    fields = {
+        "host": args.host, "port": args.port, "max_new_tokens": args.max_new_tokens, "device": args.device,
+        "dtype": args.dtype, "max_slots": args.max_slots, "max_model_len": args.max_model_len,
+        "prefill_chunk": args.prefill_chunk, "cuda_graphs": args.cuda_graphs, "loras": loras, "upstreams": upstreams, "tokenizer": args.tokenizer,
+        "health_check_interval_s": args.health_interval, "embedding_model": args.embedding_model,
+        "cache": {"backend": args.cache, "max_entries": args.cache_size, "ttl_s": args.cache_ttl,
+                  "redis_url": args.redis_url},
+        "long_doc": {"auto": args.long_doc_auto, "max_input_tokens": args.long_doc_threshold,
+                     "chunk_tokens": args.chunk_tokens, "overlap": args.chunk_overlap},
+    }
+    try:
+        config = ServeConfig.model_validate(fields)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise UserError(f"lmsmith serve: {where}: {problem['msg']}") from None
     serve_forever(args.path, config)
     return 0
 
@@ -57,10 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     serve = sub.add_parser("serve", help="Serve a run folder or model folder with an OpenAI-compatible API.")
-    serve.add_argument("path", help="A run folder (serves its tuned model) or an HF model folder.")
+    serve.add_argument("path", nargs="?", help="A run folder (serves its tuned model) or an HF model folder.")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-new-tokens", type=int, default=256, help="Default max_tokens per request.")
+    serve.add_argument("--device", default="auto", help="torch device (auto: cuda when present).")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--max-slots", type=int, help="Requests decoding at once (default: 16 on CPU, 256 on CUDA).")
+    serve.add_argument("--max-model-len", type=int, help="Longest prompt + answer (default: the model's).")
+    serve.add_argument("--prefill-chunk", type=int, default=256, help="Largest prompt piece per engine step.")
+    serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="Run decode steps eagerly on CUDA.")
+    serve.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                       help="Load a peft adapter at start; requests select it with model=NAME (repeatable).")
+    serve.add_argument("--upstream", action="append", default=[], metavar="URL[,URL...]",
+                       help="Front these OpenAI-compatible servers instead of loading a model (repeatable).")
+    serve.add_argument("--health-interval", type=float, default=5.0, help="Upstream health checks, seconds.")
+    serve.add_argument("--tokenizer", help="Upstream mode: tokenizer folder for long_doc chunking.")
+    serve.add_argument("--cache", default="none", choices=["none", "memory", "redis"],
+                       help="Response cache for deterministic requests (temperature 0 or a seed).")
+    serve.add_argument("--cache-size", type=int, default=4096, help="Memory cache: most answers kept.")
+    serve.add_argument("--cache-ttl", type=float, default=3600.0, help="Seconds a cached answer stays valid.")
+    serve.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis cache: server URL.")
+    serve.add_argument("--long-doc-auto", action="store_true",
+                       help="Map-reduce inputs over the context window instead of refusing them.")
+    serve.add_argument("--long-doc-threshold", type=int, metavar="TOKENS",
+                       help="With --long-doc-auto: also map-reduce inputs longer than this.")
+    serve.add_argument("--chunk-tokens", type=int, default=512, help="long_doc chunk size in tokens.")
+    serve.add_argument("--chunk-overlap", type=int, default=64, help="long_doc overlap between chunks, tokens.")
+    serve.add_argument("--embedding-model", default="minilm",
+                       help="/v1/embeddings model: minilm (bundled), a sentence-transformers folder, or none.")
     serve.set_defaults(func=_cmd_serve)
 
     chat = sub.add_parser("chat", help="Chat with a run folder's or model folder's model in the terminal.")

@@ -1,26 +1,32 @@
 """The OpenAI-compatible HTTP API: FastAPI routes, uvicorn to run them.
 
-The routes only validate, hand the request to the engine and choose the shape of the answer: one JSON
-body, or server-sent events in OpenAI's `chat.completion.chunk` format ending with `data: [DONE]`. All
-generation happens in `lmsmith.serve.engine`, on its own thread. Every error leaves in OpenAI's schema,
-`{"error": {"message", "type", "param", "code"}}`, so OpenAI clients raise their usual exceptions.
+A route only validates the request, hands it to the `Frontend` (cache, long documents, metrics) over a
+generation client (the in-process engine, or a pool of upstream servers), and chooses the shape of the
+answer: one JSON body, or server-sent events in OpenAI's chunk format ending with `data: [DONE]`.
+Middleware gives every response an `X-Request-Id` and counts it for Prometheus. Every error leaves in
+OpenAI's schema, `{"error": {"message", "type", "param", "code"}}`, so OpenAI clients raise their usual
+exceptions. `/healthz` is liveness, `/readyz` answers 200 once the model is loaded (503 before),
+`/metrics` is Prometheus' text format.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
-from contextlib import aclosing, contextmanager
+import uuid
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,16 +34,34 @@ from lmsmith import __version__
 from lmsmith.console import console
 from lmsmith.errors import UserError
 from lmsmith.models import resolve_model
-from lmsmith.serve.config import ServeConfig
-from lmsmith.serve.engine import Chunk, Engine, EngineError
+from lmsmith.serve.cache import ResponseCache, build_cache
+from lmsmith.serve.client import ClientError, GenerateRequest, LocalClient, ModelClient
+from lmsmith.serve.config import LongDocConfig, ServeConfig
+from lmsmith.serve.embeddings import Embedder, encode_vector
+from lmsmith.serve.engine import Chunk, Completion, Engine, EngineError
+from lmsmith.serve.frontend import Frontend
+from lmsmith.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from lmsmith.serve.metrics import ServeMetrics
 from lmsmith.serve.protocol import (
+    AdapterLoad,
     ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerationFields,
     chunk_body,
     completion_body,
+    embeddings_body,
     error_body,
+    model_card,
     new_completion_id,
+    text_chunk_body,
+    text_completion_body,
     usage_body,
 )
+from lmsmith.serve.sampling import SamplingParams
+
+log = logging.getLogger("lmsmith.serve")
+REQUEST_ID_HEADER = "X-Request-Id"
 
 T = TypeVar("T")
 
@@ -85,15 +109,55 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     return message, param
 
 
-def create_app(engine: Engine, model_name: str, default_max_tokens: int = 256) -> FastAPI:
-    """The API serving `engine` under `model_name`; requests without max_tokens get `default_max_tokens`."""
-    app = FastAPI(title="lmsmith", version=__version__, docs_url=None, redoc_url=None)
-    started = int(time.time())
-    model_card = {"id": model_name, "object": "model", "created": started, "owned_by": "lmsmith"}
+def create_app(
+    client: ModelClient | Engine,
+    model_name: str | None = None,
+    default_max_tokens: int = 256,
+    *,
+    cache: ResponseCache | None = None,
+    long_doc: LongDocConfig | None = None,
+    embedder: Embedder | None = None,
+) -> FastAPI:
+    """The API over `client` (an `Engine` is wrapped in a `LocalClient` named `model_name`).
+
+    Requests without max_tokens get `default_max_tokens`. The app starts the client with its lifespan and
+    closes the client, the cache and the embedder when it stops.
+    """
+    if isinstance(client, Engine):
+        if model_name is None:
+            raise ValueError("serving an Engine needs a model_name")
+        client = LocalClient(model_name, client)
+    metrics = ServeMetrics(client.stats)
+    frontend = Frontend(client, metrics, cache, long_doc)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        try:
+            yield
+        finally:
+            await client.close()
+            if cache is not None:
+                await cache.close()
+            if embedder is not None:
+                embedder.close()
+
+    app = FastAPI(title="lmsmith", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.client, app.state.frontend, app.state.metrics = client, frontend, metrics
+
+    app.add_middleware(RequestIdMiddleware, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(ClientError)
+    async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+        return _error_response(exc.status, str(exc), exc.type_, exc.param, exc.code)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return _error_response(500, str(exc), "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -110,65 +174,242 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 256) -
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
         return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    # ----- probes -----
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        status = "ok" if engine.healthy else "engine stopped"
-        body = {"status": status, "model": model_name, "engine": engine.stats()}
-        return JSONResponse(body, status_code=200 if engine.healthy else 503)
+        """Liveness: the process answers; 503 only when the engine thread has died."""
+        alive = client.alive
+        status = ("ok" if client.ready else "loading") if alive else "engine stopped"
+        body = {"status": status, "ready": client.ready, "model": getattr(client, "model_name", None),
+                "engine": client.stats()}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready = client.ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    # ----- models and adapters -----
+
+    def cards() -> list[dict[str, Any]]:
+        listed = client.model_cards() if client.ready else []
+        if embedder is not None:
+            listed.append(model_card(embedder.model_id, getattr(client, "created", 0), owned_by="sentence-transformers"))
+        return listed
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card]}
+        _require_ready(client)
+        return {"object": "list", "data": cards()}
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict[str, Any]:
-        _check_model(model_id, model_name)
-        return model_card
+        _require_ready(client)
+        for card in cards():
+            if card["id"] == model_id:
+                return card
+        client.check_model(model_id)  # raises the model_not_found error
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    @app.get("/admin/loras")
+    async def list_adapters() -> dict[str, Any]:
+        _require_ready(client)
+        return {"object": "list", "data": [card for card in client.model_cards() if card.get("parent")]}
+
+    @app.post("/admin/loras")
+    async def load_adapter(body: AdapterLoad) -> dict[str, Any]:
+        models = await client.add_lora(body.name, body.path)
+        return {"loaded": body.name, "models": models}
+
+    @app.delete("/admin/loras/{name}")
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        await client.remove_lora(name)
+        return {"unloaded": name}
+
+    # ----- generation -----
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        _check_model(body.model, model_name)
+        generate = GenerateRequest(body.model, _sampling(body, default_max_tokens), messages=body.template_messages())
+        return await _answer(request, frontend, body, generate, ChatFormat(body.model))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        generate = GenerateRequest(body.model, _sampling(body, default_max_tokens), prompt=body.prompt_text())
+        return await _answer(request, frontend, body, generate, TextFormat(body.model))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+        if embedder is None:
+            raise APIError(404, "this server has no embedding model (started with --embedding-model none)",
+                           param="model", code="model_not_found")
+        if body.model != embedder.model_id:
+            raise APIError(404, f"The model '{body.model}' does not exist; embeddings come from '{embedder.model_id}'",
+                           param="model", code="model_not_found")
+        texts = body.texts()
         try:
-            prompt_ids = engine.encode_chat(body.template_messages())
+            vectors, tokens = await embedder.embed(texts)
         except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        if engine.max_context is not None and len(prompt_ids) >= engine.max_context:
-            raise APIError(
-                400,
-                f"the messages take {len(prompt_ids)} tokens; this model's context is {engine.max_context}",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        params = body.sampling_params(default_max_tokens)
-        completion_id = new_completion_id()
-        if body.stream:
-            events = _sse_events(engine, prompt_ids, params, completion_id, model_name, body.include_usage)
-            # Closing the event generator (also after a disconnect) cancels the request in the engine.
-            return StreamingResponse(
-                events,
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                background=BackgroundTask(events.aclose),
-            )
-        try:
-            completion = await _unless_disconnected(request, engine.complete(prompt_ids, params))
-        except EngineError as exc:
-            raise APIError(500, str(exc), type_="server_error") from None
-        if completion is None:  # the client left; nobody reads this
-            return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
-        return completion_body(completion_id, model_name, completion)
+            raise APIError(400, str(exc), param="input") from None
+        if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+            raise APIError(400, f"dimensions: {embedder.model_id} gives {vectors.shape[1]}-dimensional vectors",
+                           param="dimensions")
+        metrics.embedding_inputs.inc(len(texts))
+        return embeddings_body(embedder.model_id, [encode_vector(v, body.encoding_format) for v in vectors], tokens)
 
     return app
 
 
-def _check_model(requested: str, served: str) -> None:
-    if requested != served:
-        raise APIError(
-            404, f"The model '{requested}' does not exist; this server serves '{served}'",
-            param="model", code="model_not_found",
+class RequestIdMiddleware:
+    """Gives every response an X-Request-Id (the client's, or a new one) and counts it by route and status.
+
+    Plain ASGI rather than `BaseHTTPMiddleware`, which would buffer the stream and hide a client's
+    disconnect from the SSE generator (so the engine would keep generating for nobody).
+    """
+
+    def __init__(self, app: Any, metrics: ServeMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.lower().encode())
+        request_id = given.decode("latin-1") if given else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
+                route = scope.get("route")
+                self.metrics.http_requests.labels(
+                    scope["method"], getattr(route, "path", "unmatched"), str(message["status"])
+                ).inc()
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _require_ready(client: ModelClient) -> None:
+    if not client.ready:
+        raise APIError(503, "the model is still loading; retry when /readyz answers 200", "server_error")
+
+
+def _sampling(body: GenerationFields, default_max_tokens: int) -> SamplingParams:
+    try:
+        return body.sampling_params(default_max_tokens)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+async def _answer(request: Request, frontend: Frontend, body: GenerationFields, generate: GenerateRequest,
+                  shape: "ChatFormat | TextFormat") -> Any:
+    """Open the answer (errors become HTTP errors here), then send it as SSE or as one JSON body."""
+    try:
+        long_doc = body.long_doc_settings(frontend.long_doc_defaults())
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"long_doc{'.' + where if where else ''}: {message}", param="long_doc") from None
+    opened = await _unless_disconnected(request, frontend.open(generate, long_doc, shape.endpoint))
+    if opened is None:
+        return _client_left()
+    if body.stream:
+        events = _sse_events(opened, shape, body.include_usage)
+        # Closing the event generator (also after a disconnect) cancels the request in the engine.
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(events.aclose),
         )
+    completion = await _unless_disconnected(request, _collect(opened))
+    if completion is None:
+        return _client_left()
+    return shape.body(completion)
+
+
+def _client_left() -> JSONResponse:
+    # Nobody reads this; 499 is the de-facto status for a request its client abandoned.
+    return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+
+
+async def _collect(stream: AsyncIterator[Chunk]) -> Completion:
+    parts: list[str] = []
+    last: Chunk | None = None
+    async with aclosing(stream):  # type: ignore[type-var]
+        async for chunk in stream:
+            parts.append(chunk.text)
+            last = chunk
+    if last is None or last.finish_reason is None:
+        raise EngineError("the engine ended the request without an answer")
+    return Completion("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+class ChatFormat:
+    """`chat.completion` bodies and `chat.completion.chunk` events."""
+
+    endpoint = "chat"
+
+    def __init__(self, model: str):
+        self.model = model
+        self.id = new_completion_id("chatcmpl")
+        self.created = int(time.time())
+
+    def body(self, completion: Completion) -> dict[str, Any]:
+        return completion_body(self.id, self.model, completion)
+
+    def opening(self, include_usage: bool) -> dict[str, Any] | None:
+        return chunk_body(self.id, self.created, self.model, {"role": "assistant", "content": ""},
+                          with_usage_field=include_usage)
+
+    def piece(self, text: str, include_usage: bool) -> dict[str, Any]:
+        return chunk_body(self.id, self.created, self.model, {"content": text}, with_usage_field=include_usage)
+
+    def finish(self, reason: str, include_usage: bool) -> dict[str, Any]:
+        return chunk_body(self.id, self.created, self.model, {}, reason, with_usage_field=include_usage)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return chunk_body(self.id, self.created, self.model, None, usage=usage_body(prompt_tokens, completion_tokens),
+                          with_usage_field=True)
+
+
+class TextFormat:
+    """`text_completion` bodies and events (`/v1/completions`)."""
+
+    endpoint = "completion"
+
+    def __init__(self, model: str):
+        self.model = model
+        self.id = new_completion_id("cmpl")
+        self.created = int(time.time())
+
+    def body(self, completion: Completion) -> dict[str, Any]:
+        return text_completion_body(self.id, self.model, completion)
+
+    def opening(self, include_usage: bool) -> dict[str, Any] | None:
+        return None
+
+    def piece(self, text: str, include_usage: bool) -> dict[str, Any]:
+        return text_chunk_body(self.id, self.created, self.model, text, with_usage_field=include_usage)
+
+    def finish(self, reason: str, include_usage: bool) -> dict[str, Any]:
+        return text_chunk_body(self.id, self.created, self.model, "", reason, with_usage_field=include_usage)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return text_chunk_body(self.id, self.created, self.model, None,
+                               usage=usage_body(prompt_tokens, completion_tokens), with_usage_field=True)
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -176,30 +417,26 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse_events(engine: Engine, prompt_ids: list[int], params: Any, completion_id: str,
-                      model: str, include_usage: bool) -> AsyncIterator[str]:
-    created = int(time.time())
-
-    def chunk(delta: dict[str, str] | None, finish_reason: str | None = None,
-              usage: dict[str, int] | None = None) -> str:
-        return _sse(chunk_body(completion_id, created, model, delta, finish_reason, usage, include_usage))
-
-    yield chunk({"role": "assistant", "content": ""})
+async def _sse_events(stream: AsyncIterator[Chunk], shape: ChatFormat | TextFormat,
+                      include_usage: bool) -> AsyncIterator[str]:
+    opening = shape.opening(include_usage)
+    if opening is not None:
+        yield _sse(opening)
     last: Chunk | None = None
     try:
-        async with aclosing(engine.stream(prompt_ids, params)) as stream:
+        async with aclosing(stream):  # type: ignore[type-var]
             async for piece in stream:
                 if piece.text:
-                    yield chunk({"content": piece.text})
+                    yield _sse(shape.piece(piece.text, include_usage))
                 last = piece
-    except EngineError as exc:
+    except (EngineError, ClientError) as exc:
         yield _sse(error_body(str(exc), "server_error"))
         yield _sse("[DONE]")
         return
-    if last is not None:
-        yield chunk({}, last.finish_reason)
+    if last is not None and last.finish_reason is not None:
+        yield _sse(shape.finish(last.finish_reason, include_usage))
         if include_usage:
-            yield chunk(None, usage=usage_body(last.prompt_tokens, last.completion_tokens))
+            yield _sse(shape.usage(last.prompt_tokens, last.completion_tokens))
     yield _sse("[DONE]")
 
 
@@ -245,9 +482,9 @@ def base_url(sock: socket.socket) -> str:
 
 
 def _uvicorn_server(app: FastAPI, log_level: str) -> uvicorn.Server:
-    # No lifespan: the engine is started and stopped around the server, not by the app. A short
-    # graceful-shutdown window: an open stream should not hold Ctrl-C for long.
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=3)
+    # The app's lifespan starts and closes its client. A short graceful-shutdown window: an open stream
+    # should not hold Ctrl-C for long.
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=3)
     return uvicorn.Server(config)
 
 
@@ -273,21 +510,77 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
         sock.close()
 
 
-def serve_forever(path: str | Path, config: ServeConfig) -> None:
-    """`lmsmith serve`: load the model of a run folder or model folder and serve it until interrupted."""
+def build_client(path: str | Path | None, config: ServeConfig) -> tuple[ModelClient, Callable[[], None] | None]:
+    """The generation client for `lmsmith serve`, and for local mode the model loading to run in the background."""
+    if config.upstreams:
+        from lmsmith.serve.upstream import UpstreamClient
+
+        tokenizer = None
+        if config.tokenizer:
+            from lmsmith.generation import load_tokenizer
+
+            tokenizer = load_tokenizer(Path(config.tokenizer))
+        return UpstreamClient(config.upstreams, config.health_check_interval_s, tokenizer), None
+    if path is None:
+        raise UserError("lmsmith serve: give a model or run folder, or --upstream URL[,URL...]")
     resolved = resolve_model(path)
-    with console.status(f"loading {resolved.path}"):
-        engine = Engine.load(resolved.path, device=config.device, dtype=config.dtype)
+    client = LocalClient(resolved.name)
+
+    def load() -> None:
+        engine = Engine.load(resolved.path, device=config.device, dtype=config.dtype, config=config.engine_config())
+        loaded.append(engine)
+        client.attach(engine, config.loras)
+
+    return client, load
+
+
+# Engines loaded by `serve_forever`, closed when its server stops.
+loaded: list[Engine] = []
+
+
+def serve_forever(path: str | Path | None, config: ServeConfig) -> None:
+    """`lmsmith serve`: serve a run folder's or model folder's model (or front upstreams) until interrupted.
+
+    The HTTP server starts at once and answers /healthz; the model loads on a background thread and
+    /readyz turns 200 when it (and every --lora adapter) is in place.
+    """
+    client, load = build_client(path, config)
+    embedder = None if config.embedding_model == "none" else Embedder(config.embedding_model)
+    app = create_app(client, default_max_tokens=config.max_new_tokens, cache=build_cache(config.cache),
+                     long_doc=config.long_doc, embedder=embedder)
     sock = bind_socket(config.host, config.port)
     url = base_url(sock)
-    console.print(f"serving [bold]{resolved.name}[/] ({resolved.path}) at {url}/v1", soft_wrap=True)
-    console.print(f"  POST {url}/v1/chat/completions   GET {url}/v1/models   GET {url}/healthz", soft_wrap=True)
-    app = create_app(engine, resolved.name, default_max_tokens=config.max_new_tokens)
+    server = _uvicorn_server(app, log_level="info")
+    failure: list[BaseException] = []
+
+    def load_in_background() -> None:
+        assert load is not None
+        try:
+            load()
+            console.print(f"model ready at {url}/v1", soft_wrap=True)
+        except BaseException as exc:  # the server cannot serve without its model: stop it
+            failure.append(exc)
+            server.should_exit = True
+
+    what = ", ".join(config.upstreams) if config.upstreams else str(path)
+    console.print(f"serving {what} at {url}/v1", soft_wrap=True)
+    console.print(f"  POST {url}/v1/chat/completions  /v1/completions  /v1/embeddings   GET {url}/v1/models  "
+                  f"/healthz  /readyz  /metrics", soft_wrap=True)
+    if load is not None:
+        threading.Thread(target=load_in_background, name="lmsmith-load", daemon=True).start()
     try:
-        _uvicorn_server(app, log_level="info").run(sockets=[sock])
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         # uvicorn has already shut down gracefully; Ctrl-C is the normal way to stop a server.
         console.print("server stopped")
     finally:
-        engine.close()
         sock.close()
+        while loaded:
+            loaded.pop().close()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, UserError):
+            raise exc
+        if isinstance(exc, ClientError):
+            raise UserError(f"--lora: {exc}") from None
+        raise UserError(f"cannot load the model: {type(exc).__name__}: {exc}") from exc

@@ -30,7 +30,7 @@ def run(config: ServeConfig, ctx: StageContext) -> StageResult:
     questions = read_questions(ctx.artifact("data", "sft_test"), config.smoke_questions)
     model_dir = ctx.artifact("sft", "model")
     model_name = ctx.run_dir.resolve().name
-    engine = Engine.load(model_dir, device=config.device, dtype=config.dtype)
+    engine = Engine.load(model_dir, device=config.device, dtype=config.dtype, config=config.engine_config())
     app = create_app(engine, model_name, default_max_tokens=config.max_new_tokens)
     plan = _plan(questions)
     entries: list[dict[str, Any]] = []

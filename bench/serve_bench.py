@@ -1,0 +1,440 @@
+"""Serving benchmark (issue 5): the lmsmith engine server against `transformers serve --continuous-batching`
+and plain HF `generate` per request, under one load, side by side.
+
+    python bench/serve_bench.py                      # CPU preset: random 108M Qwen2, 8 concurrent requests
+    python bench/serve_bench.py --preset gpu         # random Qwen2-0.5B architecture, bf16, 256 concurrent
+    python bench/serve_bench.py --backends lmsmith --num-requests 64 --concurrency 16 --request-rate 4
+
+The load generator works like `vllm bench serve`: requests arrive as a Poisson process at
+`--request-rate` per second (inf: all at once) and at most `--concurrency` are in flight. Each is a
+streamed chat completion (greedy, `max_tokens` fixed); the client records when every piece arrives. It
+reports request throughput, output tokens/s, and TTFT, TPOT, ITL and end-to-end latency (mean, p50, p99).
+Output tokens come from the server's usage report, else from re-tokenizing the text.
+
+Backends:
+- `lmsmith`: `lmsmith serve MODEL` in a subprocess (the continuous-batching engine);
+- `transformers-cb`: `transformers serve --continuous-batching MODEL` in a subprocess;
+- `hf-generate`: in this process, `model.generate` per request, one request at a time (no batching),
+  with a streamer that timestamps each token, i.e. what a naive server does.
+
+The model is random-init (nothing is downloaded) with a byte-level BPE tokenizer trained here; both are
+written to a temporary folder. Prints a table and one JSON object (`--json-out` writes it to a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import httpx
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The 108M model of the stack notes: hidden 1024, 8 layers; the MLP width brings it to ~108M parameters.
+    "cpu": dict(hidden=1024, layers=8, heads=16, kv_heads=8, target_params=108e6, device="cpu", dtype="float32",
+                num_requests=32, concurrency=8, request_rate=math.inf, prompt_tokens=96, max_tokens=64),
+    # Qwen2-0.5B's architecture (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864), bf16.
+    "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, device="cuda", dtype="bfloat16",
+                num_requests=1024, concurrency=256, request_rate=math.inf, prompt_tokens=128, max_tokens=256),
+}
+WORDS = ["营业收入", "同比增长", "归母净利润", "毛利率", "经营活动现金流量净额", "资产负债率", "研发投入", "公司",
+         "报告期内", "主营业务", "星辰科技", "华信银行", "天宇储能", "revenue", "margin", "growth", "quarter",
+         "cash", "flow", "assets", "the", "company", "reported", "billion", "yuan", "2023", "12.5%", "。", ","]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# ----- the model -----
+
+def sample_text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def build_model(folder: Path, preset: dict[str, Any], seed: int = 0) -> int:
+    """A random Qwen2 and a ChatML BPE tokenizer in `folder`; returns the parameter count."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    rng = random.Random(seed)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((sample_text(rng, 40) for _ in range(4000)), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHATML
+    vocab = len(tokenizer)
+    hidden, layers = preset["hidden"], preset["layers"]
+    intermediate = preset.get("intermediate") or _mlp_width_for(preset, vocab)
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=preset["heads"],
+                         num_key_value_heads=preset["kv_heads"], max_position_embeddings=2048,
+                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _mlp_width_for(preset: dict[str, Any], vocab: int) -> int:
+    """The MLP width (a multiple of 128) that brings the model nearest `target_params`."""
+    hidden, layers = preset["hidden"], preset["layers"]
+    head_dim = hidden // preset["heads"]
+    attention = 2 * hidden * hidden + 2 * hidden * preset["kv_heads"] * head_dim
+    per_layer_target = (preset["target_params"] - 2 * vocab * hidden) / layers - attention
+    return max(128, round(per_layer_target / (3 * hidden) / 128) * 128)
+
+
+# ----- the load -----
+
+@dataclass
+class Record:
+    """What the client saw of one request."""
+
+    start: float
+    ttft: float | None = None
+    e2e: float | None = None
+    output_tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+Send = Callable[[list[dict[str, str]], int], Awaitable[Record]]
+
+
+def make_prompts(count: int, prompt_tokens: int, tokenizer: Any, seed: int = 1) -> list[list[dict[str, str]]]:
+    """Chat prompts of about `prompt_tokens` tokens each (random finance words)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        words: list[str] = []
+        while len(tokenizer(" ".join(words))["input_ids"]) < prompt_tokens:
+            words.append(rng.choice(WORDS))
+        prompts.append([{"role": "user", "content": " ".join(words)}])
+    return prompts
+
+
+async def run_load(send: Send, prompts: list[list[dict[str, str]]], max_tokens: int, request_rate: float,
+                   concurrency: int, seed: int = 2) -> tuple[list[Record], float]:
+    """Poisson arrivals at `request_rate`/s, at most `concurrency` in flight; (records, wall seconds)."""
+    rng = random.Random(seed)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(messages: list[dict[str, str]]) -> Record:
+        async with limit:
+            return await send(messages, max_tokens)
+
+    tasks = []
+    started = time.perf_counter()
+    for messages in prompts:
+        tasks.append(asyncio.create_task(one(messages)))
+        if math.isfinite(request_rate):
+            await asyncio.sleep(rng.expovariate(request_rate))
+    records = await asyncio.gather(*tasks)
+    return list(records), time.perf_counter() - started
+
+
+def http_sender(client: httpx.AsyncClient, url: str, model: str, tokenizer: Any) -> Send:
+    """Streamed OpenAI chat completions against `url`."""
+
+    async def send(messages: list[dict[str, str]], max_tokens: int) -> Record:
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        record = Record(start=time.perf_counter())
+        text, last, usage = [], None, None
+        try:
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                    return record
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                        continue
+                    event = json.loads(line[5:])
+                    usage = event.get("usage") or usage
+                    for choice in event.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            now = time.perf_counter()
+                            if record.ttft is None:
+                                record.ttft = now - record.start
+                            else:
+                                record.gaps.append(now - last)
+                            last = now
+                            text.append(piece)
+        except httpx.HTTPError as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+            return record
+        record.e2e = time.perf_counter() - record.start
+        completion = (usage or {}).get("completion_tokens")
+        record.output_tokens = completion or len(tokenizer("".join(text))["input_ids"])
+        return record
+
+    return send
+
+
+def hf_generate_sender(model: Any, tokenizer: Any) -> tuple[Send, ThreadPoolExecutor]:
+    """`model.generate` per request on one worker thread: requests queue, nothing is batched."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    worker = ThreadPoolExecutor(1, thread_name_prefix="hf-generate")
+
+    class TokenClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self._prompt_seen:  # generate first hands the streamer the prompt
+                self._prompt_seen = True
+                return
+            self.times.extend([time.perf_counter()] * int(value.numel()))
+
+        def end(self) -> None:
+            pass
+
+    def generate(messages: list[dict[str, str]], max_tokens: int, record: Record) -> None:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        clock = TokenClock()
+        with torch.inference_mode():
+            model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, streamer=clock,
+                           pad_token_id=tokenizer.pad_token_id)
+        record.ttft = clock.times[0] - record.start
+        record.gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+        record.e2e = time.perf_counter() - record.start
+        record.output_tokens = len(clock.times)
+
+    async def send(messages: list[dict[str, str]], max_tokens: int) -> Record:
+        record = Record(start=time.perf_counter())
+        await asyncio.get_running_loop().run_in_executor(worker, generate, messages, max_tokens, record)
+        return record
+
+    return send, worker
+
+
+# ----- servers -----
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Subprocess:
+    def __init__(self, command: list[str], ready_path: str, log: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [part.replace("{port}", str(self.port)) for part in command]
+        self.ready_path = ready_path
+        self.log = log
+        with log.open("w") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.command[0]} exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.command[0]} did not become ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(backend: str, model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple[Subprocess, str]:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    bin_dir = Path(sys.executable).parent
+    if backend == "lmsmith":
+        command = [sys.executable, "-m", "lmsmith.cli", "serve", str(model_dir), "--port", "{port}",
+                   "--device", args.device, "--dtype", args.dtype, "--embedding-model", "none",
+                   "--max-slots", str(max(args.concurrency, 1))]
+        server = Subprocess(command, "/readyz", logs / "lmsmith.log", env)
+        return server, model_dir.name
+    # transformers serve lists models from the hub cache folder; it must exist even offline.
+    (Path.home() / ".cache" / "huggingface" / "hub").mkdir(parents=True, exist_ok=True)
+    command = [str(bin_dir / "transformers"), "serve", "--continuous-batching", "--host", "127.0.0.1",
+               "--port", "{port}", "--device", args.device, "--dtype", args.dtype, str(model_dir)]
+    server = Subprocess(command, "/health", logs / "transformers.log", env)
+    return server, str(model_dir)
+
+
+# ----- report -----
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def summarize(records: list[Record], duration: float) -> dict[str, Any]:
+    done = [r for r in records if r.error is None and r.e2e is not None]
+    tokens = sum(r.output_tokens for r in done)
+
+    def stats(values: list[float]) -> dict[str, float | None]:
+        ms = [v * 1000 for v in values]
+        return {"mean_ms": statistics.fmean(ms) if ms else None, "p50_ms": percentile(ms, 50),
+                "p99_ms": percentile(ms, 99)}
+
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.ttft is not None and r.output_tokens > 1]
+    return {
+        "completed": len(done),
+        "errors": len(records) - len(done),
+        "first_error": next((r.error for r in records if r.error), None),
+        "duration_s": duration,
+        "request_throughput": len(done) / duration,
+        "output_tokens": tokens,
+        "output_tok_s": tokens / duration,
+        "ttft": stats([r.ttft for r in done if r.ttft is not None]),
+        "tpot": stats(tpot),
+        "itl": stats([gap for r in done for gap in r.gaps]),
+        "e2e": stats([r.e2e for r in done]),
+    }
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    names = list(results)
+    rows = [("completed / errors", lambda r: f"{r['completed']} / {r['errors']}"),
+            ("request throughput (req/s)", lambda r: f"{r['request_throughput']:.2f}"),
+            ("output tok/s", lambda r: f"{r['output_tok_s']:.1f}")]
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        for q in ("p50", "p99"):
+            rows.append((f"{metric.upper()} {q} (ms)",
+                         lambda r, m=metric, q=q: "-" if r[m][f"{q}_ms"] is None else f"{r[m][f'{q}_ms']:.1f}"))
+    width = max(len(label) for label, _ in rows)
+    print(f"{'':{width}}  " + "  ".join(f"{name:>16}" for name in names))
+    for label, cell in rows:
+        print(f"{label:{width}}  " + "  ".join(f"{cell(results[name]):>16}" for name in names))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--backends", nargs="+", default=["lmsmith", "transformers-cb", "hf-generate"],
+                        choices=["lmsmith", "transformers-cb", "hf-generate"])
+    parser.add_argument("--model-dir", type=Path, help="Serve this HF folder instead of building the random model.")
+    parser.add_argument("--num-requests", type=int)
+    parser.add_argument("--concurrency", type=int, help="Most requests in flight (the cap).")
+    parser.add_argument("--request-rate", type=float, help="Poisson arrival rate, requests/s (inf: all at once).")
+    parser.add_argument("--prompt-tokens", type=int)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--hf-requests", type=int, help="hf-generate: run only this many requests (it is slow).")
+    parser.add_argument("--device")
+    parser.add_argument("--dtype")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    for key in ("num_requests", "concurrency", "request_rate", "prompt_tokens", "max_tokens", "device", "dtype"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from transformers import AutoTokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    try:
+        model_dir = args.model_dir or work / "qwen2-random"
+        parameters = None
+        if args.model_dir is None:
+            print(f"building a random {args.preset} model in {model_dir}", file=sys.stderr)
+            parameters = build_model(model_dir, preset)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        prompts = make_prompts(args.num_requests, args.prompt_tokens, tokenizer)
+        results: dict[str, dict[str, Any]] = {}
+        for backend in args.backends:
+            print(f"running {backend}", file=sys.stderr)
+            results[backend] = asyncio.run(run_backend(backend, model_dir, tokenizer, prompts, args, work))
+        report = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "load_average_1m": os.getloadavg()[0]},
+            "preset": args.preset, "parameters": parameters, "device": args.device, "dtype": args.dtype,
+            "num_requests": args.num_requests, "concurrency": args.concurrency,
+            "request_rate": str(args.request_rate), "prompt_tokens": args.prompt_tokens,
+            "max_tokens": args.max_tokens, "results": results,
+        }
+        if "lmsmith" in results:
+            ours = results["lmsmith"]["output_tok_s"]
+            report["ratios_output_tok_s"] = {
+                f"lmsmith/{name}": ours / result["output_tok_s"]
+                for name, result in results.items() if name != "lmsmith" and result["output_tok_s"] > 0
+            }
+        print_table(results)
+        for name, ratio in report.get("ratios_output_tok_s", {}).items():
+            print(f"{name} output tok/s: {ratio:.2f}x")
+        print(json.dumps(report, indent=2))
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def run_backend(backend: str, model_dir: Path, tokenizer: Any, prompts: list[list[dict[str, str]]],
+                      args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    if backend == "hf-generate":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+        send, worker = hf_generate_sender(model, tokenizer)
+        subset = prompts[: args.hf_requests or len(prompts)]
+        try:
+            await send(subset[0], 4)  # warm-up
+            records, duration = await run_load(send, subset, args.max_tokens, args.request_rate, args.concurrency)
+        finally:
+            worker.shutdown()
+        return summarize(records, duration) | {"requests_run": len(subset)}
+    server, model_name = start_server(backend, model_dir, args, work)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, server.wait_ready)
+        limits = httpx.Limits(max_connections=args.concurrency + 8)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(1800, connect=30), limits=limits) as client:
+            send = http_sender(client, server.url, model_name, tokenizer)
+            await send(prompts[0], 4)  # warm-up (lazy loading, first-call allocations)
+            records, duration = await run_load(send, prompts, args.max_tokens, args.request_rate, args.concurrency)
+        return summarize(records, duration) | {"requests_run": len(prompts)}
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""What the HTTP API asks of whatever generates: the in-process engine here, a pool of servers in `upstream`.
+
+The API never touches the engine directly: it hands a `GenerateRequest` (model name, chat messages or a
+text prompt, sampling) to a client, which turns it into chunks. `LocalClient` wraps `lmsmith.serve.engine`:
+tokenizing runs on a small thread pool (`run_in_executor`), never on the event loop and never on the
+engine's thread, so an engine step does not wait on HTTP and HTTP does not wait on a step. Each request's
+chunks flow from the engine thread to its consumer through a queue (producer and consumer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Protocol
+
+from lmsmith.errors import UserError
+from lmsmith.serve.engine import Chunk, Engine
+from lmsmith.serve.protocol import model_card
+from lmsmith.serve.sampling import SamplingParams
+
+TOKENIZER_THREADS = 2
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation as the API understood it: chat `messages` or a text `prompt`, never both."""
+
+    model: str
+    params: SamplingParams
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "chat" if self.messages is not None else "completion"
+
+
+@dataclass
+class Prepared:
+    """A request ready to run: its prompt token ids where the client tokenizes (the local engine does)."""
+
+    request: GenerateRequest
+    prompt_ids: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return None if self.prompt_ids is None else len(self.prompt_ids)
+
+
+class ClientError(Exception):
+    """A request the client refuses; the API answers with `status` in OpenAI's error schema."""
+
+    status = 400
+    type_ = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ModelNotFound(ClientError):
+    status = 404
+
+    def __init__(self, requested: str, served: list[str]):
+        listed = ", ".join(repr(name) for name in served) or "none"
+        super().__init__(f"The model '{requested}' does not exist; served: {listed}", "model", "model_not_found")
+
+
+class ContextLengthExceeded(ClientError):
+    def __init__(self, prompt_tokens: int, window: int, param: str):
+        super().__init__(
+            f"the input takes {prompt_tokens} tokens; this model's context is {window} "
+            f"(send long_doc: true to map-reduce it in chunks)",
+            param, "context_length_exceeded",
+        )
+
+
+class NotReady(ClientError):
+    status = 503
+    type_ = "server_error"
+
+
+class UpstreamRejected(ClientError):
+    """An upstream answered with an error: passed on with its status and message."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None):
+        super().__init__(message, param, code)
+        self.status = status
+        self.type_ = type_ or ("server_error" if status >= 500 else "invalid_request_error")
+
+
+class Tokenizer(Protocol):
+    """The slice of an HF fast tokenizer that long_doc uses."""
+
+    def __call__(self, text: str, **kwargs: Any) -> Any: ...
+
+
+class ModelClient(Protocol):
+    """The API's view of a generation backend."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def context_window(self) -> int | None: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer | None: ...
+
+    def model_cards(self) -> list[dict[str, Any]]: ...
+
+    def check_model(self, model: str) -> None: ...
+
+    async def prepare(self, request: GenerateRequest) -> Prepared: ...
+
+    async def open(self, prepared: Prepared) -> AsyncIterator[Chunk]: ...
+
+    async def add_lora(self, name: str, path: str) -> list[str]: ...
+
+    async def remove_lora(self, name: str) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalClient:
+    """The in-process engine behind the API. Created empty, so the server can answer /readyz while loading."""
+
+    def __init__(self, model_name: str, engine: Engine | None = None):
+        self.model_name = model_name
+        self.created = int(time.time())
+        self._engine = engine
+        self._adapters: dict[str, str] = {}  # name -> folder, of the adapters loaded through this client
+        self._adapter_lock = asyncio.Lock()
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="lmsmith-tokenize")
+        self._ready = threading.Event()
+        if engine is not None:
+            self._ready.set()
+
+    def attach(self, engine: Engine, adapters: dict[str, str] | None = None) -> None:
+        """The engine has loaded (on another thread): load the startup adapters, then start answering."""
+        self._engine = engine
+        for name, path in (adapters or {}).items():
+            self.load_adapter(name, path)
+        self._ready.set()
+
+    async def start(self) -> None:
+        """Nothing to start: the engine runs its own thread (the upstream client opens connections here)."""
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None or not self._ready.is_set():
+            raise NotReady("the model is still loading; retry when /readyz answers 200")
+        return self._engine
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._engine is not None and self._engine.healthy
+
+    @property
+    def alive(self) -> bool:
+        """False only when the engine's thread has died (liveness); a loading engine is alive."""
+        return self._engine is None or self._engine.healthy
+
+    @property
+    def context_window(self) -> int | None:
+        return self.engine.max_context
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    # ----- models and adapters -----
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        cards = [model_card(self.model_name, self.created)]
+        cards += [model_card(name, self.created, parent=self.model_name) for name in self.adapter_names()]
+        return cards
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name and model not in self.adapter_names():
+            raise ModelNotFound(model, [self.model_name, *self.adapter_names()])
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a peft adapter under `name` now, on this thread (it reads weights): startup and admin calls."""
+        if self._engine is None:
+            raise NotReady("the model is still loading")
+        if name == self.model_name:
+            raise ClientError(f"'{name}' is the base model's name; pick another adapter name", "name")
+        if name in self._adapters:
+            raise ClientError(f"an adapter named '{name}' is already loaded; DELETE it first", "name", "adapter_exists")
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ClientError(f"{path}: no such adapter folder", "path")
+        try:
+            self._engine.add_lora(name, str(folder))
+        except (ValueError, OSError, UserError) as exc:
+            raise ClientError(f"{path}: cannot load the adapter: {exc}", "path") from None
+        self._adapters[name] = str(folder)
+
+    async def add_lora(self, name: str, path: str) -> list[str]:
+        if not self.ready:
+            raise NotReady("the model is still loading; retry when /readyz answers 200")
+        async with self._adapter_lock:
+            await asyncio.get_running_loop().run_in_executor(None, self.load_adapter, name, path)
+        return self.adapter_names()
+
+    async def remove_lora(self, name: str) -> None:
+        engine = self.engine
+        async with self._adapter_lock:
+            if name not in self.adapter_names():
+                raise ModelNotFound(name, self.adapter_names())
+            await asyncio.get_running_loop().run_in_executor(None, engine.remove_lora, name)
+            del self._adapters[name]
+
+    # ----- generation -----
+
+    async def prepare(self, request: GenerateRequest) -> Prepared:
+        """Tokenize on the tokenizer pool: the chat template for messages, the plain text for a prompt."""
+        engine = self.engine
+        loop = asyncio.get_running_loop()
+        if request.messages is not None:
+            try:
+                ids = await loop.run_in_executor(self._tokenizer_pool, engine.encode_chat, request.messages)
+            except ValueError as exc:
+                raise ClientError(str(exc), "messages") from None
+        else:
+            ids = await loop.run_in_executor(self._tokenizer_pool, self._encode_text, request.prompt or "")
+            if not ids:
+                raise ClientError("the prompt is empty", "prompt")
+        return Prepared(request, ids)
+
+    def _encode_text(self, text: str) -> list[int]:
+        return [int(i) for i in self.engine.tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+    async def open(self, prepared: Prepared) -> AsyncIterator[Chunk]:
+        engine = self.engine
+        assert prepared.prompt_ids is not None, "a LocalClient request is prepared by LocalClient.prepare"
+        model = prepared.request.model
+        adapter = None if model == self.model_name else model
+        return engine.stream(prepared.prompt_ids, prepared.request.params, lora=adapter)
+
+    def stats(self) -> dict[str, Any]:
+        if self._engine is None:
+            return {}
+        return dict(self._engine.stats())
+
+    async def close(self) -> None:
+        """Stop the tokenizer threads; the engine belongs to whoever loaded it, who closes it."""
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
