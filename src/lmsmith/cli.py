@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_cmd_chat)
 
     from lmsmith.data.cli import add_data_parser
+    from lmsmith.train.cli import add_train_parser
 
     add_data_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
 from lmsmith.paths import InputPath
 from lmsmith.schema import StrictModel
+from lmsmith.train.method_config import (  # noqa: F401  (re-exported)
+    DistillationConfig,
+    FullMethod,
+    LoraMethod,
+    MethodConfig,
+    PrivacyConfig,
+)
 
 
 class TinyModelConfig(StrictModel):
@@ -42,37 +49,46 @@ class OptimConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.95)
 
 
-class FullMethod(StrictModel):
-    """Update every weight."""
+class EarlyStoppingConfig(StrictModel):
+    """Stop when a validation figure has not improved for `patience` val checks; keep the best weights."""
 
-    name: Literal["full"] = "full"
-
-
-class LoraMethod(StrictModel):
-    """Low-rank adapters via peft; the base stays frozen."""
-
-    name: Literal["lora"] = "lora"
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Dropout on the adapters' inputs. Off by default: on CPU its random masks cost about a "
-        "third of a LoRA step, and it did not improve val loss on the embedded data.",
+    metric: Literal["val_loss", "val_rouge_l"] = Field(
+        "val_loss", description="val_loss (lower is better) or val_rouge_l (sft only, higher is better)."
     )
-    targets: Union[Literal["all-linear"], list[str]] = "all-linear"
-    layers_to_transform: Optional[list[int]] = Field(
-        None, description="Only adapt these layer indices (None: every layer)."
-    )
-    train_tokens: Literal["none", "used", "all"] = Field(
-        "used",
-        description="Token embedding rows that train beside the adapters (peft trainable tokens): none, the "
-        "tokens the SFT data uses (the chat tokens and any format the base never saw), or the whole vocabulary.",
+    patience: int = Field(3, ge=1, description="Val checks without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smaller changes do not count as an improvement.")
+
+
+class MonitorConfig(StrictModel):
+    """TensorBoard logging, the MFU estimate and the thresholds of the training alerts."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to STAGE/tensorboard/.")
+    loss_spike_factor: float = Field(3.0, gt=1, description="Alert when a step's loss exceeds k × its moving average.")
+    grad_norm_factor: float = Field(10.0, gt=1, description="Alert when the gradient norm exceeds k × its moving average.")
+    ema_beta: float = Field(0.9, gt=0, lt=1, description="Smoothing of those moving averages.")
+    warmup_steps: int = Field(10, ge=0, description="Steps before spike and explosion alerts are armed.")
+    gpu_util_min: float = Field(30.0, ge=0, le=100, description="On GPU: alert under this utilisation (%).")
+    gpu_memory_max: float = Field(95.0, ge=0, le=100, description="On GPU: alert over this memory use (%).")
+    cpu_peak_tflops: float = Field(
+        1.0, gt=0, description="Peak matmul TFLOP/s of this CPU, for the MFU estimate (GPUs are looked up)."
     )
 
 
-MethodConfig = Annotated[Union[FullMethod, LoraMethod], Field(discriminator="name")]
+class EfficiencyConfig(StrictModel):
+    """Speed and memory switches; none of them changes the loss."""
+
+    packing: bool = Field(
+        False,
+        description="sft: pack several conversations into one row of up to max_len tokens; pretrain: restart "
+        "positions at each document. position_ids restart per document and attention stays inside it.",
+    )
+    chunked_loss: bool = Field(
+        True, description="Linear + cross-entropy over chunks of target positions: never the full logits tensor."
+    )
+    loss_chunk_size: int = Field(1024, ge=1, description="Target positions per chunk of the loss.")
+    gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward: less memory, ~30% slower.")
+    liger: bool = Field(True, description="Use Liger kernels on CUDA when liger-kernel is installed.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (slow start, faster steps on GPU).")
 
 
 class TrainingSchedule(StrictModel):
@@ -99,6 +115,21 @@ class TrainingSchedule(StrictModel):
     val_every: Optional[int] = Field(
         None, ge=1, description="Measure val loss every N steps (None: four times over the run); always at the end."
     )
+    early_stopping: Optional[EarlyStoppingConfig] = Field(None, description="None: train every step.")
+    checkpoint_every: Optional[int] = Field(
+        50, ge=1, description="Save a resumable checkpoint to RUN/.checkpoints/<stage>/ every N steps (None: never)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept while training.")
+    resume: bool = Field(
+        False, description="Continue from the newest checkpoint of this stage, exactly where it stopped."
+    )
+    monitor: MonitorConfig = MonitorConfig()
+    efficiency: EfficiencyConfig = EfficiencyConfig()
+    sharding: Literal["none", "fsdp2"] = Field(
+        "none",
+        description="fsdp2: shard weights, gradients and optimiser state over the launched processes with "
+        "torch's fully_shard (works on CPU/gloo too). Under an accelerate FSDP or DeepSpeed config leave none.",
+    )
 
 
 class PretrainConfig(TrainingSchedule):
@@ -123,5 +154,42 @@ class SFTConfig(TrainingSchedule):
     )
     method: MethodConfig = LoraMethod()
     max_len: int = Field(384, ge=16, description="Longer conversations are skipped (and counted), not cut.")
+    val_generations: int = Field(
+        4, ge=0, description="Val conversations answered greedily at each val check and scored by ROUGE-L (0: off)."
+    )
+    val_max_new_tokens: int = Field(48, ge=1, description="Token budget of those answers.")
+    distill: Optional[DistillationConfig] = Field(None, description="Distil from a teacher (KL + CE) instead of plain CE.")
+    privacy: Optional[PrivacyConfig] = Field(
+        None, description="Train with DP-SGD (opacus) and report ε at the given δ; no packing, resume or accumulation."
+    )
+    class_weights: bool = Field(
+        False,
+        description="Weigh each conversation's loss by its task's weight from the data stage's class_weights "
+        "output (the loss stays a weighted per-token mean).",
+    )
+    oversample: dict[str, float] = Field(
+        default_factory=dict,
+        description="Repeat the training conversations of a task (the record's `task` field) this many times "
+        "per epoch, e.g. {yoy: 2.0}; fractions repeat a seeded share of them.",
+    )
     epochs: float = Field(5.0, gt=0)
     optim: OptimConfig = OptimConfig(lr=2e-3)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "SFTConfig":
+        if self.early_stopping is not None and self.early_stopping.metric == "val_rouge_l" and not self.val_generations:
+            raise ValueError("early_stopping.metric val_rouge_l needs val_generations > 0")
+        if self.privacy is not None:
+            # opacus samples its own batches and clips per example: none of these fit its accounting.
+            clashes = [name for name, on in (("efficiency.packing", self.efficiency.packing), ("resume", self.resume),
+                                             ("distill", self.distill is not None), ("class_weights", self.class_weights),
+                                             ("oversample", bool(self.oversample)), ("grad_accum_steps > 1",
+                                             self.grad_accum_steps > 1), ("sharding", self.sharding != "none"))
+                       if on]
+            if clashes:
+                raise ValueError(f"privacy cannot be combined with {', '.join(clashes)}")
+        if self.distill is not None and self.efficiency.packing:
+            raise ValueError("distill scores whole padded rows; turn off efficiency.packing to distil")
+        if self.class_weights and self.efficiency.packing:
+            raise ValueError("class_weights weigh whole conversations; turn off efficiency.packing to use them")
+        return self

@@ -1,0 +1,111 @@
+"""`lmsmith train`: run a recipe's training stages (pretrain, sft) through the pipeline.
+
+The help text lists every training method with its fields, generated from the pydantic method configs
+in `method_config.py`, so it cannot drift from what a recipe accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+import types
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from lmsmith.errors import UserError
+
+TRAIN_STAGES = ("pretrain", "sft")
+
+
+def _type_name(annotation) -> str:
+    """A short readable form of a field's type: int, str | None, one of: a, b."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "one of: " + ", ".join(str(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_type_name(arg) for arg in args if arg is not type(None)]
+        return " | ".join(parts) + (" | null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_config(cls: type[BaseModel], indent: str = "    ") -> str:
+    """One block per config class: `name: first docstring paragraph`, then each field with type,
+    default and description."""
+    doc = " ".join((cls.__doc__ or "").split())
+    name = cls.model_fields["name"].default if "name" in cls.model_fields else cls.__name__
+    lines = textwrap.wrap(f"{name}: {doc}", width=100, subsequent_indent=indent)
+    for field_name, field in cls.model_fields.items():
+        if field_name == "name":
+            continue
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        text = f"{field_name} ({_type_name(field.annotation)}; {default})"
+        if field.description:
+            text += f": {field.description}"
+        lines.extend(textwrap.wrap(text, width=100, initial_indent=indent + "  ", subsequent_indent=indent + "    "))
+    return "\n".join(lines)
+
+
+def methods_help() -> str:
+    from lmsmith.train.method_config import METHOD_CLASSES, DistillationConfig, PrivacyConfig
+
+    blocks = ["training methods (recipe: sft.method: {name: NAME, FIELD: VALUE, ...}; default lora):", ""]
+    blocks.extend(describe_config(cls) + "\n" for cls in METHOD_CLASSES)
+    blocks.append("objective and privacy blocks:\n")
+    for title, cls in (("distill", DistillationConfig), ("privacy", PrivacyConfig)):
+        blocks.append(describe_config(cls).replace(f"{cls.__name__}:", f"{title}:", 1) + "\n")
+    blocks.append(
+        "examples:\n"
+        "  lmsmith train recipes/finance-demo.yaml --stage sft --set sft.method.name=dora --set sft.method.r=8\n"
+        "  lmsmith train recipes/finance-demo.yaml --stage sft --set 'sft.method={name: freeze, last_n_layers: 2}'\n"
+        "  lmsmith train recipes/finance-demo.yaml --resume"
+    )
+    return "\n".join(blocks)
+
+
+def _apply_resume(recipe, stages: list[str]) -> None:
+    for stage in stages:
+        config = getattr(recipe, stage)
+        if "resume" not in type(config).model_fields:
+            raise UserError(f"--resume: the {stage} stage's config has no resume setting in this version")
+        setattr(config, "resume", True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lmsmith.pipeline import run_pipeline
+    from lmsmith.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides=args.set)
+    stages = [args.stage] if args.stage else list(TRAIN_STAGES)
+    if args.resume:
+        _apply_resume(recipe, stages)
+    run_dir = Path(args.out or Path("runs") / recipe.name)
+    for stage in stages:
+        run_pipeline(recipe, run_dir, only=stage)
+    return 0
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `lmsmith train` on the top-level subparsers."""
+    parser = subparsers.add_parser(
+        "train",
+        help="Run a recipe's training stages (pretrain, then sft) with any training method.",
+        description="Run the pretrain and/or sft stage of a recipe. Upstream stages (data, tokenizer) must "
+        "already be in the run folder (lmsmith run RECIPE --only data, ...).",
+        epilog=methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="Recipe YAML file.")
+    parser.add_argument("--stage", choices=TRAIN_STAGES, help="Run only this stage (default: pretrain, then sft).")
+    parser.add_argument("--resume", action="store_true", help="Continue from the stage's last checkpoint.")
+    parser.add_argument("--out", help="Run folder (default: runs/<recipe name>).")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="Override a recipe field, e.g. --set sft.method.r=8 (repeatable; values are YAML).",
+    )
+    parser.set_defaults(func=_cmd_train)
+    return parser

@@ -1,0 +1,109 @@
+"""Export a trained adapter: as a peft folder that peft and vLLM (`--lora-modules name=DIR`) load, and
+merged into the base weights as a plain HF model folder.
+
+peft writes the adapter (adapter_config.json + adapter_model.safetensors); this module pins down the
+fields servers read (`base_model_name_or_path`, `target_modules` as plain module names) and records
+the lmsmith method beside it, so a QLoRA adapter is merged into the same 4-bit-rounded weights it was
+trained against.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmsmith.errors import UserError
+from lmsmith.train.method_config import METHOD_CLASSES, QLoraMethod
+
+ADAPTER_CONFIG = "adapter_config.json"
+METHOD_FILE = "lmsmith_method.json"
+
+
+def save_adapter(model, out_dir: str | Path, base_model: str | Path, method=None, tokenizer=None) -> Path:
+    """Write `model`'s adapter in peft format, with `base_model` as its base and explicit target modules.
+
+    `method` (the lmsmith method config) is recorded so `merge_adapter` can tell a QLoRA adapter apart.
+    """
+    if not hasattr(model, "peft_config"):
+        raise UserError("export: the model has no adapter to save (full and freeze methods save whole models)")
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    config_path = out_dir / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(base_model)
+    targets = config.get("target_modules")
+    if isinstance(targets, (list, tuple, set)):
+        config["target_modules"] = sorted(targets)
+    # peft leaves modules_to_save null unless asked; keep it that way so servers load only the adapter.
+    if not config.get("modules_to_save"):
+        config["modules_to_save"] = None
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    if method is not None:
+        (out_dir / METHOD_FILE).write_text(method.model_dump_json(indent=2), encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_method(adapter_dir: str | Path):
+    """The lmsmith method recorded with an adapter, or None for an adapter from elsewhere."""
+    path = Path(adapter_dir) / METHOD_FILE
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    for cls in METHOD_CLASSES:
+        if cls.model_fields["name"].default == raw.get("name"):
+            return cls.model_validate(raw)
+    raise UserError(f"{path}: unknown method {raw.get('name')!r}")
+
+
+def vllm_problems(adapter_dir: str | Path) -> list[str]:
+    """Why vLLM's `--lora-modules` would refuse this adapter (empty when it loads)."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.exists():
+        return [f"{path}: missing"]
+    config = json.loads(path.read_text(encoding="utf-8"))
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')}: vLLM serves LoRA adapters only")
+    if config.get("use_dora"):
+        problems.append("use_dora: vLLM does not serve DoRA adapters; merge it instead")
+    if config.get("trainable_token_indices"):
+        problems.append("trainable_token_indices: vLLM ignores trained embedding rows; use train_tokens: none or merge")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']}: whole modules beside the adapter")
+    if not config.get("base_model_name_or_path"):
+        problems.append("base_model_name_or_path: empty")
+    if not isinstance(config.get("target_modules"), list):
+        problems.append("target_modules: not a list of module names")
+    if not (Path(adapter_dir) / "adapter_model.safetensors").exists():
+        problems.append("adapter_model.safetensors: missing")
+    return problems
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | Path | None = None) -> Path:
+    """Load the base (fp32), apply the adapter, fold it in and save a plain HF folder with the tokenizer.
+
+    `base_model` defaults to the adapter's `base_model_name_or_path`. A QLoRA adapter is merged into the
+    base after a 4-bit round trip (quantize, dequantize): the weights it was trained against.
+    """
+    from peft import PeftModel
+
+    from lmsmith.train.methods import dequantize_linear_layers, quantize_linear_layers
+    from lmsmith.train.model import load_causal_lm, save_causal_lm
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).exists():
+        raise UserError(f"{adapter_dir}: not a peft adapter folder (no {ADAPTER_CONFIG})")
+    if base_model is None:
+        base_model = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not base_model or not Path(base_model).is_dir():
+            raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path {base_model!r} is not a local folder")
+    base, tokenizer = load_causal_lm(base_model, source="export base model")
+    method = read_method(adapter_dir)
+    if isinstance(method, QLoraMethod):
+        dequantize_linear_layers(quantize_linear_layers(base, method))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    out_dir = Path(out_dir)
+    save_causal_lm(merged, tokenizer, out_dir)
+    return out_dir

@@ -1,0 +1,110 @@
+"""Export: peft adapter folders that peft and vLLM load, and LoRA (and QLoRA) merged into HF folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import SAMPLE_TEXTS, build_tiny_model
+from lmsmith.errors import UserError
+from lmsmith.train.config import LoraMethod
+from lmsmith.train.export import merge_adapter, read_method, save_adapter, vllm_problems
+from lmsmith.train.method_config import DoraMethod, QLoraMethod
+from lmsmith.train.methods import apply_method, merged_model
+from lmsmith.train.model import load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Qwen2 with the usual initialisation (std 0.02): logits of ordinary size, so fp32
+    rounding stays far below the 1e-5 merge tolerance (conftest's std 0.2 model has logits 10x larger)."""
+    from transformers import Qwen2ForCausalLM
+
+    config = build_tiny_model(tiny_tokenizer).config
+    config.initializer_range = 0.02
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("export_base")
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def input_ids(tiny_tokenizer) -> torch.Tensor:
+    return torch.tensor([tiny_tokenizer(SAMPLE_TEXTS[0], add_special_tokens=False)["input_ids"]])
+
+
+def logits(model, input_ids) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def adapted(base_dir, method):
+    """The saved tiny base with `method` applied and its adapters moved off their zero start."""
+    base, _ = load_causal_lm(base_dir)
+    model, _ = apply_method(base, method)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    return model
+
+
+def test_lora_adapter_is_peft_and_vllm_loadable_and_merges_exactly(base_dir, tiny_tokenizer, input_ids, tmp_path):
+    from peft import PeftModel
+
+    method = LoraMethod(r=4, dropout=0.0, train_tokens="none")
+    model = adapted(base_dir, method)
+    expected = logits(model, input_ids)
+    adapter_dir = save_adapter(model, tmp_path / "adapter", base_model=base_dir, method=method,
+                               tokenizer=tiny_tokenizer)
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir)
+    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert config["modules_to_save"] is None and config["peft_type"] == "LORA"
+    assert vllm_problems(adapter_dir) == []
+    assert read_method(adapter_dir) == method
+
+    base, _ = load_causal_lm(base_dir)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, adapter_dir), input_ids), expected,
+                               atol=1e-6, rtol=0)
+    merged_dir = merge_adapter(adapter_dir, tmp_path / "merged")  # base taken from adapter_config.json
+    merged, merged_tokenizer = load_causal_lm(merged_dir)
+    assert not hasattr(merged, "peft_config") and len(merged_tokenizer) == len(tiny_tokenizer)
+    torch.testing.assert_close(logits(merged, input_ids), expected, atol=1e-5, rtol=0)
+    assert (expected - logits(load_causal_lm(base_dir)[0], input_ids)).abs().max() > 1e-3
+
+
+def test_qlora_merges_into_the_weights_it_was_trained_against(base_dir, input_ids, tmp_path):
+    method = QLoraMethod(r=4, dropout=0.0, train_tokens="none")
+    model = adapted(base_dir, method)
+    model.train()
+    with torch.no_grad():
+        trained = model(input_ids=input_ids).logits
+    expected = logits(model, input_ids)
+    # Eval mode stays on the fp32 path training used (not bitsandbytes' bf16 CPU inference kernel).
+    torch.testing.assert_close(expected, trained, atol=1e-6, rtol=0)
+    adapter_dir = save_adapter(model, tmp_path / "adapter", base_model=base_dir, method=method)
+    on_disk, _ = load_causal_lm(merge_adapter(adapter_dir, tmp_path / "merged"))
+    torch.testing.assert_close(logits(on_disk, input_ids), expected, atol=1e-5, rtol=0)
+    in_memory = merged_model(model)  # dequantizes, then merges
+    assert all(type(m) is not __import__("bitsandbytes").nn.Linear4bit for m in in_memory.modules())
+    torch.testing.assert_close(logits(in_memory, input_ids), expected, atol=1e-5, rtol=0)
+
+
+def test_vllm_problems_name_what_a_server_cannot_load(base_dir, tmp_path):
+    dora = save_adapter(adapted(base_dir, DoraMethod(r=4, train_tokens="none")), tmp_path / "dora",
+                        base_model=base_dir)
+    assert any("use_dora" in problem for problem in vllm_problems(dora))
+    rows = save_adapter(adapted(base_dir, LoraMethod(r=4, train_tokens="all")), tmp_path / "rows",
+                        base_model=base_dir)
+    assert any("trainable_token_indices" in problem for problem in vllm_problems(rows))
+    with pytest.raises(UserError, match="no adapter"):
+        save_adapter(load_causal_lm(base_dir)[0], tmp_path / "none", base_model=base_dir)
+    with pytest.raises(UserError, match="not a peft adapter folder"):
+        merge_adapter(tmp_path, tmp_path / "out")
