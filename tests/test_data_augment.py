@@ -247,12 +247,12 @@ def served_tiny_model(tiny_model_dir):
             if process.poll() is not None:
                 pytest.fail(f"lmsmith serve exited: {process.stdout.read().decode(errors='replace')[-2000:]}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.time() > deadline:
-                pytest.fail("lmsmith serve did not become healthy in 120 s")
+                pytest.fail("lmsmith serve did not become ready in 120 s")
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
