@@ -48,6 +48,7 @@ _NEGATIVE = re.compile(
 _PERCENT_WORDS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)(?:\s?(?:percent|per cent|pct)(?![A-Za-z])|\s+%)",
                             re.IGNORECASE)
 _PLAIN_PERCENT = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)%")
+_DIGIT = re.compile(r"\d")
 
 
 def plain(value: Decimal) -> str:
@@ -127,14 +128,15 @@ def normalize_amounts(
     decimals: Optional[int] = None,
 ) -> str:
     """Rewrite the financial amounts in `text` (see the module docstring)."""
-    if not any(c.isdigit() for c in text):
+    if not _DIGIT.search(text):
         return text
     rewriter = _AmountRewriter(chinese, english, separators, output, decimals)
-    if negative_parentheses:
+    # Substring checks are far cheaper than a regex pass; each pattern below needs its marker.
+    if negative_parentheses and ("(" in text or "（" in text):
         text = _NEGATIVE.sub(_rewrite_negative, text)
-    if percent_words:
+    if percent_words and ("%" in text or "pct" in text.lower() or "cent" in text.lower()):
         text = _PERCENT_WORDS.sub(r"\1%", text)
-    if chinese:
+    if chinese and "亿" in text and "万" in text:
         text = _YI_WAN.sub(rewriter.yi_wan, text)
     text = _AMOUNT.sub(rewriter.amount, text)
     if percent == "fraction":

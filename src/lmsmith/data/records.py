@@ -18,7 +18,9 @@ _NOT_ALNUM = re.compile(r"[\W_]+")
 
 def dedup_key(text: str) -> str:
     """Hash of the text with case, width, punctuation and whitespace ignored."""
-    folded = _NOT_ALNUM.sub("", unicodedata.normalize("NFKC", text).casefold())
+    if not unicodedata.is_normalized("NFKC", text):  # usually already done by `unicode_normalize`
+        text = unicodedata.normalize("NFKC", text)
+    folded = _NOT_ALNUM.sub("", text.casefold())
     return hashlib.sha1(folded.encode("utf-8")).hexdigest()
 
 
