@@ -199,7 +199,7 @@ def test_loss_is_normalised_by_target_tokens_across_micro_batches(trained_tokeni
 
 def test_pretrain_loss_falls_and_logs_every_metric(pretrained_run):
     manifest = Manifest.read(pretrained_run / "pretrain")
-    assert set(manifest.outputs) == {"model", "metrics"}
+    assert set(manifest.outputs) == {"model", "metrics", "alerts", "tensorboard"}
     rows = metric_rows(pretrained_run / "pretrain" / "metrics.jsonl")
     assert [row["step"] for row in rows] == list(range(5, 41, 5))
     assert [row["step"] for row in rows if "val_loss" in row] == [10, 20, 30, 40]
@@ -265,11 +265,11 @@ def test_lora_trainable_count_matches_the_analytic_count(trained_tokenizer):
     )
     base_total = count_parameters(build_tiny_model(TINY, trained_tokenizer)).total
     for method, layers, embedding_rows in cases:
-        model = apply_method(build_tiny_model(TINY, trained_tokenizer), method, used_token_ids=used)
+        model, _ = apply_method(build_tiny_model(TINY, trained_tokenizer), method, used_token_ids=used)
         counted = count_parameters(model)
         assert counted.trainable == method.r * per_layer * layers + embedding_rows, method
         assert counted.total == base_total + counted.trainable
-    full = count_parameters(apply_method(build_tiny_model(TINY, trained_tokenizer), FullMethod()))
+    full = count_parameters(apply_method(build_tiny_model(TINY, trained_tokenizer), FullMethod())[0])
     assert full.trainable == full.total == base_total
 
 
@@ -280,7 +280,7 @@ def test_lora_rejects_layers_out_of_range(trained_tokenizer):
 
 def test_sft_lora_learns_and_saves_adapter_and_merged_model(lora_run):
     manifest = Manifest.read(lora_run / "sft")
-    assert set(manifest.outputs) == {"model", "adapter", "metrics"}
+    assert set(manifest.outputs) == {"model", "adapter", "metrics", "alerts", "tensorboard"}
     assert manifest.outputs["model"]["path"] == "merged"
     rows = metric_rows(lora_run / "sft" / "metrics.jsonl")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
@@ -309,7 +309,7 @@ def test_sft_full_method_has_no_adapter(pretrained_run, tmp_path):
         shutil.copytree(pretrained_run / stage, tmp_path / stage)
     run_pipeline(recipe(method=FullMethod(), max_steps=10), tmp_path, only="sft")
     manifest = Manifest.read(tmp_path / "sft")
-    assert set(manifest.outputs) == {"model", "metrics"}
+    assert "adapter" not in manifest.outputs
     assert manifest.metrics["trainable_share"] == 1.0
     rows = metric_rows(tmp_path / "sft" / "metrics.jsonl")
     assert rows[-1]["loss"] < rows[0]["loss"]

@@ -188,6 +188,9 @@ class SFTConfig(TrainingSchedule):
                        if on]
             if clashes:
                 raise ValueError(f"privacy cannot be combined with {', '.join(clashes)}")
+        if self.efficiency.packing and self.method.name in ("prefix", "prompt"):
+            raise ValueError(f"efficiency.packing: {self.method.name} tuning sets its own positions, so packed "
+                             "documents would see each other; turn packing off")
         if self.distill is not None and self.efficiency.packing:
             raise ValueError("distill scores whole padded rows; turn off efficiency.packing to distil")
         if self.class_weights and self.efficiency.packing:

@@ -24,6 +24,10 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    # Set on packed rows: positions restart at 0 where each document starts, which also tells the
+    # attention (transformers derives a block-diagonal mask from them) where documents end.
+    position_ids: list[int] | None = None
+    weight: float = 1.0  # class weight of the whole sequence (its task's), applied to each of its tokens
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -33,24 +37,51 @@ class Example:
 class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
-    attention_mask: torch.Tensor | None  # None: no padding, so attention can take the plain causal path
+    attention_mask: torch.Tensor | None  # None: no padding (or packed rows), so no 2-D mask is needed
+    position_ids: torch.Tensor | None = None  # packed rows only
+    real_tokens: int | None = None  # packed rows only: tokens excluding the padding after the last document
+    sample_weights: torch.Tensor | None = None  # one class weight per row, when any differs from 1
 
     @property
     def tokens(self) -> int:
         """Real (non-padding) tokens the model reads."""
+        if self.real_tokens is not None:
+            return self.real_tokens
         if self.attention_mask is None:
             return self.input_ids.numel()
         return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device) -> "Batch":
+        if self.input_ids.device == device:
+            return self
+        move = lambda tensor: tensor.to(device, non_blocking=True) if tensor is not None else None  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
+                     self.real_tokens, move(self.sample_weights))
 
     @property
     def target_tokens(self) -> int:
         """Positions with a next-token target: the loss is a sum over these."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
+    @property
+    def target_weight(self) -> float:
+        """What the loss is normalised by: the target count, each target weighted by its row's weight."""
+        if self.sample_weights is None:
+            return float(self.target_tokens)
+        per_row = (self.labels[:, 1:] != IGNORE_INDEX).sum(dim=1).to(torch.float64)
+        return float((per_row * self.sample_weights.to(torch.float64)).sum())
+
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    """Right-pad to the longest example; padding is masked out of attention and of the loss."""
+    """Right-pad to the longest example; padding is masked out of attention and of the loss.
+
+    Packed rows (examples with `position_ids`) get no attention mask: the padding after the last
+    document is a separate position run of its own, and causal attention never lets a real token see
+    a later pad, so position_ids alone keep every document to itself.
+    """
     width = max(len(example) for example in examples)
+    if any(example.position_ids is not None for example in examples):
+        return _collate_packed(examples, pad_id, width)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -60,14 +91,79 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
     padded = bool((attention_mask == 0).any())
-    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask if padded else None)
+    weights = [example.weight for example in examples]
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask if padded else None,
+                 sample_weights=torch.tensor(weights) if any(w != 1.0 for w in weights) else None)
+
+
+def _collate_packed(examples: Sequence[Example], pad_id: int, width: int) -> Batch:
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width, dtype=torch.long).repeat(len(examples), 1)
+    for row, example in enumerate(examples):
+        length = len(example)
+        input_ids[row, :length] = torch.tensor(example.input_ids)
+        labels[row, :length] = torch.tensor(example.labels)
+        positions = example.position_ids if example.position_ids is not None else list(range(length))
+        position_ids[row, :length] = torch.tensor(positions)
+        position_ids[row, length:] = torch.arange(width - length)
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=None, position_ids=position_ids,
+                 real_tokens=sum(len(example) for example in examples))
+
+
+def pack_examples(examples: Sequence[Example], capacity: int) -> list[Example]:
+    """Pack examples into rows of at most `capacity` tokens, first-fit by decreasing length.
+
+    In each row the positions restart at 0 for every example and an example's first token is never
+    the target of the previous example's last one, so a packed row trains exactly like its examples
+    would one by one, with no padding between them. An example longer than `capacity` gets a row alone.
+    """
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=len, reverse=True):
+        for index, free in enumerate(room):
+            if len(example) <= free:
+                rows[index].append(example)
+                room[index] -= len(example)
+                break
+        else:
+            rows.append([example])
+            room.append(capacity - len(example))
+    packed = []
+    for members in rows:
+        input_ids, labels, positions = [], [], []
+        for example in members:
+            input_ids.extend(example.input_ids)
+            labels.extend([IGNORE_INDEX] + list(example.labels[1:]))
+            positions.extend(range(len(example)))
+        packed.append(Example(input_ids=input_ids, labels=labels, position_ids=positions))
+    return packed
+
+
+def oversample(examples: Sequence[Example], tasks: Sequence[str], factors: dict[str, float], seed: int) -> list[Example]:
+    """Repeat the examples of each task `factor` times: whole copies, plus a seeded share for the fraction.
+
+    The simple counterweight to a rare class: its examples weigh more in every epoch without any change
+    to the loss.
+    """
+    rng = random.Random(f"oversample:{seed}")
+    result: list[Example] = []
+    for example, task in zip(examples, tasks):
+        factor = factors.get(task, 1.0)
+        copies = int(factor) + (1 if rng.random() < factor - int(factor) else 0)
+        result.extend([example] * copies)
+    return result
 
 
 # ---------------------------------------------------------------- pretraining
 
 
 def pack_documents(
-    documents: Sequence[Sequence[int]], separator_id: int, seq_len: int, keep_remainder: bool
+    documents: Sequence[Sequence[int]],
+    separator_id: int,
+    seq_len: int,
+    keep_remainder: bool,
+    isolate_documents: bool = False,
 ) -> list[Example]:
     """Concatenate documents, each followed by `separator_id`, and cut the stream into `seq_len` blocks.
 
@@ -82,7 +178,22 @@ def pack_documents(
     blocks = [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
     if blocks and len(blocks[-1]) < seq_len and not (keep_remainder and len(blocks[-1]) > 1):
         blocks.pop()
-    return [Example(input_ids=block, labels=list(block)) for block in blocks]
+    if not isolate_documents:
+        return [Example(input_ids=block, labels=list(block)) for block in blocks]
+    return [_isolated_block(block, separator_id) for block in blocks]
+
+
+def _isolated_block(block: list[int], separator_id: int) -> Example:
+    """Positions restart after each separator, so attention stays inside each document; the separator
+    still closes its document and stays a target, and the next document's first token is not one."""
+    positions, labels, position = [], [], 0
+    for index, token in enumerate(block):
+        restart = index > 0 and block[index - 1] == separator_id
+        position = 0 if restart else position
+        positions.append(position)
+        labels.append(IGNORE_INDEX if restart else token)
+        position += 1
+    return Example(input_ids=block, labels=labels, position_ids=positions)
 
 
 # ---------------------------------------------------------------- supervised fine-tuning
@@ -151,18 +262,23 @@ class StepPlan:
         return self.total_steps
 
     def __iter__(self) -> Iterator[list[Batch]]:
+        return self.steps(0)
+
+    def steps(self, start: int = 0) -> Iterator[list[Batch]]:
+        """The steps after the first `start` ones: a resumed run skips them without building their batches."""
         lengths = [len(example) for example in self.examples]
-        emitted = 0
-        epoch = 0
+        epoch, emitted = divmod(start, self.steps_per_epoch)
+        emitted = start
+        first = start - epoch * self.steps_per_epoch
         while emitted < self.total_steps:
             order = length_grouped_order(lengths, self.batch_size, random.Random(f"{self.seed}:{epoch}"))
-            for step in range(self.steps_per_epoch):
+            for step in range(first, self.steps_per_epoch):
                 micro = order[step * self.grad_accum_steps : (step + 1) * self.grad_accum_steps]
                 yield [collate([self.examples[i] for i in batch], self.pad_id) for batch in micro]
                 emitted += 1
                 if emitted == self.total_steps:
                     return
-            epoch += 1
+            epoch, first = epoch + 1, 0
 
 
 def eval_batches(examples: Sequence[Example], pad_id: int, batch_size: int) -> list[Batch]:

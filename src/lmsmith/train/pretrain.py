@@ -13,6 +13,8 @@ from lmsmith.errors import UserError
 from lmsmith.pipeline import StageContext, StageResult
 from lmsmith.tokenizer.chat import END_OF_TEXT
 from lmsmith.tokenizer.records import read_corpus_texts
+from lmsmith.train import dist
+from lmsmith.train.checkpoint import checkpoint_root
 from lmsmith.train.config import PretrainConfig
 from lmsmith.train.data import StepPlan, eval_batches, pack_documents
 from lmsmith.train.loop import train
@@ -58,6 +60,9 @@ def load_start_model(config: PretrainConfig, ctx: StageContext):
 
 
 def run(config: PretrainConfig, ctx: StageContext) -> StageResult:
+    if config.early_stopping is not None and config.early_stopping.metric != "val_loss":
+        raise UserError("pretrain.early_stopping.metric: pretraining only measures val_loss")
+    accelerator = dist.make_accelerator()
     model, tokenizer = load_start_model(config, ctx)
     check_fits(config.seq_len, model, "pretrain.seq_len")
     params = count_parameters(model)
@@ -70,19 +75,22 @@ def run(config: PretrainConfig, ctx: StageContext) -> StageResult:
     val_docs = tokenize_documents(
         tokenizer, read_corpus_texts(ctx.artifact("data", "corpus_val")), "tokenize corpus_val"
     )
-    train_blocks = pack_documents(train_docs, separator, config.seq_len, keep_remainder=False)
+    isolate = config.efficiency.packing
+    train_blocks = pack_documents(train_docs, separator, config.seq_len, keep_remainder=False, isolate_documents=isolate)
     if not train_blocks:
         # A corpus shorter than one block still trains, as one shorter block.
-        train_blocks = pack_documents(train_docs, separator, config.seq_len, keep_remainder=True)
+        train_blocks = pack_documents(train_docs, separator, config.seq_len, keep_remainder=True,
+                                      isolate_documents=isolate)
     if not train_blocks:
         raise UserError("data: corpus_train has no text to pretrain on")
-    val_blocks = pack_documents(val_docs, separator, config.seq_len, keep_remainder=True)
+    val_blocks = pack_documents(val_docs, separator, config.seq_len, keep_remainder=True, isolate_documents=isolate)
 
     plan = StepPlan(
         train_blocks,
         pad_id=tokenizer.pad_token_id,
         batch_size=config.batch_size,
-        grad_accum_steps=config.grad_accum_steps,
+        # Each step holds the micro-batches of every process (dist.py splits them).
+        grad_accum_steps=config.grad_accum_steps * accelerator.num_processes,
         epochs=config.epochs,
         max_steps=config.max_steps,
         seed=ctx.seed,
@@ -91,17 +99,17 @@ def run(config: PretrainConfig, ctx: StageContext) -> StageResult:
     summary = train(
         model,
         plan,
-        total_steps=plan.total_steps,
-        optim=config.optim,
-        metrics_path=ctx.stage_dir / METRICS,
+        plan.total_steps,
+        config,
+        ctx.stage_dir,
+        checkpoint_dir=checkpoint_root(ctx.run_dir, "pretrain"),
         val_batches=eval_batches(val_blocks, tokenizer.pad_token_id, config.batch_size),
-        log_every=config.log_every,
-        val_every=config.val_every,
-        precision=config.precision,
-        attention=config.attention,
+        accelerator=accelerator,
         description="pretrain",
     )
-    save_causal_lm(model, tokenizer, ctx.stage_dir / MODEL_DIR)
+    if accelerator.is_main_process:
+        save_causal_lm(model, tokenizer, ctx.stage_dir / MODEL_DIR)
+    accelerator.wait_for_everyone()
     metrics = {
         **summary.metrics(),
         "parameters": params.total,
@@ -109,4 +117,4 @@ def run(config: PretrainConfig, ctx: StageContext) -> StageResult:
         "val_blocks": len(val_blocks),
         "corpus_tokens": sum(len(doc) + 1 for doc in train_docs),
     }
-    return StageResult(outputs={"model": MODEL_DIR, "metrics": METRICS}, metrics=metrics)
+    return StageResult(outputs={"model": MODEL_DIR, **summary.outputs}, metrics=metrics)

@@ -12,11 +12,14 @@ import torch
 from lmsmith.console import console, track
 from lmsmith.errors import UserError
 from lmsmith.pipeline import StageContext, StageResult
+from lmsmith.jsonl import iter_jsonl
 from lmsmith.tokenizer.records import read_conversations
+from lmsmith.train import dist
+from lmsmith.train.checkpoint import checkpoint_root
 from lmsmith.train.config import SFTConfig
-from lmsmith.train.data import Example, StepPlan, chat_example, eval_batches
-from lmsmith.train.loop import train
-from lmsmith.train.methods import apply_method, count_parameters, is_adapter, merged_model, save_adapter
+from lmsmith.train.data import Example, StepPlan, chat_example, eval_batches, oversample, pack_examples
+from lmsmith.train.loop import GenerationProbe, train, train_private
+from lmsmith.train.methods import apply_method, build_optimizer, is_adapter, is_mergeable, merged_model, save_adapter
 from lmsmith.train.model import check_fits, load_causal_lm, save_causal_lm
 
 MERGED_DIR = "merged"
@@ -24,37 +27,88 @@ ADAPTER_DIR = "adapter"
 METRICS = "metrics.jsonl"
 
 
-def chat_examples(tokenizer, conversations, max_len: int, description: str) -> tuple[list[Example], int]:
-    """Answer-only examples of the conversations that fit in `max_len` tokens, and how many did not."""
+def chat_examples(tokenizer, conversations, max_len: int, description: str) -> tuple[list[Example], list[int]]:
+    """Answer-only examples of the conversations that fit in `max_len` tokens, and the indices kept."""
     examples: list[Example] = []
-    too_long = 0
+    kept: list[int] = []
     with track(description, total=len(conversations)) as progress:
-        for messages in conversations:
+        for index, messages in enumerate(conversations):
             example = chat_example(tokenizer, messages)
-            if len(example) > max_len:
-                # Cutting would drop the answer's end and its end-of-turn, teaching the model not to stop.
-                too_long += 1
-            else:
+            # Cutting would drop the answer's end and its end-of-turn, teaching the model not to stop.
+            if len(example) <= max_len:
                 examples.append(example)
+                kept.append(index)
             progress.advance()
-    return examples, too_long
+    return examples, kept
 
 
 def load_base(config: SFTConfig, ctx: StageContext):
+    """The configured base folder, else the pretrain stage's model (continued pretraining → SFT)."""
     if config.base_model is not None:
         return load_causal_lm(config.base_model, source="sft.base_model")
     return load_causal_lm(ctx.artifact("pretrain", "model"), source="pretrain model")
 
 
+def generation_probe(config: SFTConfig, tokenizer, conversations) -> GenerationProbe | None:
+    """The first `val_generations` val conversations, asked without their answers, for ROUGE-L."""
+    chosen = conversations[: config.val_generations]
+    if not chosen:
+        return None
+    return GenerationProbe(tokenizer=tokenizer, prompts=[messages[:-1] for messages in chosen],
+                           references=[messages[-1]["content"] for messages in chosen],
+                           max_new_tokens=config.val_max_new_tokens)
+
+
+def weigh_by_task(examples: list[Example], tasks: list[str], ctx: StageContext) -> list[Example]:
+    """Each example carries its task's weight from the data stage's class_weights output."""
+    from dataclasses import replace
+
+    from lmsmith.train.objectives import load_class_weights
+
+    try:
+        path = ctx.artifact("data", "class_weights")
+    except KeyError:
+        raise UserError("sft.class_weights: the data stage wrote no class_weights output; enable its "
+                        "oversampling/class weights or set sft.class_weights: false") from None
+    weights = load_class_weights(path)
+    return [replace(example, weight=float(weights.get(task, 1.0))) for example, task in zip(examples, tasks)]
+
+
+def objective_for(config: SFTConfig, model, device):
+    """The loss the loop optimises: distillation, class-weighted CE, or None (the loop's chunked CE)."""
+    from lmsmith.train import objectives
+
+    if config.distill is not None:
+        teacher = objectives.load_teacher(config.distill, model).to(device)
+        settings = config.distill
+
+        def distill(student, batch):
+            return objectives.distillation_loss(
+                student, teacher, batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids,
+                temperature=settings.temperature, alpha=settings.alpha, chunk_tokens=settings.chunk_tokens)
+
+        return distill
+    if config.class_weights:
+
+        def weighted(student, batch):
+            return objectives.causal_lm_loss(student, batch.input_ids, batch.labels, batch.attention_mask,
+                                             batch.position_ids, sample_weights=batch.sample_weights,
+                                             chunk_tokens=config.efficiency.loss_chunk_size)
+
+        return weighted
+    return None
+
+
 def run(config: SFTConfig, ctx: StageContext) -> StageResult:
+    accelerator = dist.make_accelerator()
     model, tokenizer = load_base(config, ctx)
     check_fits(config.max_len, model, "sft.max_len")
-    train_examples, train_too_long = chat_examples(
-        tokenizer, read_conversations(ctx.artifact("data", "sft_train")), config.max_len, "render sft_train"
-    )
-    val_examples, val_too_long = chat_examples(
-        tokenizer, read_conversations(ctx.artifact("data", "sft_val")), config.max_len, "render sft_val"
-    )
+    train_path = ctx.artifact("data", "sft_train")
+    train_conversations = read_conversations(train_path)
+    val_conversations = read_conversations(ctx.artifact("data", "sft_val"))
+    train_examples, kept = chat_examples(tokenizer, train_conversations, config.max_len, "render sft_train")
+    val_examples, val_kept = chat_examples(tokenizer, val_conversations, config.max_len, "render sft_val")
+    train_too_long = len(train_conversations) - len(kept)
     if not train_examples:
         raise UserError(
             f"sft.max_len: all {train_too_long} training conversations are longer than {config.max_len} tokens"
@@ -63,53 +117,81 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
         )
     if train_too_long:
         console.print(f"[yellow]skipped[/] {train_too_long} training conversations longer than sft.max_len")
+    distinct = len(train_examples)
+    tasks = [row.get("task") or "" for _, row in iter_jsonl(train_path)]
+    if config.class_weights:
+        train_examples = weigh_by_task(train_examples, [tasks[i] for i in kept], ctx)
+    if config.oversample:
+        unknown = sorted(set(config.oversample) - set(tasks))
+        if unknown:
+            raise UserError(f"sft.oversample: no training conversation has task {', '.join(unknown)} "
+                            f"(tasks: {', '.join(sorted(set(tasks)))})")
+        train_examples = oversample(train_examples, [tasks[i] for i in kept], config.oversample, ctx.seed)
+    if config.efficiency.packing:
+        train_examples = pack_examples(train_examples, config.max_len)
+        val_examples = pack_examples(val_examples, config.max_len)
 
     torch.manual_seed(ctx.seed)
     used_token_ids = {token for example in train_examples for token in example.input_ids}
-    model = apply_method(model, config.method, used_token_ids)
-    params = count_parameters(model)
-    console.print(
-        f"method {config.method.name}: {params.trainable:,} trainable of {params.total:,} parameters "
-        f"({100 * params.share:.2f}%)"
-    )
+    model, params = apply_method(model, config.method, used_token_ids)
+    optimizer = build_optimizer(model, config.method, config.optim)
+    val = eval_batches(val_examples, tokenizer.pad_token_id, config.batch_size)
+    probe = generation_probe(config, tokenizer, [val_conversations[i] for i in val_kept])
 
     plan = StepPlan(
         train_examples,
         pad_id=tokenizer.pad_token_id,
         batch_size=config.batch_size,
-        grad_accum_steps=config.grad_accum_steps,
+        # Each step holds the micro-batches of every process (dist.py splits them).
+        grad_accum_steps=config.grad_accum_steps * accelerator.num_processes,
         epochs=config.epochs,
         max_steps=config.max_steps,
         seed=ctx.seed,
     )
-    summary = train(
-        model,
-        plan,
-        total_steps=plan.total_steps,
-        optim=config.optim,
-        metrics_path=ctx.stage_dir / METRICS,
-        val_batches=eval_batches(val_examples, tokenizer.pad_token_id, config.batch_size),
-        log_every=config.log_every,
-        val_every=config.val_every,
-        precision=config.precision,
-        attention=config.attention,
-        description=f"sft ({config.method.name})",
-    )
+    if config.privacy is not None:
+        from lmsmith.train.privacy import make_private
 
-    outputs = {"model": MERGED_DIR, "metrics": METRICS}
+        private = make_private(model, optimizer, train_examples, tokenizer.pad_token_id, config.batch_size,
+                               plan.total_steps, config.privacy, method_name=config.method.name, seed=ctx.seed)
+        summary = train_private(private, config, ctx.stage_dir, val_batches=val, probe=probe,
+                                description=f"sft ({config.method.name}, DP-SGD)")
+    else:
+        summary = train(
+            model,
+            plan,
+            plan.total_steps,
+            config,
+            ctx.stage_dir,
+            checkpoint_dir=checkpoint_root(ctx.run_dir, "sft"),
+            val_batches=val,
+            probe=probe,
+            objective=objective_for(config, model, accelerator.device),
+            optimizer=optimizer,
+            accelerator=accelerator,
+            description=f"sft ({config.method.name})",
+        )
+
+    outputs = dict(summary.outputs)
+    if accelerator.is_main_process:
+        if is_adapter(model):
+            save_adapter(model, ctx.stage_dir / ADAPTER_DIR)
+            tokenizer.save_pretrained(ctx.stage_dir / ADAPTER_DIR)
+        if is_mergeable(model):
+            save_causal_lm(merged_model(model), tokenizer, ctx.stage_dir / MERGED_DIR)
+    accelerator.wait_for_everyone()
     if is_adapter(model):
-        save_adapter(model, ctx.stage_dir / ADAPTER_DIR)
-        tokenizer.save_pretrained(ctx.stage_dir / ADAPTER_DIR)
         outputs["adapter"] = ADAPTER_DIR
-    save_causal_lm(merged_model(model), tokenizer, ctx.stage_dir / MERGED_DIR)
+    if is_mergeable(model):
+        outputs["model"] = MERGED_DIR  # prompt-learning adapters have no merged form: the adapter is the output
     metrics = {
         **summary.metrics(),
         "method": config.method.name,
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_share": round(params.share, 6),
-        "train_examples": len(train_examples),
+        "train_examples": distinct,
+        "train_rows": len(train_examples),
         "val_examples": len(val_examples),
-        "skipped_too_long": train_too_long + val_too_long,
+        "skipped_too_long": train_too_long + len(val_conversations) - len(val_kept),
     }
     return StageResult(outputs=outputs, metrics=metrics)

@@ -1,0 +1,235 @@
+"""The loop's validation features: early stopping with best-weight restore, the ROUGE-L generation probe,
+the objective hook, oversampling, and the recipes that drive them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from lmsmith.recipe import load_recipe
+from lmsmith.train.config import EarlyStoppingConfig, MonitorConfig, OptimConfig, TrainingSchedule
+from lmsmith.train.data import Example, StepPlan, chat_example, eval_batches, oversample
+from lmsmith.train.loop import GenerationProbe, evaluate, loss_sum, train
+from test_packing import CONVERSATIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def schedule(**overrides) -> TrainingSchedule:
+    settings = dict(batch_size=4, max_steps=12, log_every=1, val_every=1, precision="fp32", checkpoint_every=None,
+                    optim=OptimConfig(lr=3e-2, warmup_ratio=0.0), monitor=MonitorConfig(tensorboard=False))
+    return TrainingSchedule(**{**settings, **overrides})
+
+
+def conflicting_data(vocab: int = 50) -> tuple[list[Example], list[Example]]:
+    """Train on `a b → c`, validate on `a b → d`: every step that fits the training data hurts val loss."""
+    train_rows = [Example(input_ids=[3, 4, 5] * 4, labels=[3, 4, 5] * 4) for _ in range(16)]
+    val_rows = [Example(input_ids=[3, 4, 6] * 4, labels=[3, 4, 6] * 4) for _ in range(4)]
+    return train_rows, val_rows
+
+
+def tiny(vocab: int = 50):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_weights(tmp_path):
+    train_rows, val_rows = conflicting_data()
+    model = tiny()
+    val = eval_batches(val_rows, pad_id=0, batch_size=4)
+    plan = StepPlan(train_rows, pad_id=0, batch_size=4, epochs=10, max_steps=12)
+    config = schedule(early_stopping=EarlyStoppingConfig(metric="val_loss", patience=2))
+    summary = train(model, plan, plan.total_steps, config, tmp_path, val_batches=val)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Replay the rule on the logged curve: stop at the second check in a row without a new best.
+    best, best_step, misses, expected_stop = float("inf"), 0, 0, None
+    for row in rows:
+        if row["val_loss"] < best:
+            best, best_step, misses = row["val_loss"], row["step"], 0
+        else:
+            misses += 1
+            if misses == 2:
+                expected_stop = row["step"]
+                break
+    assert expected_stop is not None and expected_stop < 12  # fitting a → c eventually hurts a → d
+    assert summary.steps == expected_stop == rows[-1]["step"] == summary.extra["stopped_early_at"]
+    assert summary.extra["best_step"] == best_step < expected_stop
+    # The model handed back is the one from the best check, not the last step.
+    assert evaluate(model, val) == pytest.approx(best, abs=1e-5)
+    assert summary.val_loss == best
+
+
+def test_early_stopping_keeps_going_while_val_improves(tmp_path):
+    train_rows, _ = conflicting_data()
+    val = eval_batches(train_rows[:4], pad_id=0, batch_size=4)
+    plan = StepPlan(train_rows, pad_id=0, batch_size=4, epochs=10, max_steps=6)
+    summary = train(tiny(), plan, plan.total_steps, schedule(early_stopping=EarlyStoppingConfig(patience=2)),
+                    tmp_path, val_batches=val)
+    assert summary.steps == 6 and "stopped_early_at" not in summary.extra
+
+
+def test_generation_probe_scores_rouge_l_at_each_val_check(tmp_path, tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer)
+    examples = [chat_example(tiny_tokenizer, messages) for messages in CONVERSATIONS]
+    probe = GenerationProbe(tokenizer=tiny_tokenizer, prompts=[c[:-1] for c in CONVERSATIONS[:2]],
+                            references=[c[-1]["content"] for c in CONVERSATIONS[:2]], max_new_tokens=8)
+    model.train()
+    score = probe.score(model)
+    assert 0.0 <= score <= 100.0
+    assert model.training  # generation ran in eval mode and handed the model back in train mode
+    # A reference scored against itself through a probe whose "model" parrots it gets 100.
+    from lmsmith.eval.metrics import rouge_l
+
+    assert rouge_l(probe.references, probe.references) == pytest.approx(100.0)
+    plan = StepPlan(examples, pad_id=tiny_tokenizer.pad_token_id, batch_size=2, epochs=2, max_steps=4)
+    summary = train(model, plan, plan.total_steps, schedule(val_every=2, max_steps=4), tmp_path, probe=probe)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "val_rouge_l" in row] == [2, 4]
+    assert summary.extra["val_rouge_l"] == rows[-1]["val_rouge_l"]
+
+
+def test_the_objective_hook_replaces_the_loss(tmp_path):
+    """A class-weighted objective (here: every token counts double) flows through training and validation."""
+    train_rows, val_rows = conflicting_data()
+    calls = []
+
+    def doubled(model, batch):
+        calls.append(batch.input_ids.shape[0])
+        loss, count = loss_sum(model, batch)
+        return loss * 2.0, count
+
+    plan = StepPlan(train_rows, pad_id=0, batch_size=4, epochs=1, max_steps=2)
+    val = eval_batches(val_rows, pad_id=0, batch_size=4)
+    summary = train(tiny(), plan, plan.total_steps, schedule(max_steps=2), tmp_path, val_batches=val, objective=doubled)
+    plain = evaluate(tiny(), val)
+    assert len(calls) == 2 + 2 * len(val)  # two training batches, then the val batches at each check
+    assert summary.history[0]["loss"] == pytest.approx(2 * plain, rel=0.05)
+
+
+def test_oversampling_repeats_a_task_by_its_factor():
+    rows = [Example(input_ids=[i, i], labels=[i, i]) for i in range(100)]
+    tasks = ["rare" if i < 10 else "common" for i in range(100)]
+    result = oversample(rows, tasks, {"rare": 3.0, "common": 0.5}, seed=0)
+    rare = sum(1 for e in result if e.input_ids[0] < 10)
+    common = len(result) - rare
+    assert rare == 30
+    assert 30 <= common <= 60  # a seeded half of the common ones
+    assert oversample(rows, tasks, {"rare": 3.0, "common": 0.5}, seed=0) == result
+
+
+@pytest.mark.parametrize("recipe", ["recipes/two-stage.yaml", "recipes/finance-demo.yaml"])
+def test_shipped_recipes_validate(recipe):
+    loaded = load_recipe(ROOT / recipe)
+    if recipe.endswith("two-stage.yaml"):
+        assert loaded.pretrain.efficiency.packing and loaded.sft.base_model is None  # sft takes stage 1's model
+        assert loaded.sft.early_stopping.metric == "val_rouge_l" and loaded.sft.val_generations > 0
+
+
+def test_accelerate_configs_name_their_strategy():
+    import yaml
+
+    kinds = {path.name: yaml.safe_load(path.read_text())["distributed_type"]
+             for path in (ROOT / "configs" / "accelerate").glob("*.yaml")}
+    assert kinds == {"ddp.yaml": "MULTI_GPU", "fsdp2.yaml": "FSDP", "deepspeed-zero2.yaml": "DEEPSPEED",
+                     "deepspeed-zero3.yaml": "DEEPSPEED", "multi-node-ddp.yaml": "MULTI_GPU"}
+    fsdp = yaml.safe_load((ROOT / "configs/accelerate/fsdp2.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2
+    for name, stage in (("deepspeed-zero2.yaml", 2), ("deepspeed-zero3.yaml", 3)):
+        assert yaml.safe_load((ROOT / "configs/accelerate" / name).read_text())["deepspeed_config"]["zero_stage"] == stage
+
+
+# ---------------------------------------------------------------- sft stage: objectives and DP-SGD through the loop
+
+
+@pytest.fixture(scope="module")
+def sft_upstream(tmp_path_factory, tiny_model_dir) -> Path:
+    from test_resume import upstream as make_upstream
+
+    return make_upstream.__wrapped__(tmp_path_factory, tiny_model_dir)
+
+
+def run_sft(upstream: Path, folder: Path, **settings) -> dict:
+    import shutil
+
+    from lmsmith.artifacts import Manifest
+    from lmsmith.pipeline import run_pipeline
+    from lmsmith.recipe import Recipe
+    from lmsmith.train.config import SFTConfig
+
+    for stage in ("data", "tokenizer", "pretrain"):
+        shutil.copytree(upstream / stage, folder / stage)
+    defaults = dict(batch_size=4, max_steps=3, log_every=1, val_generations=0, monitor=MonitorConfig(tensorboard=False))
+    run_pipeline(Recipe(sft=SFTConfig(**{**defaults, **settings})), folder, only="sft")
+    return Manifest.read(folder / "sft").metrics
+
+
+def test_sft_with_dp_sgd_reports_epsilon(sft_upstream, tmp_path):
+    metrics = run_sft(sft_upstream, tmp_path, method={"name": "lora", "r": 4, "train_tokens": "none"},
+                      privacy={"noise_multiplier": 1.0, "delta": 1e-3})
+    assert metrics["dp_steps"] == 3 and 0 < metrics["dp_epsilon"] < 50 and metrics["dp_delta"] == 1e-3
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["dp_epsilon"] for row in rows] == sorted(row["dp_epsilon"] for row in rows)  # ε only grows
+
+
+def test_sft_class_weights_come_from_the_data_stage(sft_upstream, tmp_path):
+    from lmsmith.artifacts import Manifest, describe_outputs
+    from lmsmith.errors import UserError
+
+    with pytest.raises(UserError, match="class_weights"):
+        run_sft(sft_upstream, tmp_path / "none", class_weights=True)
+    folder = tmp_path / "weighted"
+    (folder / "data").mkdir(parents=True)
+    data = Manifest.read(sft_upstream / "data")
+    (folder / "data" / "class_weights.json").write_text(json.dumps({"weights": {"extract": 2.0}}))
+    import shutil
+
+    for stage in ("tokenizer", "pretrain"):
+        shutil.copytree(sft_upstream / stage, folder / stage)
+    for name in ("corpus", "sft"):
+        shutil.copytree(sft_upstream / "data" / name, folder / "data" / name)
+    outputs = {name: entry["path"] for name, entry in data.outputs.items()} | {"class_weights": "class_weights.json"}
+    Manifest(stage="data", config={}, config_hash="handmade", inputs={},
+             outputs=describe_outputs(folder / "data", outputs)).write(folder / "data")
+    from lmsmith.pipeline import run_pipeline
+    from lmsmith.recipe import Recipe
+    from lmsmith.train.config import SFTConfig
+
+    settings = SFTConfig(batch_size=4, max_steps=2, log_every=1, val_generations=0, class_weights=True,
+                         monitor=MonitorConfig(tensorboard=False))
+    run_pipeline(Recipe(sft=settings), folder, only="sft")
+    assert Manifest.read(folder / "sft").metrics["steps"] == 2
+
+
+def test_weighted_batches_normalise_by_the_weighted_target_count():
+    from dataclasses import replace
+
+    from lmsmith.train.data import collate
+
+    rows = [Example(input_ids=[1, 2, 3, 4], labels=[1, 2, 3, 4]), Example(input_ids=[5, 6], labels=[5, 6])]
+    plain = collate(rows, pad_id=0)
+    assert plain.sample_weights is None and plain.target_weight == plain.target_tokens == 4
+    weighted = collate([replace(rows[0], weight=2.0), rows[1]], pad_id=0)
+    assert weighted.sample_weights.tolist() == [2.0, 1.0]
+    assert weighted.target_weight == 2.0 * 3 + 1.0 * 1
+
+
+def test_contradictory_sft_settings_are_refused():
+    from pydantic import ValidationError
+
+    from lmsmith.train.config import SFTConfig
+
+    for settings, message in (
+        ({"privacy": {"noise_multiplier": 1.0, "delta": 1e-5}, "efficiency": {"packing": True}}, "packing"),
+        ({"class_weights": True, "efficiency": {"packing": True}}, "packing"),
+        ({"method": {"name": "prompt"}, "efficiency": {"packing": True}}, "own positions"),
+        ({"early_stopping": {"metric": "val_rouge_l"}, "val_generations": 0}, "val_generations"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            SFTConfig(**settings)
