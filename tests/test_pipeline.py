@@ -157,3 +157,20 @@ def test_missing_recipe_file_is_a_one_line_error(tmp_path):
 def test_manifest_read_tolerates_corrupt_file(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     assert Manifest.read(tmp_path) is None
+
+
+def test_run_control_fields_do_not_force_a_rerun(tmp_path, fake_pipeline, monkeypatch):
+    from lmsmith.tokenizer.config import TokenizerConfig
+
+    monkeypatch.setattr(TokenizerConfig, "run_control_fields", frozenset({"min_frequency"}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc", encoding="utf-8")
+    recipe = _recipe(corpus)
+    pipeline.run_pipeline(recipe, tmp_path / "run")
+    recipe.tokenizer.min_frequency = 5
+    manifests = pipeline.run_pipeline(recipe, tmp_path / "run")
+    assert fake_pipeline == {"data": 1, "tokenizer": 1}
+    recipe.tokenizer.vocab_size = 500
+    manifests = pipeline.run_pipeline(recipe, tmp_path / "run")
+    assert fake_pipeline == {"data": 1, "tokenizer": 2}
+    assert manifests["tokenizer"].config["min_frequency"] == 5  # still recorded

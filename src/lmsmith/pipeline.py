@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import shutil
@@ -131,7 +132,7 @@ def run_pipeline(
         if missing:
             raise UserError(f"stage {spec.name!r} needs {', '.join(missing)} in {run_dir}; run them first")
         config_json = config.model_dump(mode="json")
-        config_hash = hash_json({"seed": recipe.seed, "config": config_json})
+        config_hash = hash_json({"seed": recipe.seed, "config": config.identity()})
         inputs = _stage_inputs(spec, config, run_dir)
         existing = Manifest.read(stage_dir)
         if (
@@ -148,16 +149,33 @@ def run_pipeline(
     return manifests
 
 
+def _is_main_process() -> bool:
+    # Under torchrun / accelerate launch every rank runs the stage; only rank 0 owns its folder.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _run_stage(spec, config, config_json, config_hash, inputs, recipe, run_dir) -> Manifest:
     stage_dir = run_dir / spec.name
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True)
+    main = _is_main_process()
+    if main:
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True)
+    else:
+        # Ranks may start before rank 0 has recreated the folder; the stage itself synchronises later.
+        stage_dir.mkdir(parents=True, exist_ok=True)
     console.rule(f"[bold]{spec.name}")
     started = time.perf_counter()
     run = spec.load_run()
     seed_everything(recipe.seed)
     result: StageResult = run(config, StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=recipe))
+    _barrier()
     manifest = Manifest(
         stage=spec.name,
         config=config_json,
@@ -167,6 +185,7 @@ def _run_stage(spec, config, config_json, config_hash, inputs, recipe, run_dir) 
         metrics=result.metrics,
         wall_time_s=round(time.perf_counter() - started, 3),
     )
-    manifest.write(stage_dir)
+    if main:
+        manifest.write(stage_dir)
     console.print(f"[green]done[/] {spec.name} in {manifest.wall_time_s:.1f}s")
     return manifest

@@ -94,6 +94,8 @@ class EfficiencyConfig(StrictModel):
 class TrainingSchedule(StrictModel):
     """How long and in what portions to train, and how often to log and validate."""
 
+    run_control_fields = frozenset({"resume", "checkpoint_every", "keep_checkpoints", "log_every", "monitor"})
+
     batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches per optimiser step; the loss is averaged over all their target tokens."
