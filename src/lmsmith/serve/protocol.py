@@ -214,6 +214,22 @@ def completion_body(completion_id: str, model: str, completion: Completion) -> d
     }
 
 
+def _stream_event(
+    object_: str, completion_id: str, created: int, model: str, choice: dict[str, Any] | None,
+    usage: dict[str, int] | None, with_usage_field: bool,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": object_,
+        "created": created,
+        "model": model,
+        "choices": [] if choice is None else [{"index": 0, **choice}],
+    }
+    if with_usage_field:
+        body["usage"] = usage
+    return body
+
+
 def chunk_body(
     completion_id: str,
     created: int,
@@ -224,18 +240,8 @@ def chunk_body(
     with_usage_field: bool = False,
 ) -> dict[str, Any]:
     """One `chat.completion.chunk`; `delta=None` makes the usage-only chunk (no choices)."""
-    body: dict[str, Any] = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [] if delta is None else [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        ],
-    }
-    if with_usage_field:
-        body["usage"] = usage
-    return body
+    choice = None if delta is None else {"delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _stream_event("chat.completion.chunk", completion_id, created, model, choice, usage, with_usage_field)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -263,18 +269,8 @@ def text_chunk_body(
     with_usage_field: bool = False,
 ) -> dict[str, Any]:
     """One streamed `text_completion` event; `text=None` makes the usage-only event (no choices)."""
-    body: dict[str, Any] = {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [] if text is None else [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        ],
-    }
-    if with_usage_field:
-        body["usage"] = usage
-    return body
+    choice = None if text is None else {"text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _stream_event("text_completion", completion_id, created, model, choice, usage, with_usage_field)
 
 
 def model_card(model_id: str, created: int, owned_by: str = "lmsmith", parent: str | None = None) -> dict[str, Any]:
