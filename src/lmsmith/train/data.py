@@ -236,6 +236,20 @@ class StepPlan:
     every epoch's order comes from `seed` and the epoch number alone.
     """
 
+    @classmethod
+    def for_schedule(cls, examples: Sequence[Example], pad_id: int, schedule, num_processes: int, seed: int) -> "StepPlan":
+        """The plan a stage's `TrainingSchedule` asks for; each step holds every process's micro-batches
+        (dist.py splits them)."""
+        return cls(
+            examples,
+            pad_id=pad_id,
+            batch_size=schedule.batch_size,
+            grad_accum_steps=schedule.grad_accum_steps * num_processes,
+            epochs=schedule.epochs,
+            max_steps=schedule.max_steps,
+            seed=seed,
+        )
+
     def __init__(
         self,
         examples: Sequence[Example],

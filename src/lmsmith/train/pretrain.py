@@ -85,16 +85,7 @@ def run(config: PretrainConfig, ctx: StageContext) -> StageResult:
         raise UserError("data: corpus_train has no text to pretrain on")
     val_blocks = pack_documents(val_docs, separator, config.seq_len, keep_remainder=True, isolate_documents=isolate)
 
-    plan = StepPlan(
-        train_blocks,
-        pad_id=tokenizer.pad_token_id,
-        batch_size=config.batch_size,
-        # Each step holds the micro-batches of every process (dist.py splits them).
-        grad_accum_steps=config.grad_accum_steps * accelerator.num_processes,
-        epochs=config.epochs,
-        max_steps=config.max_steps,
-        seed=ctx.seed,
-    )
+    plan = StepPlan.for_schedule(train_blocks, tokenizer.pad_token_id, config, accelerator.num_processes, ctx.seed)
     torch.manual_seed(ctx.seed)
     summary = train(
         model,

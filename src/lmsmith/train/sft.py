@@ -138,16 +138,7 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
     val = eval_batches(val_examples, tokenizer.pad_token_id, config.batch_size)
     probe = generation_probe(config, tokenizer, [val_conversations[i] for i in val_kept])
 
-    plan = StepPlan(
-        train_examples,
-        pad_id=tokenizer.pad_token_id,
-        batch_size=config.batch_size,
-        # Each step holds the micro-batches of every process (dist.py splits them).
-        grad_accum_steps=config.grad_accum_steps * accelerator.num_processes,
-        epochs=config.epochs,
-        max_steps=config.max_steps,
-        seed=ctx.seed,
-    )
+    plan = StepPlan.for_schedule(train_examples, tokenizer.pad_token_id, config, accelerator.num_processes, ctx.seed)
     if config.privacy is not None:
         from lmsmith.train.privacy import make_private
 
