@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import yaml
 
-from lmsmith.data.readers import iter_jsonl
+from lmsmith.jsonl import iter_jsonl, write_jsonl
 from lmsmith.errors import UserError
 
 Key = tuple[Any, ...]
@@ -99,22 +99,13 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 def iter_rows_with_lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(`file:line`, object) for every JSON object of a jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    for number, row in iter_jsonl(path):
+    for number, row in iter_jsonl(path):  # raises a UserError naming a missing file or bad line
         yield f"{path}:{number}", row
 
 
 def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as jsonl (UTF-8, not ASCII-escaped); returns how many were written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+    return write_jsonl(path, rows)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -165,16 +165,7 @@ def _default_method_name(value: object) -> object:
 
 
 MethodConfig = Annotated[
-    Union[
-        FullMethod,
-        FreezeMethod,
-        LoraMethod,
-        DoraMethod,
-        QLoraMethod,
-        PrefixTuningMethod,
-        PromptTuningMethod,
-        Ia3Method,
-    ],
+    Union[METHOD_CLASSES],  # one list of methods: the schema and the CLI help cannot drift apart
     Field(discriminator="name"),
     BeforeValidator(_default_method_name),
 ]
