@@ -39,6 +39,10 @@ class EngineConfig:
     bucketed_decode: bool | None = None
     # Key lengths are rounded up to a multiple of this for the decode graphs.
     graph_key_len_step: int = 256
+    # On CPU, keep a oneDNN-blocked copy of every projection for multi-row steps (about 1.4x faster
+    # decode; costs the projections' size again in memory). None: on for CPU when the copy fits in half
+    # of the memory available at load.
+    packed_weights: bool | None = None
     # LoRA adapters loaded at once, and the largest rank accepted (the adapter bank is preallocated).
     max_loras: int = 8
     max_lora_rank: int = 64
@@ -72,6 +76,7 @@ class EngineConfig:
             cuda_graphs=graphs,
             bucketed_decode=bucketed,
             graph_key_len_step=self.graph_key_len_step,
+            packed_weights=self.packed_weights,
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
         )
@@ -88,5 +93,6 @@ class ResolvedEngineConfig:
     cuda_graphs: bool
     bucketed_decode: bool
     graph_key_len_step: int
+    packed_weights: bool | None  # None: decided from the memory available when the runner loads
     max_loras: int
     max_lora_rank: int

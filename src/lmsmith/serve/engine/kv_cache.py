@@ -37,6 +37,11 @@ class SlotKVCache:
         """The first `length` positions of several slots, [batch, kv_heads, length, head_dim] (a copy)."""
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
 
+    def run(self, layer: int, first_slot: int, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of slots first_slot .. first_slot + count - 1 (no copy)."""
+        end = first_slot + count
+        return self.keys[layer, first_slot:end, :, :length], self.values[layer, first_slot:end, :, :length]
+
     def view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` positions of one slot, [1, kv_heads, length, head_dim] (no copy)."""
         return (self.keys[layer, slot, :, :length].unsqueeze(0),

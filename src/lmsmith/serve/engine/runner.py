@@ -1,11 +1,13 @@
 """Executes one engine step: a single forward pass over every scheduled token, decodes and prompt pieces mixed.
 
-transformers supplies the model's modules (embedding, RMSNorms, projections, rotary embedding, MLP,
-LM head); this module runs its decoder layers itself, so one pass can carry many sequences at different
-positions without padding. The step's tokens are packed into one `[tokens, hidden]` matrix for every
-projection and MLP. Attention is torch's `scaled_dot_product_attention` over the slot KV cache:
+transformers supplies the model's modules (embedding, RMSNorms, rotary embedding, activation, LM head);
+this module runs its decoder layers itself, so one pass can carry many sequences at different positions
+without padding. The step's tokens are packed into one `[tokens, hidden]` matrix for every projection,
+and the projections are fused and, on CPU, prepacked for oneDNN (`projections.py`). Attention is torch's
+`scaled_dot_product_attention` over the slot KV cache:
 
-- all decode rows at once (one query each, keys gathered from their slots, masked past each position);
+- all decode rows at once (one query each, masked past each position), reading their slots in place
+  when they are a contiguous run (decode rows are ordered by slot, so they usually are), else gathered;
 - each prompt piece over a view of its own slot (causal, offset by what is already cached).
 
 Only rows that sample (decodes, and prompt pieces that reach the prompt's end) go through the final norm
@@ -25,6 +27,7 @@ from lmsmith.serve.engine.config import ResolvedEngineConfig
 from lmsmith.serve.engine.cuda_graphs import DecodeGraphs
 from lmsmith.serve.engine.kv_cache import SlotKVCache
 from lmsmith.serve.engine.lora import PROJECTIONS, Key, LoraBank, LoraPlan, LoraWeights
+from lmsmith.serve.engine.projections import LayerProjections, Projection, build_layer_projections, packing_supported
 from lmsmith.serve.engine.scheduler import ScheduledChunk
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
@@ -50,6 +53,7 @@ class StepBatch:
     slots: torch.Tensor  # [tokens] KV slot of each token
     num_decode: int
     decode_key_len: int  # keys read by the decode rows
+    decode_slot_start: int | None = None  # the decode rows' slots are start, start + 1, ... (read in place)
     pieces: list[PromptPiece] = field(default_factory=list)
     sample_rows: torch.Tensor | None = None  # rows that produce logits; None: all
     lora: LoraPlan | None = None
@@ -86,6 +90,10 @@ class ModelRunner:
         self.kv = SlotKVCache(len(self.layers), config.max_slots, self.num_kv_heads, config.max_model_len,
                               self.head_dim, self.dtype, self.device)
         self.lora = LoraBank(self.projection_shapes(), config.max_loras, config.max_lora_rank, self.dtype, self.device)
+        self.packed_weights = packing_supported(self.device, self.dtype) and (
+            config.packed_weights if config.packed_weights is not None else self._packed_copy_fits())
+        pack_rows = min(max(config.max_slots, 4), 64) if self.packed_weights else None
+        self.projections: list[LayerProjections] = build_layer_projections(self.layers, pack_rows)
         self._positions = torch.arange(config.max_model_len, device=self.device)
         self.graphs: DecodeGraphs | None = None
         if config.bucketed_decode:
@@ -94,6 +102,13 @@ class ModelRunner:
                 config.max_model_len, self.kv.scratch_slot, self.device, capture=config.cuda_graphs,
             )
         self._graph_lora_version = self.lora.version
+
+    def _packed_copy_fits(self) -> bool:
+        import psutil
+
+        copy_bytes = sum(in_features * out_features for in_features, out_features in self.projection_shapes().values())
+        copy_bytes *= torch.finfo(self.dtype).bits // 8
+        return copy_bytes <= psutil.virtual_memory().available // 2
 
     def projection_shapes(self) -> dict[Key, tuple[int, int]]:
         shapes = {}
@@ -112,7 +127,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """Run the step; returns the chunks that sample, in order, and their logits [n, vocab] (float32)."""
-        decodes = [chunk for chunk in chunks if chunk.count == 1]
+        # By slot: a contiguous run of slots is read in place by the decode attention.
+        decodes = sorted((chunk for chunk in chunks if chunk.count == 1), key=lambda chunk: chunk.seq.slot)
         pieces = [chunk for chunk in chunks if chunk.count > 1]
         if self.graphs is not None and not pieces and len(decodes) <= self.graphs.max_batch:
             return decodes, self._run_bucketed(decodes)
@@ -131,6 +147,7 @@ class ModelRunner:
         batch = StepBatch(
             input_ids=packed[0], positions=packed[1], slots=packed[2], num_decode=len(decodes),
             decode_key_len=max((chunk.start + 1 for chunk in decodes), default=0),
+            decode_slot_start=_contiguous_start([chunk.seq.slot for chunk in decodes]),
             lora=self.lora.plan(lora_rows, self.device) if self.lora.active else None,
         )
         sampling = list(decodes)
@@ -182,34 +199,42 @@ class ModelRunner:
             decode_positions = batch.positions[:batch.num_decode]
             keys = self._positions[:batch.decode_key_len]
             decode_mask = (keys.unsqueeze(0) <= decode_positions.unsqueeze(1))[:, None, None, :]
-        for index, layer in enumerate(self.layers):
-            attended = self._attention(index, layer, layer.input_layernorm(hidden), batch, rotary, decode_mask)
+        for index, (layer, projections) in enumerate(zip(self.layers, self.projections)):
+            attended = self._attention(index, layer, projections, layer.input_layernorm(hidden), batch, rotary,
+                                       decode_mask)
             hidden = hidden + attended
-            hidden = hidden + self._mlp(index, layer.mlp, layer.post_attention_layernorm(hidden), batch.lora)
+            hidden = hidden + self._mlp(index, layer.mlp, projections, layer.post_attention_layernorm(hidden),
+                                        batch.lora)
         if batch.sample_rows is not None:
             hidden = hidden.index_select(0, batch.sample_rows)
         return self.model.lm_head(self.decoder.norm(hidden)).float()
 
-    def _project(self, key: Key, module: torch.nn.Module, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
-        out = module(x)
+    def _with_lora(self, out: torch.Tensor, key: Key, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
         if lora is not None:
             delta = self.lora.delta(key, x, lora)
             if delta is not None:
-                out = out + delta
+                return out + delta
         return out
 
-    def _mlp(self, index: int, mlp: torch.nn.Module, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
-        gate = self._project((index, "gate_proj"), mlp.gate_proj, x, lora)
-        up = self._project((index, "up_proj"), mlp.up_proj, x, lora)
-        return self._project((index, "down_proj"), mlp.down_proj, mlp.act_fn(gate) * up, lora)
+    def _project(self, key: Key, projection: Projection, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
+        return self._with_lora(projection(x), key, x, lora)
 
-    def _attention(self, index: int, layer: torch.nn.Module, x: torch.Tensor, batch: StepBatch,
-                   rotary: tuple[torch.Tensor, torch.Tensor], decode_mask: torch.Tensor | None) -> torch.Tensor:
+    def _mlp(self, index: int, mlp: torch.nn.Module, projections: LayerProjections, x: torch.Tensor,
+             lora: LoraPlan | None) -> torch.Tensor:
+        gate, up = projections.gate_up(x).split(projections.mlp_width, dim=-1)
+        gate = self._with_lora(gate, (index, "gate_proj"), x, lora)
+        up = self._with_lora(up, (index, "up_proj"), x, lora)
+        return self._project((index, "down_proj"), projections.down, mlp.act_fn(gate) * up, lora)
+
+    def _attention(self, index: int, layer: torch.nn.Module, projections: LayerProjections, x: torch.Tensor,
+                   batch: StepBatch, rotary: tuple[torch.Tensor, torch.Tensor],
+                   decode_mask: torch.Tensor | None) -> torch.Tensor:
         attn = layer.self_attn
         tokens = x.shape[0]
-        q = self._project((index, "q_proj"), attn.q_proj, x, batch.lora).view(tokens, self.num_heads, self.head_dim)
-        k = self._project((index, "k_proj"), attn.k_proj, x, batch.lora).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self._project((index, "v_proj"), attn.v_proj, x, batch.lora).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = projections.qkv(x).split(projections.qkv_sizes, dim=-1)
+        q = self._with_lora(q, (index, "q_proj"), x, batch.lora).reshape(tokens, self.num_heads, self.head_dim)
+        k = self._with_lora(k, (index, "k_proj"), x, batch.lora).reshape(tokens, self.num_kv_heads, self.head_dim)
+        v = self._with_lora(v, (index, "v_proj"), x, batch.lora).reshape(tokens, self.num_kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = rotary
@@ -219,7 +244,10 @@ class ModelRunner:
         gqa = self.num_kv_heads != self.num_heads
         parts = []
         if batch.num_decode:
-            keys, values = self.kv.gather(index, batch.slots[:batch.num_decode], batch.decode_key_len)
+            if batch.decode_slot_start is not None:
+                keys, values = self.kv.run(index, batch.decode_slot_start, batch.num_decode, batch.decode_key_len)
+            else:
+                keys, values = self.kv.gather(index, batch.slots[:batch.num_decode], batch.decode_key_len)
             out = F.scaled_dot_product_attention(
                 q[:batch.num_decode].unsqueeze(2), keys, values, attn_mask=decode_mask,
                 scale=attn.scaling, enable_gqa=gqa,
@@ -234,9 +262,16 @@ class ModelRunner:
             )
             parts.append(out[0].transpose(0, 1))
         attended = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self._project((index, "o_proj"), attn.o_proj, attended.reshape(tokens, -1), batch.lora)
+        return self._project((index, "o_proj"), projections.o, attended.reshape(tokens, -1), batch.lora)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _contiguous_start(slots: list[int]) -> int | None:
+    """The first slot when `slots` are consecutive and ascending, else None."""
+    if slots and slots[-1] - slots[0] == len(slots) - 1 and all(b == a + 1 for a, b in zip(slots, slots[1:])):
+        return slots[0]
+    return None

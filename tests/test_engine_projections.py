@@ -1,0 +1,117 @@
+"""The engine's fused and prepacked projections, and decode attention read in place from the KV cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lmsmith.generation import quantize_dynamic_int8
+from lmsmith.serve.engine import Engine, EngineConfig, SamplingParams
+from lmsmith.serve.engine.config import EngineConfig as Config
+from lmsmith.serve.engine.projections import (
+    DenseProjection,
+    ModuleProjection,
+    build_layer_projections,
+    packing_supported,
+)
+from lmsmith.serve.engine.runner import ModelRunner, PromptPiece, StepBatch, _contiguous_start
+from tests.conftest import build_tiny_model
+from tests.test_engine import generate_ids, hf_greedy_ids
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+needs_packing = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32),
+                                   reason="this torch build has no oneDNN linear kernels")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return build_tiny_model(tiny_tokenizer, hidden_size=128, layers=2, seed=3).eval()
+
+
+@pytest.mark.parametrize("pack_rows", [None, pytest.param(8, marks=needs_packing)])
+def test_fused_projections_equal_the_models_own_linears(model, pack_rows):
+    reference = copy.deepcopy(model)
+    fused_model = copy.deepcopy(model)
+    built = build_layer_projections(list(fused_model.model.layers), pack_rows)
+    for layer, ref, projections in zip(fused_model.model.layers, reference.model.layers, built):
+        assert isinstance(projections.qkv, DenseProjection)
+        assert (projections.qkv.packed is not None) == (pack_rows is not None)
+        # The model's modules now point into the fused matrices: same values, no second copy.
+        assert layer.self_attn.q_proj.weight.data_ptr() == projections.qkv.weight.data_ptr()
+        assert torch.equal(layer.self_attn.k_proj.weight, ref.self_attn.k_proj.weight)
+        for rows in (1, 2, 5, 40):
+            x = torch.randn(rows, model.config.hidden_size)
+            attn, mlp = ref.self_attn, ref.mlp
+            with torch.no_grad():
+                expected_qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+                expected_gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+                wide = torch.randn(rows, mlp.down_proj.in_features)
+                torch.testing.assert_close(projections.qkv(x), expected_qkv, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(projections.gate_up(x), expected_gate_up, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(projections.o(x), attn.o_proj(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(projections.down(wide), mlp.down_proj(wide), rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+def test_packed_and_plain_engines_give_the_same_greedy_tokens(tiny_model_dir):
+    prompts = [[5, 6, 7], list(range(10, 60)), [9] * 20, list(range(100, 130)), [42]]
+    answers = {}
+    for packed in (True, False):
+        engine = Engine.load(tiny_model_dir, device="cpu", config=EngineConfig(max_slots=8, packed_weights=packed))
+        try:
+            assert engine._runner.packed_weights is packed
+            answers[packed] = generate_ids(engine, prompts, GREEDY)
+        finally:
+            engine.close()
+    assert answers[True] == answers[False]
+    assert all(len(ids) > 0 for ids in answers[True])
+
+
+def test_a_dynamically_quantized_model_is_served_through_its_own_modules(tiny_tokenizer):
+    model = quantize_dynamic_int8(build_tiny_model(tiny_tokenizer, hidden_size=128, layers=2, seed=4).eval())
+    engine = Engine(model, tiny_tokenizer, EngineConfig(max_slots=4))
+    try:
+        assert isinstance(engine._runner.projections[0].qkv, ModuleProjection)
+        prompts = [list(range(10, 40)), [7, 8, 9]]
+        # One request at a time: dynamic int8 scales activations per call, so rows batched together
+        # round differently than HF's one-sequence passes.
+        got = [generate_ids(engine, [prompt], GREEDY)[0] for prompt in prompts]
+    finally:
+        engine.close()
+    assert got == [hf_greedy_ids(model, prompt, GREEDY.max_tokens) for prompt in prompts]
+
+
+def test_contiguous_start():
+    assert _contiguous_start([3, 4, 5]) == 3
+    assert _contiguous_start([0]) == 0
+    assert _contiguous_start([0, 2, 3]) is None
+    assert _contiguous_start([1, 1]) is None
+    assert _contiguous_start([]) is None
+
+
+def test_decode_rows_read_in_place_match_gathered_keys(model):
+    runner = ModelRunner(copy.deepcopy(model), Config(max_slots=4).resolve("cpu", 512))
+    lengths = [9, 17, 5, 12]
+    with torch.inference_mode():
+        # Fill four slots with prompts of different lengths.
+        offset, pieces, ids, positions, slots = 0, [], [], [], []
+        for slot, length in enumerate(lengths):
+            pieces.append(PromptPiece(offset, length, slot, 0, None))
+            ids += torch.randint(0, model.config.vocab_size, (length,)).tolist()
+            positions += list(range(length))
+            slots += [slot] * length
+            offset += length
+        runner.forward(StepBatch(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), 0, 0, pieces=pieces))
+        snapshot = (runner.kv.keys.clone(), runner.kv.values.clone())
+
+        def decode(in_place: bool) -> torch.Tensor:
+            runner.kv.keys.copy_(snapshot[0])
+            runner.kv.values.copy_(snapshot[1])
+            return runner.forward(StepBatch(
+                input_ids=torch.tensor([11, 12, 13, 14]), positions=torch.tensor(lengths), slots=torch.arange(4),
+                num_decode=4, decode_key_len=max(lengths) + 1, decode_slot_start=0 if in_place else None,
+            ))
+
+        torch.testing.assert_close(decode(True), decode(False), rtol=0, atol=0)
