@@ -86,3 +86,4 @@ class StopStringFilter:
                     longest = size
                     break
         return longest
+

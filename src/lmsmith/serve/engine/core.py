@@ -2,11 +2,13 @@
 
 One step is three calls, as in vLLM's engine core: the scheduler decides (which sequences, how many of
 their tokens), the runner executes (one forward pass for all of them), and the engine applies the
-output (sample, detokenize, check stops, deliver chunks); the scheduler sees the result at the next
-step, when finished sequences leave and free their KV slots. Requests join and leave at every step.
+output (sample, check end-of-sequence and length, hand each request its new token); the scheduler sees
+the result at the next step, when finished sequences leave and free their KV slots. Requests join and
+leave at every step.
 
-Callers submit from any thread; chunks come back through a sink (an asyncio queue for `stream`, a
-plain queue for `stream_sync`). Admin calls that change the model's state (LoRA adapters) run on the
+Callers submit from any thread; token deltas come back through a sink (an asyncio queue for `stream`,
+a plain queue for `stream_sync`), and the consumer, not the engine thread, turns them into text and
+watches for stop strings (`TextAssembler`), ending the request when one appears. Admin calls that change the model's state (LoRA adapters) run on the
 worker thread between steps, so no step ever sees half an adapter.
 """
 
@@ -34,10 +36,12 @@ from lmsmith.serve.engine.request import (
     Event,
     Sequence,
     Sink,
+    TokenDelta,
     UnknownAdapterError,
 )
 from lmsmith.serve.engine.runner import ModelRunner
 from lmsmith.serve.engine.scheduler import ScheduledChunk, Scheduler
+from lmsmith.serve.engine.output import TextAssembler
 from lmsmith.serve.sampling import SamplingParams, sample_rows
 
 log = logging.getLogger("lmsmith.serve")
@@ -146,7 +150,7 @@ class Engine:
         return [int(i) for i in ids]
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, lora: str | None = None) -> Sequence:
-        """Queue a request; its chunks (or an EngineError) are passed to `sink` from the worker thread."""
+        """Queue a request; its `TokenDelta`s (or an EngineError) are passed to `sink` from the worker thread."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
@@ -157,8 +161,7 @@ class Engine:
                 if lora not in self._lora_rows:
                     raise UnknownAdapterError(f"no LoRA adapter named {lora!r} is loaded")
                 lora_index = self._lora_rows[lora]
-        sequence = Sequence(next(self._ids), list(prompt_ids), params, sink, self.tokenizer,
-                            self._runner.device, lora, lora_index)
+        sequence = Sequence(next(self._ids), list(prompt_ids), params, sink, self._runner.device, lora, lora_index)
         self._scheduler.add(sequence)
         return sequence
 
@@ -166,32 +169,42 @@ class Engine:
         """Chunks as they are generated. Closing the iterator early cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+        assembler = TextAssembler(self.tokenizer, params.stop)
         sequence = self.submit(prompt_ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), lora)
         try:
             while True:
-                event = await events.get()
-                if isinstance(event, EngineError):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
-                    return
+                chunk = self._assemble(sequence, assembler, await events.get())
+                if chunk is not None:
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
         finally:
             self._cancel(sequence)
 
     def stream_sync(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> Iterator[Chunk]:
         """`stream` for synchronous callers (the terminal chat)."""
         events: queue.Queue[Event] = queue.Queue()
+        assembler = TextAssembler(self.tokenizer, params.stop)
         sequence = self.submit(prompt_ids, params, events.put, lora)
         try:
             while True:
-                event = events.get()
-                if isinstance(event, EngineError):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
-                    return
+                chunk = self._assemble(sequence, assembler, events.get())
+                if chunk is not None:
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
         finally:
             self._cancel(sequence)
+
+    def _assemble(self, sequence: Sequence, assembler: TextAssembler, event: Event) -> Chunk | None:
+        """The consumer's half of a step: text for the caller, and an early end when a stop string shows."""
+        if isinstance(event, EngineError):
+            raise event
+        chunk = assembler.feed(event)
+        if assembler.stopped_early:
+            sequence.cancel("stop")
+            self._scheduler.wake()
+        return chunk
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> Completion:
         parts: list[str] = []
@@ -287,7 +300,7 @@ class Engine:
             if plan is None:
                 break
             for seq in plan.cancelled:
-                self._finish(seq, "cancelled")
+                self._finish(seq, seq.cancel_reason)
             if not plan.chunks:
                 continue
             try:
@@ -334,28 +347,20 @@ class Engine:
     def _advance(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         if token in self._eos_ids:
-            self._finish(seq, "stop", seq.stops.feed(seq.detokenizer.flush()) + seq.stops.flush())
-            return
-        text = seq.stops.feed(seq.detokenizer.push(token))
-        if seq.stops.stopped:
-            self._finish(seq, "stop", text)
-            return
-        if seq.num_output >= seq.params.max_tokens or seq.length >= self.max_context:
-            text += seq.stops.feed(seq.detokenizer.flush())
-            reason = "stop" if seq.stops.stopped else "length"
-            self._finish(seq, reason, text + seq.stops.flush())
-            return
-        if text:
-            self._deliver(seq, Chunk(text, seq.num_prompt, seq.num_output))
+            self._finish(seq, "stop", token)
+        elif seq.num_output >= seq.params.max_tokens or seq.length >= self.max_context:
+            self._finish(seq, "length", token)
+        else:
+            self._deliver(seq, TokenDelta(token, seq.num_prompt, seq.num_output))
 
-    def _finish(self, seq: Sequence, reason: str, text: str = "") -> None:
+    def _finish(self, seq: Sequence, reason: str, token: int | None = None) -> None:
         seq.finish_reason = reason
         self._scheduler.release(seq)  # the KV slot is free before the caller hears the request ended
         with self._stats_lock:
             self._stats["cancelled" if reason == "cancelled" else "completed"] += 1
             self._stats["prompt_tokens"] += seq.num_prompt
             self._stats["completion_tokens"] += seq.num_output
-        self._deliver(seq, Chunk(text, seq.num_prompt, seq.num_output, reason))
+        self._deliver(seq, TokenDelta(token, seq.num_prompt, seq.num_output, reason))
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         seq.finish_reason = "error"

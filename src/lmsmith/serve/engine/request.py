@@ -1,15 +1,19 @@
-"""A request's state inside the engine, and what callers get back from it (chunks, completions, errors)."""
+"""A request's state inside the engine, and what callers get back from it.
+
+The engine thread hands each request's consumer a `TokenDelta` per step (token ids, never text); the
+consumer turns them into text `Chunk`s (`lmsmith.serve.text.TextAssembler`), so detokenizing and stop
+strings never cost an engine step.
+"""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Callable, Union
 
 import torch
 
 from lmsmith.serve.sampling import SamplingParams, make_generator
-from lmsmith.serve.text import IncrementalDetokenizer, StopStringFilter
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,18 @@ class Chunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None  # "stop" (eos or stop string), "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One step's news for one request, from the engine thread to the request's consumer."""
+
+    token_id: int | None  # the newest token; None when the request ended without one (cancelled)
+    prompt_tokens: int
+    completion_tokens: int
+    # "stop": the token is an end-of-sequence token (never text); "length"; "cancelled"; or a reason the
+    # consumer asked for when it ended the request itself (a stop string)
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +56,7 @@ class UnknownAdapterError(ValueError):
     """A request named a LoRA adapter that is not loaded (never was, or was removed)."""
 
 
-Event = Union[Chunk, EngineError]
+Event = Union[TokenDelta, EngineError]
 Sink = Callable[[Event], None]
 
 
@@ -53,7 +69,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams, sink: Sink,
-                 tokenizer: Any, device: torch.device, lora_name: str | None = None, lora_index: int = 0):
+                 device: torch.device, lora_name: str | None = None, lora_index: int = 0):
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
         self.num_prompt = len(prompt_ids)
@@ -63,15 +79,19 @@ class Sequence:
         self.lora_name = lora_name
         self.lora_index = lora_index  # row of the adapter bank; 0 is the base model
         self.slot: int | None = None  # KV slot, assigned by the scheduler on admission
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stops = StopStringFilter(params.stop)
         self.generator = make_generator(params, device)
         self.finish_reason: str | None = None
+        self.cancel_reason = "cancelled"
         self._cancelled = threading.Event()
 
-    def cancel(self) -> None:
-        """Ask the engine to drop this sequence at its next step (safe from any thread, idempotent)."""
-        self._cancelled.set()
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the engine to drop this sequence at its next step (safe from any thread; the first reason wins).
+
+        "cancelled" is an abandoned request; the consumer ends a request with "stop" when it sees a stop string.
+        """
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
+            self._cancelled.set()
 
     @property
     def cancelled(self) -> bool:
