@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmsmith.generation import quantize_dynamic_int8
 from lmsmith.serve.engine import Engine, EngineConfig, SamplingParams
@@ -13,9 +14,12 @@ from lmsmith.serve.engine.config import EngineConfig as Config
 from lmsmith.serve.engine.projections import (
     DenseProjection,
     ModuleProjection,
+    OneDnnKernel,
     build_layer_projections,
+    choose_row_kernel,
     packing_supported,
 )
+from lmsmith.serve.engine.skinny import SkinnyKernel, load_skinny_kernel
 from lmsmith.serve.engine.runner import ModelRunner, PromptPiece, StepBatch, _contiguous_start
 from tests.conftest import build_tiny_model
 from tests.test_engine import generate_ids, hf_greedy_ids
@@ -30,18 +34,30 @@ def model(tiny_tokenizer):
     return build_tiny_model(tiny_tokenizer, hidden_size=128, layers=2, seed=3).eval()
 
 
-@pytest.mark.parametrize("pack_rows", [None, pytest.param(8, marks=needs_packing)])
-def test_fused_projections_equal_the_models_own_linears(model, pack_rows):
+KERNELS = {
+    "none": lambda: None,
+    "onednn": lambda: OneDnnKernel(8),
+    "skinny": load_skinny_kernel,
+}
+
+
+@pytest.mark.parametrize("kernel_name", [
+    "none",
+    pytest.param("onednn", marks=needs_packing),
+    pytest.param("skinny", marks=pytest.mark.skipif(load_skinny_kernel() is None, reason="no AVX-512 or C compiler")),
+])
+def test_fused_projections_equal_the_models_own_linears(model, kernel_name):
+    kernel = KERNELS[kernel_name]()
     reference = copy.deepcopy(model)
     fused_model = copy.deepcopy(model)
-    built = build_layer_projections(list(fused_model.model.layers), pack_rows)
+    built = build_layer_projections(list(fused_model.model.layers), kernel)
     for layer, ref, projections in zip(fused_model.model.layers, reference.model.layers, built):
         assert isinstance(projections.qkv, DenseProjection)
-        assert (projections.qkv.packed is not None) == (pack_rows is not None)
+        assert (projections.qkv.packed is not None) == (kernel is not None)
         # The model's modules now point into the fused matrices: same values, no second copy.
         assert layer.self_attn.q_proj.weight.data_ptr() == projections.qkv.weight.data_ptr()
         assert torch.equal(layer.self_attn.k_proj.weight, ref.self_attn.k_proj.weight)
-        for rows in (1, 2, 5, 40):
+        for rows in (1, 2, 3, 5, 8, 13, 40):
             x = torch.randn(rows, model.config.hidden_size)
             attn, mlp = ref.self_attn, ref.mlp
             with torch.no_grad():
@@ -115,3 +131,31 @@ def test_decode_rows_read_in_place_match_gathered_keys(model):
             ))
 
         torch.testing.assert_close(decode(True), decode(False), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(load_skinny_kernel() is None, reason="no AVX-512 or C compiler")
+@pytest.mark.parametrize("out_features, in_features", [(64, 64), (100, 333), (6, 17), (96, 1024)])
+def test_skinny_kernel_equals_f_linear_for_every_row_count_and_ragged_shapes(out_features, in_features):
+    kernel = load_skinny_kernel()
+    weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
+    panels = SkinnyKernel.pack(weight)
+    assert panels.shape == (-(-out_features // 32), in_features, 32)
+    for rows in range(1, 20):
+        x = torch.randn(rows, in_features)
+        torch.testing.assert_close(kernel.linear(x, panels, out_features, bias), F.linear(x, weight, bias),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kernel.linear(x, panels, out_features, None), F.linear(x, weight),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_skinny_kernel_is_off_when_asked(monkeypatch):
+    from lmsmith.serve.engine import skinny
+
+    monkeypatch.setenv("LMSMITH_SKINNY_GEMM", "0")
+    skinny.load_skinny_kernel.cache_clear()
+    try:
+        assert skinny.load_skinny_kernel() is None
+        fallback = OneDnnKernel if packing_supported(torch.device("cpu"), torch.float32) else type(None)
+        assert isinstance(choose_row_kernel(torch.device("cpu"), torch.float32, 8), fallback)
+    finally:
+        skinny.load_skinny_kernel.cache_clear()

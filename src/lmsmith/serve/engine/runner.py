@@ -27,7 +27,13 @@ from lmsmith.serve.engine.config import ResolvedEngineConfig
 from lmsmith.serve.engine.cuda_graphs import DecodeGraphs
 from lmsmith.serve.engine.kv_cache import SlotKVCache
 from lmsmith.serve.engine.lora import PROJECTIONS, Key, LoraBank, LoraPlan, LoraWeights
-from lmsmith.serve.engine.projections import LayerProjections, Projection, build_layer_projections, packing_supported
+from lmsmith.serve.engine.projections import (
+    LayerProjections,
+    Projection,
+    build_layer_projections,
+    choose_row_kernel,
+    packing_supported,
+)
 from lmsmith.serve.engine.scheduler import ScheduledChunk
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
@@ -92,8 +98,9 @@ class ModelRunner:
         self.lora = LoraBank(self.projection_shapes(), config.max_loras, config.max_lora_rank, self.dtype, self.device)
         self.packed_weights = packing_supported(self.device, self.dtype) and (
             config.packed_weights if config.packed_weights is not None else self._packed_copy_fits())
-        pack_rows = min(max(config.max_slots, 4), 64) if self.packed_weights else None
-        self.projections: list[LayerProjections] = build_layer_projections(self.layers, pack_rows)
+        self.row_kernel = (choose_row_kernel(self.device, self.dtype, rows_hint=min(max(config.max_slots, 4), 64))
+                           if self.packed_weights else None)
+        self.projections: list[LayerProjections] = build_layer_projections(self.layers, self.row_kernel)
         self._positions = torch.arange(config.max_model_len, device=self.device)
         self.graphs: DecodeGraphs | None = None
         if config.bucketed_decode:
