@@ -19,6 +19,10 @@ Backends:
 
 The model is random-init (nothing is downloaded) with a byte-level BPE tokenizer trained here; both are
 written to a temporary folder. Prints a table and one JSON object (`--json-out` writes it to a file).
+
+`--rounds N` repeats the batching backends N times in alternating order (A B, B A, ...), because a
+shared machine's speed drifts by tens of percent over minutes: each round's ratio compares neighbours in
+time, and the table shows each metric's median over the rounds. `hf-generate` runs in the first round only.
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ import httpx
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The 108M model of the stack notes: hidden 1024, 8 layers; the MLP width brings it to ~108M parameters.
+    # Requests of 128 prompt + 256 new tokens, as in the stack notes' transformers CB measurements.
     "cpu": dict(hidden=1024, layers=8, heads=16, kv_heads=8, target_params=108e6, device="cpu", dtype="float32",
-                num_requests=32, concurrency=8, request_rate=math.inf, prompt_tokens=96, max_tokens=64),
+                num_requests=32, concurrency=8, request_rate=math.inf, prompt_tokens=128, max_tokens=256,
+                hf_requests=8),
     # Qwen2-0.5B's architecture (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864), bf16.
     "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, device="cuda", dtype="bfloat16",
                 num_requests=1024, concurrency=256, request_rate=math.inf, prompt_tokens=128, max_tokens=256),
@@ -333,7 +339,7 @@ def summarize(records: list[Record], duration: float) -> dict[str, Any]:
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     names = list(results)
-    rows = [("completed / errors", lambda r: f"{r['completed']} / {r['errors']}"),
+    rows = [("completed / errors", lambda r: f"{int(r['completed'])} / {int(r['errors'])}"),
             ("request throughput (req/s)", lambda r: f"{r['request_throughput']:.2f}"),
             ("output tok/s", lambda r: f"{r['output_tok_s']:.1f}")]
     for metric in ("ttft", "tpot", "itl", "e2e"):
@@ -360,12 +366,14 @@ def main() -> None:
     parser.add_argument("--hf-requests", type=int, help="hf-generate: run only this many requests (it is slow).")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
+    parser.add_argument("--rounds", type=int, default=1, help="Repeat the batching backends, alternating order.")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
-    for key in ("num_requests", "concurrency", "request_rate", "prompt_tokens", "max_tokens", "device", "dtype"):
+    for key in ("num_requests", "concurrency", "request_rate", "prompt_tokens", "max_tokens", "device", "dtype",
+                "hf_requests"):
         if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+            setattr(args, key, preset.get(key))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from transformers import AutoTokenizer
@@ -379,10 +387,8 @@ def main() -> None:
             parameters = build_model(model_dir, preset)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         prompts = make_prompts(args.num_requests, args.prompt_tokens, tokenizer)
-        results: dict[str, dict[str, Any]] = {}
-        for backend in args.backends:
-            print(f"running {backend}", file=sys.stderr)
-            results[backend] = asyncio.run(run_backend(backend, model_dir, tokenizer, prompts, args, work))
+        rounds = run_rounds(args, model_dir, tokenizer, prompts, work)
+        results = {backend: median_summary([r[backend] for r in rounds if backend in r]) for backend in args.backends}
         report = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -390,22 +396,63 @@ def main() -> None:
             "preset": args.preset, "parameters": parameters, "device": args.device, "dtype": args.dtype,
             "num_requests": args.num_requests, "concurrency": args.concurrency,
             "request_rate": str(args.request_rate), "prompt_tokens": args.prompt_tokens,
-            "max_tokens": args.max_tokens, "results": results,
+            "max_tokens": args.max_tokens, "rounds": rounds, "results": results,
         }
         if "lmsmith" in results:
-            ours = results["lmsmith"]["output_tok_s"]
-            report["ratios_output_tok_s"] = {
-                f"lmsmith/{name}": ours / result["output_tok_s"]
-                for name, result in results.items() if name != "lmsmith" and result["output_tok_s"] > 0
-            }
+            report["ratios_output_tok_s"] = round_ratios(rounds)
         print_table(results)
-        for name, ratio in report.get("ratios_output_tok_s", {}).items():
-            print(f"{name} output tok/s: {ratio:.2f}x")
+        for name, ratios in report.get("ratios_output_tok_s", {}).items():
+            each = ", ".join(f"{ratio:.2f}" for ratio in ratios["rounds"])
+            print(f"{name} output tok/s: {ratios['median']:.2f}x (median; rounds: {each})")
         print(json.dumps(report, indent=2))
         if args.json_out:
             args.json_out.write_text(json.dumps(report, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_rounds(args: argparse.Namespace, model_dir: Path, tokenizer: Any, prompts: list[list[dict[str, str]]],
+               work: Path) -> list[dict[str, dict[str, Any]]]:
+    """Each round runs every batching backend once, in alternating order; hf-generate only in round 1."""
+    batching = [backend for backend in args.backends if backend != "hf-generate"]
+    rounds = []
+    for index in range(max(args.rounds, 1)):
+        order = batching if index % 2 == 0 else batching[::-1]
+        if index == 0 and "hf-generate" in args.backends:
+            order = order + ["hf-generate"]
+        results: dict[str, dict[str, Any]] = {}
+        for backend in order:
+            print(f"round {index + 1}: running {backend}", file=sys.stderr)
+            results[backend] = asyncio.run(run_backend(backend, model_dir, tokenizer, prompts, args, work))
+            results[backend]["load_average_1m"] = os.getloadavg()[0]
+        rounds.append(results)
+    return rounds
+
+
+def median_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each number's median over the rounds (nested latency dicts too); the first round's other fields."""
+    merged = dict(summaries[0])
+    for key, value in summaries[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(s[key] for s in summaries)
+        elif isinstance(value, dict):
+            merged[key] = {}
+            for name in value:
+                present = [s[key][name] for s in summaries if s[key].get(name) is not None]
+                merged[key][name] = statistics.median(present) if present else None
+    merged["rounds"] = len(summaries)
+    return merged
+
+
+def round_ratios(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """lmsmith's output tok/s over each other backend's, per round (same round only) and the median."""
+    ratios: dict[str, list[float]] = {}
+    for results in rounds:
+        ours = results["lmsmith"]["output_tok_s"]
+        for name, result in results.items():
+            if name != "lmsmith" and result["output_tok_s"] > 0:
+                ratios.setdefault(f"lmsmith/{name}", []).append(ours / result["output_tok_s"])
+    return {name: {"rounds": values, "median": statistics.median(values)} for name, values in ratios.items()}
 
 
 async def run_backend(backend: str, model_dir: Path, tokenizer: Any, prompts: list[list[dict[str, str]]],

@@ -43,7 +43,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     fields = {
         "host": args.host, "port": args.port, "max_new_tokens": args.max_new_tokens, "device": args.device,
         "dtype": args.dtype, "max_slots": args.max_slots, "max_model_len": args.max_model_len,
-        "prefill_chunk": args.prefill_chunk, "cuda_graphs": args.cuda_graphs, "loras": loras, "upstreams": upstreams, "tokenizer": args.tokenizer,
+        "prefill_chunk": args.prefill_chunk, "cuda_graphs": args.cuda_graphs,
+        "packed_weights": args.packed_weights, "loras": loras, "upstreams": upstreams, "tokenizer": args.tokenizer,
         "health_check_interval_s": args.health_interval, "embedding_model": args.embedding_model,
         "cache": {"backend": args.cache, "max_entries": args.cache_size, "ttl_s": args.cache_ttl,
                   "redis_url": args.redis_url},
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-chunk", type=int, default=256, help="Largest prompt piece per engine step.")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="Run decode steps eagerly on CUDA.")
+    serve.add_argument("--packed-weights", action=argparse.BooleanOptionalAction, default=None,
+                       help="On CPU, keep a row-kernel copy of every projection (faster decode, the projections' "
+                            "memory again); default: when it fits in half the free memory.")
     serve.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                        help="Load a peft adapter at start; requests select it with model=NAME (repeatable).")
     serve.add_argument("--upstream", action="append", default=[], metavar="URL[,URL...]",

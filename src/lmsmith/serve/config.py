@@ -97,6 +97,9 @@ class ServeConfig(StrictModel):
     max_model_len: Optional[int] = Field(None, ge=2, description="Longest prompt + answer; default: the model's.")
     prefill_chunk: int = Field(256, ge=1, description="Largest piece of one prompt per engine step.")
     cuda_graphs: bool = Field(True, description="On CUDA, replay decode steps from captured graphs.")
+    packed_weights: Optional[bool] = Field(
+        None, description="On CPU, keep a row-kernel copy of every projection (faster decode, their memory "
+                          "again); None: when it fits in half the free memory.")
     loras: dict[str, str] = Field(
         default_factory=dict, description="Adapters loaded at start, name -> peft folder; requests pick one by `model`."
     )
@@ -117,7 +120,8 @@ class ServeConfig(StrictModel):
         from lmsmith.serve.engine.config import EngineConfig
 
         return EngineConfig(max_slots=self.max_slots, max_model_len=self.max_model_len,
-                            prefill_chunk=self.prefill_chunk, cuda_graphs=self.cuda_graphs)
+                            prefill_chunk=self.prefill_chunk, cuda_graphs=self.cuda_graphs,
+                            packed_weights=self.packed_weights)
 
     @field_validator("loras")
     @classmethod
