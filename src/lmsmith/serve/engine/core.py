@@ -230,7 +230,8 @@ class Engine:
         with self._lora_lock:
             if name in self._lora_rows:
                 raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
-        weights = read_peft_adapter(name, path, self._runner.projection_shapes())  # file I/O off the worker
+        weights = read_peft_adapter(name, path, self._runner.projection_shapes(),  # file I/O off the worker
+                                    self._runner.token_space())
 
         def install() -> LoraInfo:
             row = self._runner.install_lora(weights)

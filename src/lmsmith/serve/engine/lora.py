@@ -10,6 +10,9 @@ base projection once for all rows and adds each row's `x @ A_i @ B_i`:
   (grouped: cheap for long prompt pieces);
 - in the fixed shapes of a CUDA graph, gathered per row with `bmm` (punica's BGMV idea, in plain torch):
   no data-dependent shapes, and row 0 of the bank makes the base rows add zero.
+
+Embedding rows trained beside the adapter (peft trainable tokens) are kept per bank row by
+`token_rows.TokenOverrides`; steps that use them run eagerly.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmsmith.errors import UserError
+from lmsmith.serve.engine.token_rows import AdapterTokens, TokenOverrides, TokenSpace, extract_token_rows
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _WEIGHT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -44,10 +48,13 @@ class LoraInfo:
 class LoraWeights:
     info: LoraInfo
     pairs: dict[Key, tuple[torch.Tensor, torch.Tensor]]  # A [in, r], scaled B [r, out]
+    tokens: AdapterTokens = field(default_factory=AdapterTokens)
 
 
-def read_peft_adapter(name: str, path: str | Path, shapes: dict[Key, tuple[int, int]]) -> LoraWeights:
-    """Read a peft LoRA folder and check it fits the base model (`shapes`: (in, out) per projection)."""
+def read_peft_adapter(name: str, path: str | Path, shapes: dict[Key, tuple[int, int]],
+                      space: TokenSpace | None = None) -> LoraWeights:
+    """Read a peft LoRA folder and check it fits the base model (`shapes`: (in, out) per projection;
+    `space`: the embedding that trained token rows must fit, None to refuse such rows)."""
     folder = Path(path)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
@@ -62,13 +69,14 @@ def read_peft_adapter(name: str, path: str | Path, shapes: dict[Key, tuple[int, 
         if config.get(unsupported):
             raise UserError(f"{config_file}: {unsupported} is not supported by the serving engine")
     raw = _read_weights(folder)
+    tokens = AdapterTokens() if space is None else extract_token_rows(raw, config, folder, space)
     found: dict[Key, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         match = _WEIGHT_KEY.search(key)
         if match is None or match.group(2) not in PROJECTIONS:
             raise UserError(f"{folder}: weight {key!r} is not a LoRA on an attention or MLP projection")
         found.setdefault((int(match.group(1)), match.group(2)), {})[match.group(3)] = tensor
-    if not found:
+    if not found and not tokens:
         raise UserError(f"{folder}: the adapter holds no LoRA weights")
     alpha = float(config.get("lora_alpha", 8))
     pairs: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -85,8 +93,11 @@ def read_peft_adapter(name: str, path: str | Path, shapes: dict[Key, tuple[int, 
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         pairs[key] = (a.t().float(), (b.t().float() * scale))
     ranks = {pair[0].shape[1] for pair in pairs.values()}
-    info = LoraInfo(name, str(folder), max(ranks), tuple(sorted({key[1] for key in pairs})))
-    return LoraWeights(info, pairs)
+    targets = {key[1] for key in pairs}
+    targets |= {"embed_tokens"} if tokens.embedding is not None else set()
+    targets |= {"lm_head"} if tokens.head is not None else set()
+    info = LoraInfo(name, str(folder), max(ranks, default=0), tuple(sorted(targets)))
+    return LoraWeights(info, pairs, tokens)
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +128,7 @@ class LoraBank:
     """Adapters resident on the device, addressed by bank row; row 0 is the base model."""
 
     def __init__(self, shapes: dict[Key, tuple[int, int]], max_loras: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, vocab: int = 0):
         self.shapes = shapes
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -130,10 +141,12 @@ class LoraBank:
         self.rows: dict[str, int] = {}
         self.infos: dict[str, LoraInfo] = {}
         self.version = 0  # bumped when the bank's tensors are (re)allocated: captured graphs are stale
+        self.vocab = vocab
+        self.tokens = TokenOverrides(dtype, device)
 
     @property
     def active(self) -> bool:
-        return bool(self.a)
+        return bool(self.rows)
 
     def install(self, weights: LoraWeights) -> int:
         name = weights.info.name
@@ -143,7 +156,8 @@ class LoraBank:
             raise UserError(
                 f"{weights.info.path}: rank {weights.info.rank} is above the engine's max_lora_rank {self.max_rank}"
             )
-        free = [row for row in range(1, self.max_loras + 1) if self.rank[row] == 0]
+        taken = set(self.rows.values())
+        free = [row for row in range(1, self.max_loras + 1) if row not in taken]
         if not free:
             raise ValueError(f"{self.max_loras} LoRA adapters are loaded already; remove one first")
         row = free[0]
@@ -159,6 +173,7 @@ class LoraBank:
             self.b[key][row, :rank] = b.to(self.dtype)
         self.rank[row] = weights.info.rank
         self.targets[row] = frozenset(weights.pairs)
+        self.tokens.install(row, weights.tokens, self.vocab)
         self.rows[name] = row
         self.infos[name] = weights.info
         return row
@@ -171,6 +186,7 @@ class LoraBank:
             self.b[key][row].zero_()
         self.rank[row] = 0
         self.targets[row] = frozenset()
+        self.tokens.remove(row)
         return row
 
     def plan(self, token_rows: list[int], device: torch.device) -> LoraPlan | None:

@@ -35,6 +35,7 @@ from lmsmith.serve.engine.projections import (
     packing_supported,
 )
 from lmsmith.serve.engine.scheduler import ScheduledChunk
+from lmsmith.serve.engine.token_rows import TokenSpace
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 
@@ -63,6 +64,7 @@ class StepBatch:
     pieces: list[PromptPiece] = field(default_factory=list)
     sample_rows: torch.Tensor | None = None  # rows that produce logits; None: all
     lora: LoraPlan | None = None
+    sample_lora_rows: list[int] | None = None  # adapter bank row of each sampled row (eager steps with adapters)
 
 
 def check_supported(model) -> None:
@@ -95,7 +97,8 @@ class ModelRunner:
         self.head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // self.num_heads
         self.kv = SlotKVCache(len(self.layers), config.max_slots, self.num_kv_heads, config.max_model_len,
                               self.head_dim, self.dtype, self.device)
-        self.lora = LoraBank(self.projection_shapes(), config.max_loras, config.max_lora_rank, self.dtype, self.device)
+        self.lora = LoraBank(self.projection_shapes(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
+                             vocab=model.get_input_embeddings().num_embeddings)
         self.packed_weights = packing_supported(self.device, self.dtype) and (
             config.packed_weights if config.packed_weights is not None else self._packed_copy_fits())
         self.row_kernel = (choose_row_kernel(self.device, self.dtype, rows_hint=min(max(config.max_slots, 4), 64))
@@ -126,6 +129,13 @@ class ModelRunner:
                 shapes[(index, name)] = (module.in_features, module.out_features)
         return shapes
 
+    def token_space(self) -> TokenSpace:
+        """What an adapter's trained token rows must fit; tied: the LM head reads the embedding's rows."""
+        embedding = self.model.get_input_embeddings().weight
+        head = self.model.get_output_embeddings()
+        tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+        return TokenSpace(vocab=embedding.shape[0], hidden=embedding.shape[1], tied=tied)
+
     def install_lora(self, weights: LoraWeights) -> int:
         return self.lora.install(weights)
 
@@ -137,7 +147,8 @@ class ModelRunner:
         # By slot: a contiguous run of slots is read in place by the decode attention.
         decodes = sorted((chunk for chunk in chunks if chunk.count == 1), key=lambda chunk: chunk.seq.slot)
         pieces = [chunk for chunk in chunks if chunk.count > 1]
-        if self.graphs is not None and not pieces and len(decodes) <= self.graphs.max_batch:
+        if (self.graphs is not None and not pieces and len(decodes) <= self.graphs.max_batch
+                and not self.lora.tokens.uses({chunk.seq.lora_index for chunk in decodes})):
             return decodes, self._run_bucketed(decodes)
         ordered = decodes + pieces
         token_ids: list[int] = []
@@ -172,6 +183,8 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
         if len(sample_rows) < offset:
             batch.sample_rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        if batch.lora is not None:
+            batch.sample_lora_rows = [chunk.seq.lora_index for chunk in sampling]
         return sampling, self.forward(batch)
 
     def _run_bucketed(self, decodes: list[ScheduledChunk]) -> torch.Tensor:
@@ -199,6 +212,8 @@ class ModelRunner:
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         hidden = self.decoder.embed_tokens(batch.input_ids)
+        if batch.lora is not None and batch.lora.segments:
+            hidden = self.lora.tokens.apply_to_embeddings(hidden, batch.input_ids, batch.lora.segments)
         cos, sin = self.decoder.rotary_emb(hidden, batch.positions.unsqueeze(0))
         rotary = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [tokens, 1, head_dim]
         decode_mask = None
@@ -214,7 +229,11 @@ class ModelRunner:
                                         batch.lora)
         if batch.sample_rows is not None:
             hidden = hidden.index_select(0, batch.sample_rows)
-        return self.model.lm_head(self.decoder.norm(hidden)).float()
+        normed = self.decoder.norm(hidden)
+        logits = self.model.lm_head(normed).float()
+        if batch.sample_lora_rows is not None:
+            logits = self.lora.tokens.apply_to_logits(logits, normed, batch.sample_lora_rows)
+        return logits
 
     def _with_lora(self, out: torch.Tensor, key: Key, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
         if lora is not None:
