@@ -3,7 +3,7 @@
 transformers supplies the model's modules (embedding, RMSNorms, rotary embedding, activation, LM head);
 this module runs its decoder layers itself, so one pass can carry many sequences at different positions
 without padding. The step's tokens are packed into one `[tokens, hidden]` matrix for every projection,
-and the projections are fused and, on CPU, prepacked for oneDNN (`projections.py`). Attention is torch's
+and the projections are fused and, on CPU, laid out for a few-row kernel (`projections.py`). Attention is torch's
 `scaled_dot_product_attention` over the slot KV cache:
 
 - all decode rows at once (one query each, masked past each position), reading their slots in place
