@@ -23,7 +23,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import serve_bench  # noqa: E402  (the model builder is shared with the serving benchmark)
+import bench_models  # noqa: E402  (the random models the serving benchmark uses)
 
 
 def build_runners(model, max_slots: int) -> dict[str, object]:
@@ -55,7 +55,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="engine_step_bench_") as work:
         folder = Path(work) / "model"
-        parameters = serve_bench.build_model(folder, serve_bench.PRESETS["cpu"])
+        parameters = bench_models.build_model(folder, bench_models.PRESETS["cpu"])
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     runners = build_runners(model, max(args.rows))
     print(f"{parameters / 1e6:.0f}M parameters, {args.dtype}, {torch.get_num_threads()} threads, "
