@@ -159,3 +159,15 @@ def test_skinny_kernel_is_off_when_asked(monkeypatch):
         assert isinstance(choose_row_kernel(torch.device("cpu"), torch.float32, 8), fallback)
     finally:
         skinny.load_skinny_kernel.cache_clear()
+
+
+def test_packed_weights_flows_from_cli_and_config_to_the_engine():
+    from lmsmith.cli import build_parser
+    from lmsmith.serve.config import ServeConfig
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "model"]).packed_weights is None
+    assert parser.parse_args(["serve", "model", "--no-packed-weights"]).packed_weights is False
+    assert parser.parse_args(["serve", "model", "--packed-weights"]).packed_weights is True
+    assert ServeConfig(packed_weights=False).engine_config().packed_weights is False
+    assert ServeConfig().engine_config().packed_weights is None
