@@ -78,6 +78,7 @@ def test_packed_and_plain_engines_give_the_same_greedy_tokens(tiny_model_dir):
         engine = Engine.load(tiny_model_dir, device="cpu", config=EngineConfig(max_slots=8, packed_weights=packed))
         try:
             assert engine._runner.packed_weights is packed
+            assert (engine.stats()["packed_weight_bytes"] > 0) is packed
             answers[packed] = generate_ids(engine, prompts, GREEDY)
         finally:
             engine.close()

@@ -8,8 +8,9 @@ leave at every step.
 
 Callers submit from any thread; token deltas come back through a sink (an asyncio queue for `stream`,
 a plain queue for `stream_sync`), and the consumer, not the engine thread, turns them into text and
-watches for stop strings (`TextAssembler`), ending the request when one appears. Admin calls that change the model's state (LoRA adapters) run on the
-worker thread between steps, so no step ever sees half an adapter.
+watches for stop strings (`TextAssembler`), ending the request when one appears. Admin calls that
+change the model's state (LoRA adapters) run on the worker thread between steps, so no step ever sees
+half an adapter.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from lmsmith.serve.engine.request import (
     TokenDelta,
     UnknownAdapterError,
 )
+from lmsmith.serve.engine.output import TextAssembler
 from lmsmith.serve.engine.runner import ModelRunner
 from lmsmith.serve.engine.scheduler import ScheduledChunk, Scheduler
-from lmsmith.serve.engine.output import TextAssembler
 from lmsmith.serve.sampling import SamplingParams, sample_rows
 
 log = logging.getLogger("lmsmith.serve")
@@ -74,7 +75,8 @@ class Engine:
 
     `stats()`: completed/cancelled/failed requests, prompt and completion tokens, running and waiting
     sequences, the last step's batch size, tokens and milliseconds, KV slots used/free/total, steps,
-    loaded adapters, CUDA graphs captured and decode steps run in bucketed (graph) shapes.
+    loaded adapters, CUDA graphs captured, decode steps run in bucketed (graph) shapes, and the bytes of
+    the CPU row kernels' weight copies.
     """
 
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None):
@@ -285,6 +287,7 @@ class Engine:
         graphs = self._runner.graphs
         counts["cuda_graphs"] = graphs.captured if graphs is not None else 0
         counts["bucketed_decode_steps"] = graphs.steps if graphs is not None else 0
+        counts["packed_weight_bytes"] = self._runner.packed_weight_bytes
         return counts
 
     def close(self, timeout: float = 10.0) -> None:

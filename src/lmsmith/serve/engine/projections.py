@@ -6,7 +6,7 @@ Two changes to the model's own `nn.Linear`s, both exact up to float rounding:
   model's modules are re-pointed at row slices of the fused matrices, so memory is not doubled and
   the model still runs on its own (the tests compare against its `generate`).
 - On CPU, each matrix also gets a copy laid out for a row kernel. A decode step multiplies a few rows
-  (one per running sequence) by every weight; MKL's GEMM reads the weights at about a third of the
+  (one per running sequence) by every weight; MKL's GEMM streams the weights at about half the
   bandwidth its one-row GEMV reaches there. fp32 on AVX-512 uses `skinny.py` (weights in 32-column
   panels); other cases use oneDNN's kernel on a prepacked weight (`torch.ops.mkldnn`). One or two rows
   stay on `F.linear` (GEMV), which is fastest there. The copy costs the projections' size again in

@@ -17,6 +17,7 @@ windows) are supported. The runner never decides what runs; it executes the sche
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,8 @@ from lmsmith.serve.engine.scheduler import ScheduledChunk
 from lmsmith.serve.engine.token_rows import TokenSpace
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+
+log = logging.getLogger("lmsmith.serve")
 
 
 @dataclass
@@ -104,6 +107,13 @@ class ModelRunner:
         self.row_kernel = (choose_row_kernel(self.device, self.dtype, rows_hint=min(max(config.max_slots, 4), 64))
                            if self.packed_weights else None)
         self.projections: list[LayerProjections] = build_layer_projections(self.layers, self.row_kernel)
+        self.packed_weight_bytes = sum(
+            getattr(projection, "packed_bytes", 0)
+            for layer in self.projections for projection in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        )
+        if self.row_kernel is not None:
+            log.info("engine: %s row kernel, %.0f MB of packed weights", self.row_kernel.name,
+                     self.packed_weight_bytes / 1e6)
         self._positions = torch.arange(config.max_model_len, device=self.device)
         self.graphs: DecodeGraphs | None = None
         if config.bucketed_decode:
