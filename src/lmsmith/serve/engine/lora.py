@@ -128,7 +128,7 @@ class LoraBank:
     """Adapters resident on the device, addressed by bank row; row 0 is the base model."""
 
     def __init__(self, shapes: dict[Key, tuple[int, int]], max_loras: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device, vocab: int = 0):
+                 dtype: torch.dtype, device: torch.device, vocab: int):
         self.shapes = shapes
         self.max_loras = max_loras
         self.max_rank = max_rank

@@ -1,7 +1,7 @@
 """A request's state inside the engine, and what callers get back from it.
 
 The engine thread hands each request's consumer a `TokenDelta` per step (token ids, never text); the
-consumer turns them into text `Chunk`s (`lmsmith.serve.text.TextAssembler`), so detokenizing and stop
+consumer turns them into text `Chunk`s (`engine/output.py`, `TextAssembler`), so detokenizing and stop
 strings never cost an engine step.
 """
 
