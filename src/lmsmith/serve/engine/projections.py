@@ -19,7 +19,7 @@ are called as modules and their outputs concatenated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -178,8 +178,7 @@ def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach()
 
 
-def build_layer_projections(layers: list[torch.nn.Module], kernel: RowKernel | None,
-                            progress: Callable[[], None] | None = None) -> list[LayerProjections]:
+def build_layer_projections(layers: list[torch.nn.Module], kernel: RowKernel | None) -> list[LayerProjections]:
     """Fused projections for each decoder layer, each with `kernel`'s copy when one is given."""
     built = []
     for layer in layers:
@@ -192,6 +191,4 @@ def build_layer_projections(layers: list[torch.nn.Module], kernel: RowKernel | N
             mlp_width=mlp.gate_proj.out_features,
             down=fuse([mlp.down_proj], kernel),
         ))
-        if progress is not None:
-            progress()
     return built

@@ -102,10 +102,10 @@ class ModelRunner:
                               self.head_dim, self.dtype, self.device)
         self.lora = LoraBank(self.projection_shapes(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
                              vocab=model.get_input_embeddings().num_embeddings)
-        self.packed_weights = packing_supported(self.device, self.dtype) and (
-            config.packed_weights if config.packed_weights is not None else self._packed_copy_fits())
+        wanted = config.packed_weights if config.packed_weights is not None else self._packed_copy_fits()
+        # None off CPU or without oneDNN: choose_row_kernel checks what this device and dtype support.
         self.row_kernel = (choose_row_kernel(self.device, self.dtype, rows_hint=min(max(config.max_slots, 4), 64))
-                           if self.packed_weights else None)
+                           if wanted else None)
         self.projections: list[LayerProjections] = build_layer_projections(self.layers, self.row_kernel)
         self.packed_weight_bytes = sum(
             getattr(projection, "packed_bytes", 0)
@@ -123,7 +123,13 @@ class ModelRunner:
             )
         self._graph_lora_version = self.lora.version
 
+    @property
+    def packed_weights(self) -> bool:
+        return self.row_kernel is not None
+
     def _packed_copy_fits(self) -> bool:
+        if not packing_supported(self.device, self.dtype):
+            return False  # no copy to make, so no need to ask how much memory is free
         import psutil
 
         copy_bytes = sum(in_features * out_features for in_features, out_features in self.projection_shapes().values())

@@ -52,8 +52,10 @@ def extract_token_rows(raw: dict[str, torch.Tensor], config: dict[str, Any], fol
                        space: TokenSpace) -> AdapterTokens:
     """Take the trainable-token tensors out of `raw` (the adapter's state dict) and check them."""
     found = {}
-    for key in [key for key in raw if _TOKEN_KEY.search(key)]:
-        found[_TOKEN_KEY.search(key).group(1)] = raw.pop(key)
+    for key in list(raw):
+        match = _TOKEN_KEY.search(key)
+        if match is not None:
+            found[match.group(1)] = raw.pop(key)
     tokens = AdapterTokens()
     if not found:
         return tokens
