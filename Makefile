@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test test-fast install clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/ensure_redis.sh
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# The inner loop: everything but the tests marked slow (whole recipes, several processes).
+test-fast: $(STAMP)
+	bash scripts/ensure_redis.sh
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -275,7 +275,7 @@ def test_eval_stage_writes_base_and_tuned_table(tmp_path, tiny_tokenizer, tiny_m
     stage_dir.mkdir()
 
     config = EvalConfig(max_new_tokens=6, max_samples=3, ppl_max_docs=2, batch_size=2)
-    result = run(config, StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=Recipe()))
+    result = run(config, StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=Recipe(pretrain={}, sft={})))
 
     assert result.outputs == {"results": "results.json", "table": "table.md", "samples": "samples.jsonl"}
     table = (stage_dir / "table.md").read_text()

@@ -116,9 +116,12 @@ def test_only_a_stage_whose_upstream_never_ran_is_refused(tmp_path, fake_pipelin
 def test_recipe_overrides_and_relative_paths(tmp_path):
     (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
     recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text("name: demo\ndata:\n  corpus: corpus.jsonl\n", encoding="utf-8")
-    recipe = load_recipe(recipe_file, overrides=["sft.method.r=4", "seed=7"])
-    assert recipe.sft.method.r == 4 and recipe.seed == 7
+    recipe_file.write_text("name: demo\ndata:\n  corpus: corpus.jsonl\ntokenizer:\n", encoding="utf-8")
+    recipe = load_recipe(recipe_file, overrides=["tokenizer.vocab_size=500", "seed=7"])
+    assert recipe.tokenizer.vocab_size == 500 and recipe.seed == 7
+    assert recipe.stages() == ["data", "tokenizer"]  # `tokenizer:` alone lists the stage with defaults
+    with pytest.raises(UserError, match="--set sft.method.r=4: the recipe has no sft block"):
+        load_recipe(recipe_file, overrides=["sft.method.r=4"])
     assert Path(recipe.data.corpus) == (tmp_path / "corpus.jsonl").resolve()
 
 

@@ -56,6 +56,12 @@ def fabricate_finished_run(run_dir: Path, with_serve: bool) -> None:
         write_manifest(run_dir, "serve", {"transcript": "transcript.json"})
 
 
+def every_stage():
+    from lmsmith.recipe import Recipe
+
+    return Recipe(**{name: {} for name in ("data", "tokenizer", "pretrain", "sft", "eval", "compress", "serve", "report")})
+
+
 def run_report(run_dir: Path):
     from lmsmith.pipeline import StageContext
     from lmsmith.recipe import Recipe
@@ -64,7 +70,7 @@ def run_report(run_dir: Path):
 
     stage_dir = run_dir / "report"
     stage_dir.mkdir()
-    result = run(ReportConfig(title="Finance run"), StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=Recipe()))
+    result = run(ReportConfig(title="Finance run"), StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=every_stage()))
     return result, stage_dir
 
 

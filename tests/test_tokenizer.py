@@ -153,8 +153,16 @@ def test_ensure_chat_template_adds_chatml_or_explains(trained_tokenizer, tiny_to
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.train_from_iterator(["plain text only"], trainer=trainers.BpeTrainer(vocab_size=300, show_progress=False))
     plain = PreTrainedTokenizerFast(tokenizer_object=backend)
-    with pytest.raises(UserError, match="somewhere:.*generation"):
+    with pytest.raises(UserError, match="somewhere: the tokenizer has no chat template.*model.chat_template"):
         ensure_chat_template(plain, "somewhere")
+    with pytest.raises(UserError, match="chatml needs"):
+        ensure_chat_template(plain, "somewhere", "chatml")
+    plain.eos_token = plain.convert_ids_to_tokens(0)
+    assert ensure_chat_template(plain, "somewhere", "plain") == "plain"
+    text = plain.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                     tokenize=False)
+    assert text == f"User: q\nAssistant: a{plain.eos_token}\n"
+    assert ensure_chat_template(plain, "somewhere") == "own"  # auto keeps whatever template is there
 
 
 def test_malformed_records_name_file_and_line(tmp_path):
@@ -182,4 +190,5 @@ def test_stage_needs_text(tmp_path):
     Manifest(stage="data", config={}, config_hash="x", inputs={},
              outputs=describe_outputs(run_dir / "data", outputs)).write(run_dir / "data")
     with pytest.raises(UserError, match="no text"):
-        run_pipeline(Recipe(), run_dir, only="tokenizer")
+        run_pipeline(Recipe(tokenizer={}), run_dir, only="tokenizer")
+

@@ -326,9 +326,8 @@ def test_stages_continue_from_a_local_base_model(pretrained_run, tiny_model_dir,
     """`base_model` replaces the from-scratch model (pretrain) and the pretrain output (sft)."""
     for stage in ("data", "tokenizer"):
         shutil.copytree(pretrained_run / stage, tmp_path / stage)
-    settings = recipe()
-    settings.pretrain = PretrainConfig(base_model=tiny_model_dir, seq_len=32, batch_size=8, max_steps=3)
-    settings.sft = SFTConfig(base_model=tiny_model_dir, method=FullMethod(), batch_size=8, max_steps=3)
+    settings = Recipe(pretrain=PretrainConfig(base_model=tiny_model_dir, seq_len=32, batch_size=8, max_steps=3),
+                      sft=SFTConfig(base_model=tiny_model_dir, method=FullMethod(), batch_size=8, max_steps=3))
     run_pipeline(settings, tmp_path, only="pretrain")
     run_pipeline(settings, tmp_path, only="sft")
     base_config = json.loads((tiny_model_dir / "config.json").read_text())

@@ -122,37 +122,21 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> torc
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer saved beside a model, exactly as trained, set up for batched generation.
+    """The tokenizer saved beside a model (see `lmsmith.train.model.load_tokenizer`), left-padded for
+    batched generation."""
+    from lmsmith.train.model import load_tokenizer as load_saved_tokenizer
 
-    With a `tokenizer.json` present it is loaded as the generic fast tokenizer: `AutoTokenizer` picks
-    the class from the model's `config.json` when one sits beside it, and `Qwen2Tokenizer` then replaces
-    the saved normalizer and pre-tokenizer with Qwen's own, which changes the ids of a tokenizer we
-    trained ourselves ("2023" becomes four digit tokens).
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    path = Path(path)
-    if (path / "tokenizer.json").is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_saved_tokenizer(path)
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
-    """Every id that ends an answer: the tokenizer's eos and the model's generation-config eos."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    return ids
+    """Every id that ends an answer: the tokenizer's eos, the chat template's end of turn and the
+    model's generation-config eos (`lmsmith.train.model.stop_token_ids`)."""
+    from lmsmith.train.model import stop_token_ids
+
+    return {int(token) for token in stop_token_ids(tokenizer, model)}
 
 
 def render_prompts(tokenizer, conversations: Sequence[Messages]) -> list[str]:

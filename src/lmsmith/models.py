@@ -58,3 +58,55 @@ def _sft_model_dir(run_dir: Path) -> Path:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: the sft model folder is missing or has no config.json")
     return model_dir
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a stage's model comes from: an upstream stage's output in this run, or a folder on disk.
+
+    Recipes never spell these out: `start_model` derives them from which stages the recipe holds and
+    which base fields it sets, so the same rule decides what a stage loads, what it depends on, and
+    what the eval stage compares the tuned model against.
+    """
+
+    stage: str | None = None
+    output: str = "model"
+    path: Path | None = None
+
+    def resolve(self, ctx) -> Path:
+        """The folder to load, through the run's manifests for stage outputs."""
+        if self.path is not None:
+            return self.path
+        return ctx.artifact(self.stage, self.output)
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else f"{self.stage}/{self.output}"
+
+
+def extends_a_model(recipe) -> bool:
+    """Whether the tokenizer stage writes a model too: it extends the vocabulary of an HF model folder."""
+    tokenizer = recipe.tokenizer
+    return tokenizer is not None and tokenizer.extend is not None and (Path(tokenizer.extend.base) / "config.json").is_file()
+
+
+def start_model(recipe, stage: str) -> ModelRef | None:
+    """The model a training stage starts from, None for pretraining from scratch.
+
+    pretrain: `pretrain.base_model`, else the tokenizer stage's extended model, else the recipe's
+    `model.path`, else a tiny model built from scratch over the tokenizer stage's vocabulary.
+    sft: `sft.base_model`, else the pretrain stage's model when the recipe pretrains, else the
+    extended model, else `model.path`; with none of these there is nothing to fine-tune.
+    """
+    config = getattr(recipe, stage)
+    if config is not None and config.base_model is not None:
+        return ModelRef(path=Path(config.base_model))
+    if stage == "sft" and recipe.pretrain is not None:
+        return ModelRef(stage="pretrain")
+    if extends_a_model(recipe):
+        return ModelRef(stage="tokenizer")
+    if recipe.model is not None:
+        return ModelRef(path=Path(recipe.model.path))
+    if stage == "sft":
+        raise UserError("sft: no model to fine-tune; set model.path (a local HF checkpoint), sft.base_model, "
+                        "or add a pretrain stage to the recipe")
+    return None

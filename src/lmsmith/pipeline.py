@@ -1,4 +1,10 @@
-"""Run a recipe's stages in order, skipping those whose config and inputs are unchanged."""
+"""Run a recipe's stages in order, skipping those whose config and inputs are unchanged.
+
+A stage never writes over its last good output: it runs in a staging folder beside it,
+`RUN/.<stage>.partial/`, and only a finished stage (outputs hashed, manifest written) is swapped into
+`RUN/<stage>/`. A failed or interrupted run leaves the previous folder and manifest exactly as they
+were, and its partial output stays in the staging folder for a look until the next attempt.
+"""
 
 from __future__ import annotations
 
@@ -69,9 +75,9 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
 
 
-def _stage_inputs(spec: StageSpec, config: Any, run_dir: Path) -> dict[str, str]:
+def _stage_inputs(spec: StageSpec, config: Any, run_dir: Path, recipe: Recipe) -> dict[str, str]:
     inputs = {}
-    for upstream in spec.requires:
+    for upstream in spec.requirements(recipe):
         manifest = Manifest.read(run_dir / upstream)
         inputs[f"stage:{upstream}"] = manifest.fingerprint if manifest else "missing"
     for name, path in external_inputs(config).items():
@@ -96,15 +102,37 @@ def external_inputs(config: Any) -> dict[str, Path]:
     return found
 
 
-def select_stages(start: str | None, only: str | None) -> list[str]:
+def select_stages(recipe: Recipe, start: str | None, only: str | None) -> list[str]:
+    """The stages to consider: those in the recipe, from `start` on, or just `only`."""
+    in_recipe = [name for name in STAGE_NAMES if getattr(recipe, name, None) is not None]
     for flag, name in (("--from", start), ("--only", only)):
-        if name is not None and name not in STAGE_NAMES:
+        if name is None:
+            continue
+        if name not in STAGE_NAMES:
             raise UserError(f"{flag} {name}: unknown stage; stages are {', '.join(STAGE_NAMES)}")
+        if name not in in_recipe:
+            raise UserError(f"{flag} {name}: the recipe has no {name} block; its stages are {', '.join(in_recipe)}")
     if only:
         return [only]
     if start:
-        return list(STAGE_NAMES[STAGE_NAMES.index(start):])
-    return list(STAGE_NAMES)
+        return in_recipe[in_recipe.index(start):]
+    return in_recipe
+
+
+def check_requirements(recipe: Recipe, selected: list[str], run_dir: Path) -> None:
+    """Refuse before anything runs when a stage reads one the recipe lacks or that never ran."""
+    in_recipe = {name for name in STAGE_NAMES if getattr(recipe, name, None) is not None}
+    for spec in STAGES:
+        if spec.name not in selected:
+            continue
+        needed = spec.requirements(recipe)
+        absent = [name for name in needed if name not in in_recipe and Manifest.read(run_dir / name) is None]
+        if absent:
+            raise UserError(f"stage {spec.name!r} needs {', '.join(absent)}, which the recipe does not have; "
+                            f"add {' and '.join(absent)} to the recipe")
+        not_run = [name for name in needed if name not in selected and Manifest.read(run_dir / name) is None]
+        if not_run:
+            raise UserError(f"stage {spec.name!r} needs {', '.join(not_run)} in {run_dir}; run them first")
 
 
 def run_pipeline(
@@ -116,8 +144,12 @@ def run_pipeline(
     """Run (or skip) each selected stage; `--from`/`--only` force the stages they name."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if _is_main_process():
+        for spec in STAGES:
+            recover_stage_folder(run_dir, spec.name)
+    selected = select_stages(recipe, start, only)
+    check_requirements(recipe, selected, run_dir)
     (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
-    selected = select_stages(start, only)
     forced = set(selected) if (start or only) else set()
     manifests: dict[str, Manifest] = {}
     for spec in STAGES:
@@ -128,12 +160,9 @@ def run_pipeline(
                 manifests[spec.name] = existing
             continue
         config = getattr(recipe, spec.name)
-        missing = [u for u in spec.requires if Manifest.read(run_dir / u) is None]
-        if missing:
-            raise UserError(f"stage {spec.name!r} needs {', '.join(missing)} in {run_dir}; run them first")
         config_json = config.model_dump(mode="json")
         config_hash = hash_json({"seed": recipe.seed, "config": config.identity()})
-        inputs = _stage_inputs(spec, config, run_dir)
+        inputs = _stage_inputs(spec, config, run_dir, recipe)
         existing = Manifest.read(stage_dir)
         if (
             spec.name not in forced
@@ -149,6 +178,36 @@ def run_pipeline(
     return manifests
 
 
+def staging_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / f".{stage}.partial"
+
+
+def _previous_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / f".{stage}.previous"
+
+
+def recover_stage_folder(run_dir: Path, stage: str) -> None:
+    """Finish a swap that a kill interrupted: the stage folder is renamed aside before the new one
+    is renamed in, so if only the aside copy exists it is the last good output."""
+    stage_dir, previous = run_dir / stage, _previous_dir(run_dir, stage)
+    if not previous.exists():
+        return
+    if stage_dir.exists():
+        shutil.rmtree(previous)
+    else:
+        previous.rename(stage_dir)
+
+
+def _publish(run_dir: Path, stage: str) -> None:
+    """Swap the finished staging folder in place of the stage folder (two renames, then a delete)."""
+    stage_dir, staging, previous = run_dir / stage, staging_dir(run_dir, stage), _previous_dir(run_dir, stage)
+    if stage_dir.exists():
+        stage_dir.rename(previous)
+    staging.rename(stage_dir)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
 def _is_main_process() -> bool:
     # Under torchrun / accelerate launch every rank runs the stage; only rank 0 owns its folder.
     return int(os.environ.get("RANK", "0")) == 0
@@ -161,31 +220,39 @@ def _barrier() -> None:
 
 
 def _run_stage(spec, config, config_json, config_hash, inputs, recipe, run_dir) -> Manifest:
-    stage_dir = run_dir / spec.name
+    staging = staging_dir(run_dir, spec.name)
     main = _is_main_process()
     if main:
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)
-        stage_dir.mkdir(parents=True)
+        if staging.exists():
+            shutil.rmtree(staging)  # what a failed attempt left
+        staging.mkdir(parents=True)
     else:
         # Ranks may start before rank 0 has recreated the folder; the stage itself synchronises later.
-        stage_dir.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True, exist_ok=True)
     console.rule(f"[bold]{spec.name}")
     started = time.perf_counter()
     run = spec.load_run()
     seed_everything(recipe.seed)
-    result: StageResult = run(config, StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=recipe))
+    try:
+        result: StageResult = run(config, StageContext(run_dir=run_dir, stage_dir=staging, recipe=recipe))
+    except BaseException:
+        if main and (run_dir / spec.name).exists():
+            console.print(f"[yellow]{spec.name} failed[/]: its previous output in {run_dir / spec.name} is unchanged; "
+                          f"this attempt's partial output is in {staging}")
+        raise
     _barrier()
     manifest = Manifest(
         stage=spec.name,
         config=config_json,
         config_hash=config_hash,
         inputs=inputs,
-        outputs=describe_outputs(stage_dir, result.outputs),
+        outputs=describe_outputs(staging, result.outputs),
         metrics=result.metrics,
         wall_time_s=round(time.perf_counter() - started, 3),
     )
     if main:
-        manifest.write(stage_dir)
+        manifest.write(staging)
+        _publish(run_dir, spec.name)
+    _barrier()
     console.print(f"[green]done[/] {spec.name} in {manifest.wall_time_s:.1f}s")
     return manifest

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from lmsmith.compress.config import CompressConfig
 from lmsmith.data.config import DataConfig
 from lmsmith.errors import UserError
+from lmsmith.paths import InputPath
 from lmsmith.eval.config import EvalConfig
 from lmsmith.report.config import ReportConfig
 from lmsmith.schema import StrictModel
@@ -19,19 +20,79 @@ from lmsmith.tokenizer.config import TokenizerConfig
 from lmsmith.train.config import PretrainConfig, SFTConfig
 
 
+class ModelConfig(StrictModel):
+    """The checkpoint a run starts from: a local HF causal-LM folder with its tokenizer.
+
+    With it a recipe needs no tokenizer or pretrain stage: sft fine-tunes this model with its own
+    tokenizer and chat template, and eval compares the tuned model against it.
+    """
+
+    path: InputPath = Field(..., description="Local HF model folder (config.json, weights, tokenizer files).")
+    chat_template: Union[Literal["auto", "chatml", "plain"], InputPath] = Field(
+        "auto",
+        description="Chat template for SFT and serving. auto: the checkpoint's own; when it has none, ChatML if "
+        "its vocabulary holds <|im_start|>/<|im_end|>, else the run stops and asks for one. chatml: ChatML (the "
+        "vocabulary must hold its tokens). plain: 'User: ... / Assistant: ...' turns ended by the tokenizer's "
+        "eos, for base models without chat tokens. Or a path to a .jinja file.",
+    )
+
+
 class Recipe(StrictModel):
-    """A whole run: data → tokenizer → pretrain → sft → eval → compress → serve → report."""
+    """A whole run: data → tokenizer → pretrain → sft → eval → compress → serve → report.
+
+    A stage runs only when its block is in the recipe (`pretrain: {}` runs it with defaults).
+    """
 
     name: str = "run"
     seed: int = Field(0, description="Seed for every stage's randomness.")
-    data: DataConfig = DataConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    sft: SFTConfig = SFTConfig()
-    eval: EvalConfig = EvalConfig()
-    compress: CompressConfig = CompressConfig()
-    serve: ServeConfig = ServeConfig()
-    report: ReportConfig = ReportConfig()
+    model: Optional[ModelConfig] = Field(None, description="Start from this local checkpoint instead of pretraining.")
+    data: Optional[DataConfig] = None
+    tokenizer: Optional[TokenizerConfig] = None
+    pretrain: Optional[PretrainConfig] = None
+    sft: Optional[SFTConfig] = None
+    eval: Optional[EvalConfig] = None
+    compress: Optional[CompressConfig] = None
+    serve: Optional[ServeConfig] = None
+    report: Optional[ReportConfig] = None
+
+    @model_validator(mode="after")
+    def _one_vocabulary(self) -> "Recipe":
+        from lmsmith.models import start_model
+
+        if self.sft is not None:
+            try:
+                start_model(self, "sft")
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        trains_vocabulary = self.tokenizer is not None and self.tokenizer.extend is None
+        if not trains_vocabulary:
+            return self
+        if self.pretrain is not None:
+            checkpoint = start_model(self, "pretrain")
+        elif self.sft is not None:
+            checkpoint = start_model(self, "sft")
+        else:
+            return self  # a tokenizer-only run
+        if checkpoint is not None and checkpoint.path is not None:
+            raise ValueError(
+                f"tokenizer: trains a new vocabulary, but training starts from the checkpoint {checkpoint.path}, "
+                "which keeps its own; remove the tokenizer block, or grow the checkpoint's vocabulary with "
+                "tokenizer.extend")
+        return self
+
+    def stages(self) -> list[str]:
+        """The stages this recipe runs, in pipeline order."""
+        from lmsmith.stages import STAGE_NAMES
+
+        return [name for name in STAGE_NAMES if getattr(self, name) is not None]
+
+
+STAGE_BLOCKS = ("model", "data", "tokenizer", "pretrain", "sft", "eval", "compress", "serve", "report")
+
+
+def _listed_stages_as_blocks(raw: dict[str, Any]) -> dict[str, Any]:
+    # `eval:` with nothing after it lists the stage with its defaults, as `eval: {}` does.
+    return {key: ({} if value is None and key in STAGE_BLOCKS else value) for key, value in raw.items()}
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
@@ -70,15 +131,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a mapping of stage names to settings")
+    raw = _listed_stages_as_blocks(raw)
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"--set {item}: expected KEY.PATH=VALUE")
         key, value = item.split("=", 1)
-        set_dotted(raw, key, yaml.safe_load(value))
+        stage = key.split(".", 1)[0]
+        if "." in key and stage in STAGE_BLOCKS and stage not in raw:
+            raise UserError(f"--set {item}: the recipe has no {stage} block; add one (e.g. --set {stage}={{}}) first")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {item}: invalid YAML value: {getattr(exc, 'problem', None) or exc}") from None
+        set_dotted(raw, key, parsed)
     return validate_recipe(raw, source=str(path), base_dir=path.parent)
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    raw = _listed_stages_as_blocks(raw)
     try:
         return Recipe.model_validate(raw, context={"base_dir": base_dir or Path.cwd()})
     except ValidationError as exc:

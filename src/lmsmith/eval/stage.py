@@ -1,4 +1,5 @@
-"""The eval stage: the pretrained base against the fine-tuned model on held-out data.
+"""The eval stage: the model sft started from (the pretrained base, or the recipe's checkpoint) against
+the fine-tuned model on held-out data.
 
 Perplexity on held-out documents, then greedy answers to held-out instructions scored with BLEU-4,
 character ROUGE-L and numeric accuracy (`lmsmith.eval.metrics`). Generation is `lmsmith.generation`'s
@@ -19,10 +20,10 @@ from lmsmith.eval.config import EvalConfig
 from lmsmith.eval.data import Instruction, read_documents, read_instructions, spread_over_tasks
 from lmsmith.eval.metrics import numeric_match, rouge_l_scores
 from lmsmith.eval.scoring import score_answers
+from lmsmith.models import ModelRef, start_model
 from lmsmith.pipeline import StageContext, StageResult
 from lmsmith.report.tables import Table, format_number
 
-MODELS = {"base": ("pretrain", "model"), "tuned": ("sft", "model")}
 
 # (key in the scores, row label); every score is "higher is better" except perplexity.
 SCORE_ROWS = (
@@ -38,6 +39,7 @@ def _finite(value: float) -> float | None:
 
 def evaluate_model(
     path: Path,
+    tokenizer_path: Path,
     role: str,
     config: EvalConfig,
     instructions: list[Instruction],
@@ -48,7 +50,7 @@ def evaluate_model(
     from lmsmith.generation import generate_chat, load_causal_lm, load_tokenizer
 
     model = load_causal_lm(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(tokenizer_path)
     ppl = perplexity(model, tokenizer, documents, batch_size=config.batch_size, progress=f"{role}: perplexity")
     generation = generate_chat(
         model,
@@ -150,10 +152,14 @@ def run(config: EvalConfig, ctx: StageContext) -> StageResult:
     scores: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[str]] = {}
     model_paths: dict[str, str] = {}
-    for role, (stage, name) in MODELS.items():
-        path = ctx.artifact(stage, name)
-        model_paths[role] = f"{stage}/{name}"
-        scores[role], answers[role] = evaluate_model(path, role, config, instructions, documents)
+    models = {"base": start_model(ctx.recipe, "sft"), "tuned": ModelRef(stage="sft")}
+    # Both are prompted through the tuned model's tokenizer: sft keeps the base's vocabulary and may
+    # have given it the chat template (a checkpoint without one) that the comparison should share.
+    tokenizer_path = models["tuned"].resolve(ctx)
+    for role, ref in models.items():
+        model_paths[role] = ref.describe()
+        scores[role], answers[role] = evaluate_model(ref.resolve(ctx), tokenizer_path, role, config, instructions,
+                                                     documents)
 
     table = build_table(scores["base"], scores["tuned"])
     metrics = flat_metrics(scores["base"], scores["tuned"])

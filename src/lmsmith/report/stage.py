@@ -70,7 +70,9 @@ class Upstream:
         self.ctx = ctx
         self.missing: list[str] = []
         self.manifests: dict[str, Manifest] = {}
-        for stage in UPSTREAM:
+        # Only the recipe's stages: a folder left by an earlier recipe is not part of this run.
+        self.stages = [stage for stage in UPSTREAM if getattr(ctx.recipe, stage, None) is not None]
+        for stage in self.stages:
             try:
                 self.manifests[stage] = ctx.manifest(stage)
             except UserError:
@@ -101,7 +103,7 @@ class Upstream:
 
 def summary_table(upstream: Upstream) -> Table:
     table = Table(["stage", "status", "wall time (s)", "key metrics"], numeric=False)
-    for stage in UPSTREAM:
+    for stage in upstream.stages:
         manifest = upstream.manifests.get(stage)
         if manifest is None:
             table.add(stage, "missing", "–", "")
@@ -222,7 +224,8 @@ def build_report(config: ReportConfig, ctx: StageContext) -> tuple[Document, lis
     )
     doc.section("Stages").blocks.append(summary_table(upstream))
     metrics_section(doc, upstream, "data", "Data")
-    metrics_section(doc, upstream, "tokenizer", "Tokenizer")
+    if "tokenizer" in upstream.stages:
+        metrics_section(doc, upstream, "tokenizer", "Tokenizer")
     training_section(doc, upstream, ctx.stage_dir)
     eval_section(doc, upstream)
     compress_section(doc, upstream)

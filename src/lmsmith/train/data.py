@@ -200,14 +200,49 @@ def _isolated_block(block: list[int], separator_id: int) -> Example:
 
 
 def chat_example(tokenizer, messages: list[dict[str, str]]) -> Example:
-    """Render `messages` with the chat template; only assistant content and its end-of-turn are targets."""
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    input_ids = list(encoded["input_ids"])
-    mask = list(encoded["assistant_masks"])
+    """Render `messages` with the chat template; only assistant content and its end-of-turn are targets.
+
+    A template with `{% generation %}` markers names the assistant's tokens itself (transformers'
+    assistant mask). Checkpoints' own templates mostly have none: then each assistant turn is found
+    as the text the template adds between the conversation before it (with the generation prompt)
+    and the conversation up to it, and its tokens are picked by their character offsets.
+    """
+    from lmsmith.tokenizer.chat import has_generation_markers
+
+    if has_generation_markers(getattr(tokenizer, "chat_template", None)):
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        input_ids = list(encoded["input_ids"])
+        mask = list(encoded["assistant_masks"])
+    else:
+        input_ids, mask = _rendered_assistant_mask(tokenizer, messages)
     labels = [token if supervised else IGNORE_INDEX for token, supervised in zip(input_ids, mask)]
     return Example(input_ids=input_ids, labels=labels)
+
+
+def _rendered_assistant_mask(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    from lmsmith.errors import UserError
+
+    render = tokenizer.apply_chat_template
+    text = render(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
+        upto = render(messages[: index + 1], tokenize=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise UserError(
+                "chat template: rendering a conversation changes its earlier turns once later ones follow, so "
+                "the assistant's tokens cannot be located; give a template with {% generation %} markers "
+                "(model.chat_template: a .jinja path)")
+        # What follows the end-of-turn (a newline before the next turn) is layout, not the answer.
+        end = len(upto.rstrip())
+        spans.append((len(prompt), max(end, len(prompt))))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(start <= first < stop for start, stop in spans) for first, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), mask
 
 
 # ---------------------------------------------------------------- batching

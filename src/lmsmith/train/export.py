@@ -30,7 +30,9 @@ def save_adapter(model, out_dir: str | Path, base_model: str | Path, method=None
     model.save_pretrained(out_dir)
     config_path = out_dir / ADAPTER_CONFIG
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = str(base_model)
+    # An absolute folder, so the adapter loads from any working directory; a hub-style id stays as given.
+    local = Path(base_model).expanduser()
+    config["base_model_name_or_path"] = str(local.resolve()) if local.exists() else str(base_model)
     targets = config.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
         config["target_modules"] = sorted(targets)
@@ -82,15 +84,17 @@ def vllm_problems(adapter_dir: str | Path) -> list[str]:
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | Path | None = None) -> Path:
-    """Load the base (fp32), apply the adapter, fold it in and save a plain HF folder with the tokenizer.
+    """Load the base as the adapter was trained on it, apply the adapter, fold it in and save a plain
+    fp32 HF folder with the adapter's tokenizer (its chat template included).
 
-    `base_model` defaults to the adapter's `base_model_name_or_path`. A QLoRA adapter is merged into the
-    base after a 4-bit round trip (quantize, dequantize): the weights it was trained against.
+    `base_model` defaults to the adapter's `base_model_name_or_path`. A QLoRA adapter's base is loaded
+    in 4 bits exactly as training loaded it and dequantized, so the adapter lands on the weights it was
+    trained against; any other base is loaded in fp32.
     """
     from peft import PeftModel
 
-    from lmsmith.train.methods import dequantize_linear_layers, quantize_linear_layers
-    from lmsmith.train.model import load_causal_lm, save_causal_lm
+    from lmsmith.train.methods import dequantize_linear_layers
+    from lmsmith.train.model import load_causal_lm, load_tokenizer, save_causal_lm, set_generation_tokens
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).exists():
@@ -98,12 +102,17 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     if base_model is None:
         base_model = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
         if not base_model or not Path(base_model).is_dir():
-            raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path {base_model!r} is not a local folder")
-    base, tokenizer = load_causal_lm(base_model, source="export base model")
+            raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path {base_model!r} is not a local "
+                            "folder; pass the base model's folder")
     method = read_method(adapter_dir)
+    base, tokenizer = load_causal_lm(base_model, source="export base model",
+                                     method=method if isinstance(method, QLoraMethod) else None)
     if isinstance(method, QLoraMethod):
-        dequantize_linear_layers(quantize_linear_layers(base, method))
+        dequantize_linear_layers(base)
+    if (adapter_dir / "tokenizer_config.json").exists() or (adapter_dir / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(adapter_dir, source=str(adapter_dir))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    set_generation_tokens(merged, tokenizer)
     out_dir = Path(out_dir)
     save_causal_lm(merged, tokenizer, out_dir)
     return out_dir

@@ -258,6 +258,14 @@ def dequantize_linear_layers(model):
                 plain.bias = torch.nn.Parameter(child.bias.data.float(), requires_grad=False)
             setattr(module, child_name, plain)
     model.is_loaded_in_4bit = False
+    # A base loaded through from_pretrained(quantization_config=...) would otherwise save as 4-bit.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attribute):
+            delattr(model.config, attribute)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
     return model
 
 
@@ -401,31 +409,3 @@ def is_mergeable(model) -> bool:
     if not is_adapter(model):
         return True
     return not getattr(model.peft_config[model.active_adapter], "is_prompt_learning", False)
-
-
-def save_adapter(model, path: Path) -> None:
-    model.save_pretrained(path)
-
-
-def merged_model(model):
-    """A plain transformers model with any adapter folded into the base weights.
-
-    A QLoRA base is dequantized first, so the adapter lands on exactly the weights it was trained
-    against, and the result is an ordinary fp32 model. Prompt-learning adapters cannot be merged.
-    """
-    if not is_adapter(model):
-        return model
-    if not is_mergeable(model):
-        raise UserError(
-            f"method {model.peft_config[model.active_adapter].peft_type.value.lower()}: prompt-learning "
-            "adapters cannot be merged into the weights; use the adapter folder"
-        )
-    if is_quantized(model.get_base_model()):
-        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-        config = model.peft_config[model.active_adapter]
-        state = get_peft_model_state_dict(model)
-        base = dequantize_linear_layers(model.unload())
-        model = get_peft_model(base, config)
-        set_peft_model_state_dict(model, state)
-    return model.merge_and_unload()

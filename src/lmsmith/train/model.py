@@ -1,11 +1,18 @@
-"""Build a tiny Qwen2 causal LM from scratch, or load a local HF folder (transformers does the work)."""
+"""Build a tiny Qwen2 causal LM from scratch, or load a local HF folder (transformers does the work).
+
+A checkpoint is loaded as its training method needs it: QLoRA's base directly in 4 bits
+(bitsandbytes through `from_pretrained(quantization_config=...)`, so the full-precision weights never
+sit in memory together), a frozen base under bf16 training in bf16, everything else in fp32.
+transformers initialises on the meta device and streams the safetensors in, so no random
+initialisation is paid for before the weights arrive.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from lmsmith.errors import UserError
-from lmsmith.tokenizer.chat import END_OF_TEXT, ensure_chat_template
+from lmsmith.tokenizer.chat import END_OF_TEXT
 from lmsmith.train.config import TinyModelConfig
 
 
@@ -14,12 +21,38 @@ def special_token_id(tokenizer, token: str) -> int | None:
     return tokenizer.get_vocab().get(token)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Ids that end generation: the chat eos, and the document separator a pretrained base emits."""
-    ids = [tokenizer.eos_token_id]
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special tokens the chat template puts right after an assistant's answer (<|im_end|>,
+    <|eot_id|>, eos...): a model tuned on that template ends its answers with them."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    marker = "\u2063answer\u2063"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that needs other roles or fields: fall back to the eos alone
+        return []
+    after = text.split(marker, 1)[1] if marker in text else ""
+    special = set(tokenizer.all_special_ids)
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    found = []
+    for token in ids:
+        if token not in special:
+            break
+        found.append(token)
+    return found
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Ids that end generation: the eos, the chat template's end of turn, the document separator a
+    pretrained base emits, and any the checkpoint's generation config already names."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
     separator = special_token_id(tokenizer, END_OF_TEXT)
-    if separator is not None and separator not in ids:
-        ids.append(separator)
+    for token in (*end_of_turn_ids(tokenizer), *configured, separator):
+        if token is not None and token not in ids:
+            ids.append(token)
     return ids
 
 
@@ -47,38 +80,75 @@ def build_tiny_model(config: TinyModelConfig, tokenizer):
 
 def set_generation_tokens(model, tokenizer) -> None:
     """Make `generate` stop at every stop token and pad with the tokenizer's pad id."""
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
 
 
 def load_tokenizer(path: str | Path, source: str | None = None):
-    """The tokenizer saved in an HF folder, with a chat template fit for answer-only loss."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved in an HF folder, exactly as saved.
+
+    `tokenizer.json` is loaded as the generic fast tokenizer: `AutoTokenizer` would pick a class from the
+    model's `config.json`, and `Qwen2Tokenizer` then replaces the saved pre-tokenizer with Qwen's own,
+    changing the ids of a tokenizer trained here. A tokenizer without a pad token (Llama's) pads with
+    its eos: labels come from masks, never from comparing ids with the pad id, so that is safe.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
+    where = source or str(path)
     if not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
-        raise UserError(f"{source or path}: no tokenizer files in {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        raise UserError(f"{where}: no tokenizer files in {path}")
+    try:
+        if (path / "tokenizer.json").is_file():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{where}: cannot load the tokenizer in {path}: {exc}") from None
     if tokenizer.pad_token_id is None:
-        raise UserError(f"{source or path}: the tokenizer has no pad token")
-    ensure_chat_template(tokenizer, source or str(path))
+        if tokenizer.eos_token_id is None:
+            raise UserError(f"{where}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, source: str | None = None):
-    """(model, tokenizer) from a local HF causal-LM folder, float32, ready for CPU training."""
+def load_dtype(method, precision: str = "fp32"):
+    """The dtype a base is loaded in: bf16 for a frozen base under bf16 training (half the memory,
+    and autocast computes in bf16 anyway), else fp32, which full and layer-freeze training update."""
+    import torch
+
+    frozen_base = method is not None and method.name not in ("full", "freeze")
+    return torch.bfloat16 if frozen_base and precision == "bf16" else torch.float32
+
+
+def load_causal_lm(path: str | Path, source: str | None = None, method=None, precision: str = "fp32"):
+    """(model, tokenizer) from a local HF causal-LM folder, loaded as `method` trains it.
+
+    QLoRA bases are quantized to 4 bits while loading; other methods get `load_dtype`. Truncated or
+    unreadable weights are a `UserError` naming the folder.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    where = source or str(path)
     if not (path / "config.json").exists():
-        raise UserError(f"{source or path}: not an HF model folder (no config.json in {path})")
+        raise UserError(f"{where}: not an HF model folder (no config.json in {path})")
     tokenizer = load_tokenizer(path, source)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    settings: dict = {"dtype": load_dtype(method, precision)}
+    if method is not None and method.name == "qlora":
+        from lmsmith.train.methods import bnb_config
+
+        settings = {"dtype": torch.float32, "quantization_config": bnb_config(method), "device_map": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **settings)
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{where}: cannot load the model weights in {path}: {first_line}") from None
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(
-            f"{source or path}: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only "
             f"{model.get_input_embeddings().num_embeddings} embeddings"
         )
     set_generation_tokens(model, tokenizer)

@@ -10,6 +10,7 @@ import torch
 
 from lmsmith.console import console, track
 from lmsmith.errors import UserError
+from lmsmith.models import start_model
 from lmsmith.pipeline import StageContext, StageResult
 from lmsmith.tokenizer.chat import END_OF_TEXT
 from lmsmith.tokenizer.records import read_corpus_texts
@@ -51,9 +52,12 @@ def document_separator(tokenizer) -> int:
 
 
 def load_start_model(config: PretrainConfig, ctx: StageContext):
-    """The configured base model, or a fresh tiny model over the tokenizer stage's tokenizer."""
-    if config.base_model is not None:
-        return load_causal_lm(config.base_model, source="pretrain.base_model")
+    """The model pretraining continues (see `lmsmith.models.start_model`), or a fresh tiny model over
+    the tokenizer stage's tokenizer."""
+    ref = start_model(ctx.recipe, "pretrain")
+    if ref is not None:
+        source = "pretrain.base_model" if config.base_model is not None else ref.describe()
+        return load_causal_lm(ref.resolve(ctx), source=source)
     tokenizer = load_tokenizer(ctx.artifact("tokenizer", "tokenizer"))
     torch.manual_seed(ctx.seed)
     return build_tiny_model(config.model, tokenizer), tokenizer

@@ -7,19 +7,23 @@ model is saved merged, and a LoRA run also saves its adapter.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from lmsmith.console import console, track
 from lmsmith.errors import UserError
 from lmsmith.pipeline import StageContext, StageResult
 from lmsmith.jsonl import iter_jsonl
+from lmsmith.models import start_model
 from lmsmith.tokenizer.records import read_conversations
 from lmsmith.train import dist
 from lmsmith.train.checkpoint import checkpoint_root
 from lmsmith.train.config import SFTConfig
 from lmsmith.train.data import Example, StepPlan, chat_example, eval_batches, oversample, pack_examples
-from lmsmith.train.loop import GenerationProbe, train, train_private
-from lmsmith.train.methods import apply_method, build_optimizer, is_adapter, is_mergeable, merged_model, save_adapter
+from lmsmith.train.export import merge_adapter, save_adapter
+from lmsmith.train.loop import GenerationProbe, resolve_precision, train, train_private
+from lmsmith.train.methods import apply_method, build_optimizer, is_adapter, is_mergeable
 from lmsmith.train.model import check_fits, load_causal_lm, save_causal_lm
 
 MERGED_DIR = "merged"
@@ -42,11 +46,20 @@ def chat_examples(tokenizer, conversations, max_len: int, description: str) -> t
     return examples, kept
 
 
-def load_base(config: SFTConfig, ctx: StageContext):
-    """The configured base folder, else the pretrain stage's model (continued pretraining → SFT)."""
-    if config.base_model is not None:
-        return load_causal_lm(config.base_model, source="sft.base_model")
-    return load_causal_lm(ctx.artifact("pretrain", "model"), source="pretrain model")
+def load_base(config: SFTConfig, ctx: StageContext, precision: str):
+    """(model, tokenizer, base folder, chat template used): the model sft starts from (see
+    `lmsmith.models.start_model`), loaded as the method needs it, with the recipe's chat template."""
+    from lmsmith.tokenizer.chat import ensure_chat_template
+    from lmsmith.train.model import set_generation_tokens
+
+    ref = start_model(ctx.recipe, "sft")
+    folder = ref.resolve(ctx).resolve()
+    source = "sft.base_model" if config.base_model is not None else ref.describe()
+    model, tokenizer = load_causal_lm(folder, source=source, method=config.method, precision=precision)
+    choice = ctx.recipe.model.chat_template if ctx.recipe.model is not None else "auto"
+    template = ensure_chat_template(tokenizer, source, choice)
+    set_generation_tokens(model, tokenizer)  # the template decides the end-of-turn token
+    return model, tokenizer, folder, template
 
 
 def generation_probe(config: SFTConfig, tokenizer, conversations) -> GenerationProbe | None:
@@ -101,7 +114,7 @@ def objective_for(config: SFTConfig, model, device):
 
 def run(config: SFTConfig, ctx: StageContext) -> StageResult:
     accelerator = dist.make_accelerator()
-    model, tokenizer = load_base(config, ctx)
+    model, tokenizer, base_folder, template = load_base(config, ctx, resolve_precision(config.precision, accelerator.device))
     check_fits(config.max_len, model, "sft.max_len")
     train_path = ctx.artifact("data", "sft_train")
     train_conversations = read_conversations(train_path)
@@ -139,6 +152,7 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
     probe = generation_probe(config, tokenizer, [val_conversations[i] for i in val_kept])
 
     plan = StepPlan.for_schedule(train_examples, tokenizer.pad_token_id, config, accelerator.num_processes, ctx.seed)
+    private = None
     if config.privacy is not None:
         from lmsmith.train.privacy import make_private
 
@@ -163,20 +177,30 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
         )
 
     outputs = dict(summary.outputs)
+    adapter, mergeable = is_adapter(model), is_mergeable(model)
     if accelerator.is_main_process:
-        if is_adapter(model):
-            save_adapter(model, ctx.stage_dir / ADAPTER_DIR)
-            tokenizer.save_pretrained(ctx.stage_dir / ADAPTER_DIR)
-        if is_mergeable(model):
-            save_causal_lm(merged_model(model), tokenizer, ctx.stage_dir / MERGED_DIR)
+        if adapter:
+            # The same code as `lmsmith export`: what the stage publishes is what an export would give.
+            save_adapter(model, ctx.stage_dir / ADAPTER_DIR, base_model=base_folder, method=config.method,
+                         tokenizer=tokenizer)
+        if adapter and mergeable:
+            # The trained model is on disk now; free it before the merge loads the base again.
+            del model, private, optimizer
+            accelerator.free_memory()
+            gc.collect()
+            merge_adapter(ctx.stage_dir / ADAPTER_DIR, ctx.stage_dir / MERGED_DIR)
+        elif mergeable:
+            save_causal_lm(model, tokenizer, ctx.stage_dir / MERGED_DIR)
     accelerator.wait_for_everyone()
-    if is_adapter(model):
+    if adapter:
         outputs["adapter"] = ADAPTER_DIR
-    if is_mergeable(model):
+    if mergeable:
         outputs["model"] = MERGED_DIR  # prompt-learning adapters have no merged form: the adapter is the output
     metrics = {
         **summary.metrics(),
         "method": config.method.name,
+        "base_model": str(base_folder),
+        "chat_template": template,
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_share": round(params.share, 6),
