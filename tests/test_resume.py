@@ -66,12 +66,12 @@ def upstream(tmp_path_factory, tiny_model_dir) -> Path:
 def recipe_file(folder: Path, **overrides) -> Path:
     settings = dict(
         method=LoraMethod(r=4, alpha=8, dropout=0.1, train_tokens="none"), batch_size=4, grad_accum_steps=2,
-        epochs=100, max_steps=MAX_STEPS, log_every=1, val_every=4, checkpoint_every=CHECKPOINT_EVERY, resume=True,
+        epochs=100, max_steps=MAX_STEPS, log_every=1, val_every=4, checkpoint_every=CHECKPOINT_EVERY, resume="auto",
         val_generations=0, optim=OptimConfig(lr=5e-3, warmup_ratio=0.2), monitor=MonitorConfig(tensorboard=False),
         early_stopping=EarlyStoppingConfig(patience=50),  # its best weights ride in the checkpoint too
     )
     path = folder / "recipe.json"
-    path.write_text(Recipe(sft=SFTConfig(**{**settings, **overrides})).model_dump_json())
+    path.write_text(Recipe(pretrain={}, sft=SFTConfig(**{**settings, **overrides})).model_dump_json())
     return path
 
 
@@ -83,8 +83,8 @@ def run_child(run_dir: Path, recipe: Path, kill_at: int = 0) -> subprocess.Compl
                           env=env, capture_output=True, text=True, timeout=240)
 
 
-def curve(run_dir: Path) -> list[tuple]:
-    rows = [json.loads(line) for line in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+def curve(run_dir: Path, folder: str = "sft") -> list[tuple]:
+    rows = [json.loads(line) for line in (run_dir / folder / "metrics.jsonl").read_text().splitlines()]
     return [tuple(row.get(key) for key in COMPARED) for row in rows]
 
 
@@ -114,7 +114,9 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_run_bit_for_bit(upstre
     assert len(saved) <= 2  # keep_checkpoints
     assert (saved[-1] / "trainable.safetensors").stat().st_size < 200_000  # the adapter only, not the base
     assert (saved[-1] / "best.safetensors").exists() == (last_saved >= 4)  # after the first val check
-    assert curve(broken)[-1][0] == kill_at  # rows after the checkpoint were written before the kill
+    # Rows after the checkpoint were written before the kill, into the unpublished staging folder.
+    assert curve(broken, ".sft.partial")[-1][0] == kill_at
+    assert not (broken / "sft").exists()
 
     resumed = run_child(broken, recipe_file(broken))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -141,3 +143,10 @@ def test_resume_refuses_changed_settings_and_a_fresh_start_discards_the_checkpoi
                  run_dir, only="sft")
     assert [row[0] for row in curve(run_dir)] == [1, 2, 3, 4]
     assert not checkpoint_root(run_dir, "sft").exists()
+
+    # resume: true insists on a checkpoint; the finished stage's output survives the refusal untouched.
+    finished = {path: path.read_bytes() for path in (run_dir / "sft").rglob("*") if path.is_file()}
+    with pytest.raises(UserError, match="resume: no checkpoint of this stage.*resume: auto"):
+        run_pipeline(Recipe.model_validate_json(recipe_file(run_dir, resume=True, max_steps=4).read_text()),
+                     run_dir, only="sft")
+    assert {path: path.read_bytes() for path in (run_dir / "sft").rglob("*") if path.is_file()} == finished

@@ -192,3 +192,68 @@ def test_stage_needs_text(tmp_path):
     with pytest.raises(UserError, match="no text"):
         run_pipeline(Recipe(tokenizer={}), run_dir, only="tokenizer")
 
+
+DP_SFT = {"method": {"name": "lora", "train_tokens": "none"}, "privacy": {"noise_multiplier": 1.0, "delta": 1e-5}}
+
+
+def test_a_dp_recipe_refuses_a_vocabulary_trained_on_the_instructions(tmp_path):
+    from lmsmith.recipe import validate_recipe
+
+    with pytest.raises(UserError, match=r"tokenizer\.train_on includes instructions while sft\.privacy is set.*"
+                                        r"train_on: \[corpus\] or extend an existing tokenizer"):
+        validate_recipe({"tokenizer": {}, "pretrain": {}, "sft": DP_SFT})
+    recipe = validate_recipe({"tokenizer": {"train_on": ["corpus"]}, "pretrain": {}, "sft": DP_SFT})
+    assert recipe.tokenizer.train_on == ["corpus"]
+    # Extending mines corpus_train only, so the default train_on does not matter there.
+    terms = tmp_path / "terms.txt"
+    terms.write_text("营业收入\n", encoding="utf-8")
+    validate_recipe({"tokenizer": {"extend": {"base": str(tmp_path), "terms": str(terms)}}, "pretrain": {},
+                     "sft": DP_SFT})
+    assert validate_recipe({"tokenizer": {}, "pretrain": {}, "sft": {}}).tokenizer.train_on == ["corpus", "instructions"]
+    with pytest.raises(UserError, match="tokenizer.train_on"):
+        validate_recipe({"tokenizer": {"train_on": []}})
+
+
+def test_train_on_corpus_keeps_the_instructions_out_of_the_vocabulary(tmp_path, monkeypatch):
+    from lmsmith.tokenizer import stage
+
+    seen: list[str] = []
+    real_train = stage.train_tokenizer
+
+    def train_and_record(kind, texts, *rest):
+        seen.extend(texts)
+        return real_train(kind, texts, *rest)
+
+    monkeypatch.setattr(stage, "train_tokenizer", train_and_record)
+    run_dir = write_data_stage(tmp_path)
+    corpus_docs = len(read_corpus_texts(run_dir / "data" / "corpus" / "train.jsonl"))
+    run_pipeline(Recipe(tokenizer=TokenizerConfig(vocab_size=300)), run_dir, only="tokenizer")
+    assert any(SYSTEM in text for text in seen)  # the system prompt lives only in the instructions
+    seen.clear()
+    run_pipeline(Recipe(tokenizer=TokenizerConfig(vocab_size=300, train_on=["corpus"])), run_dir, only="tokenizer")
+    assert len(seen) == corpus_docs and not any(SYSTEM in text for text in seen)
+    metrics = Manifest.read(run_dir / "tokenizer").metrics
+    assert metrics["train_on"] == ["corpus"] and metrics["train_texts"] == corpus_docs
+
+
+def test_extend_mines_terms_from_corpus_train_only(tmp_path, monkeypatch, tokenizer_run):
+    from lmsmith.tokenizer import stage
+    from lmsmith.tokenizer.config import ExtendConfig, MineTermsConfig
+
+    def no_instructions(path):
+        raise AssertionError(f"extend read the instructions: {path}")
+
+    mined_from: list[str] = []
+    real_mine = stage.mine_terms
+
+    def mine_and_record(tokenizer, texts, **settings):
+        mined_from.extend(texts)
+        return real_mine(tokenizer, texts, **settings)
+
+    monkeypatch.setattr(stage, "read_conversations", no_instructions)
+    monkeypatch.setattr(stage, "mine_terms", mine_and_record)
+    run_dir = write_data_stage(tmp_path)
+    base = Manifest.read(tokenizer_run / "tokenizer").output_path(tokenizer_run / "tokenizer", "tokenizer")
+    config = TokenizerConfig(extend=ExtendConfig(base=base, mine=MineTermsConfig(top_k=4, min_count=3)))
+    run_pipeline(Recipe(tokenizer=config), run_dir, only="tokenizer")
+    assert mined_from == read_corpus_texts(run_dir / "data" / "corpus" / "train.jsonl")

@@ -166,7 +166,7 @@ def run_sft(upstream: Path, folder: Path, **settings) -> dict:
     for stage in ("data", "tokenizer", "pretrain"):
         shutil.copytree(upstream / stage, folder / stage)
     defaults = dict(batch_size=4, max_steps=3, log_every=1, val_generations=0, monitor=MonitorConfig(tensorboard=False))
-    run_pipeline(Recipe(sft=SFTConfig(**{**defaults, **settings})), folder, only="sft")
+    run_pipeline(Recipe(pretrain={}, sft=SFTConfig(**{**defaults, **settings})), folder, only="sft")
     return Manifest.read(folder / "sft").metrics
 
 
@@ -203,7 +203,7 @@ def test_sft_class_weights_come_from_the_data_stage(sft_upstream, tmp_path):
 
     settings = SFTConfig(batch_size=4, max_steps=2, log_every=1, val_generations=0, class_weights=True,
                          monitor=MonitorConfig(tensorboard=False))
-    run_pipeline(Recipe(sft=settings), folder, only="sft")
+    run_pipeline(Recipe(pretrain={}, sft=settings), folder, only="sft")
     assert Manifest.read(folder / "sft").metrics["steps"] == 2
 
 

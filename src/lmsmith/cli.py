@@ -16,7 +16,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from lmsmith.pipeline import run_pipeline
     from lmsmith.recipe import load_recipe
 
+    from lmsmith.train.cli import TRAIN_STAGES, apply_resume
+
     recipe = load_recipe(args.recipe, overrides=args.set)
+    if args.resume is not None:
+        apply_resume(recipe, args.resume, list(TRAIN_STAGES))
     run_dir = Path(args.out or Path("runs") / recipe.name)
     manifests = run_pipeline(recipe, run_dir, start=args.start, only=args.only)
     report = manifests.get("report")
@@ -81,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY.PATH=VALUE",
         help="Override a recipe field, e.g. --set sft.method.r=8 (repeatable; values are YAML).",
     )
+    from lmsmith.train.cli import add_resume_argument
+
+    add_resume_argument(run)
     run.set_defaults(func=_cmd_run)
 
     serve = sub.add_parser("serve", help="Serve a run folder or model folder with an OpenAI-compatible API.")

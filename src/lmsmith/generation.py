@@ -100,7 +100,9 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> torc
     if not path.is_dir():
         raise UserError(f"{path}: model folder not found")
     if not is_quantized_folder(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        from lmsmith.train.model import read_pretrained
+
+        return read_pretrained(path, str(path), dtype=dtype).eval()
 
     marker = json.loads((path / QUANTIZED_MARKER).read_text())
     if marker.get("format") != QUANTIZED_FORMAT:

@@ -80,6 +80,24 @@ class Recipe(StrictModel):
                 "tokenizer.extend")
         return self
 
+    @model_validator(mode="after")
+    def _dp_data_stays_out_of_the_vocabulary(self) -> "Recipe":
+        # DP-SGD's ε covers only what the sft stage sees through opacus; a vocabulary trained on the same
+        # conversations would carry their rare strings into the released tokenizer unprotected.
+        if (
+            self.sft is not None
+            and self.sft.privacy is not None
+            and self.tokenizer is not None
+            and self.tokenizer.extend is None
+            and "instructions" in self.tokenizer.train_on
+        ):
+            raise ValueError(
+                "tokenizer.train_on includes instructions while sft.privacy is set: the vocabulary would be "
+                "learnt from the conversations DP-SGD protects, outside ε; set tokenizer.train_on: [corpus] "
+                "or extend an existing tokenizer (tokenizer.extend, which mines corpus_train only)"
+            )
+        return self
+
     def stages(self) -> list[str]:
         """The stages this recipe runs, in pipeline order."""
         from lmsmith.stages import STAGE_NAMES

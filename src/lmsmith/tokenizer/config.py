@@ -34,8 +34,11 @@ class ExtendConfig(StrictModel):
         return self
 
 
+TRAINING_SOURCES = ("corpus", "instructions")
+
+
 class TokenizerConfig(StrictModel):
-    """Train a tokenizer on the cleaned corpus and instructions, or extend an existing one (HF `tokenizers`)."""
+    """Train a tokenizer on the cleaned corpus and/or instructions, or extend an existing one (HF `tokenizers`)."""
 
     kind: Literal["byte_bpe", "wordpiece", "char"] = Field(
         "byte_bpe",
@@ -45,6 +48,13 @@ class TokenizerConfig(StrictModel):
     vocab_size: int = Field(4000, ge=300, description="Target vocabulary size, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="Minimum frequency of a merge (BPE, WordPiece) or character (char).")
     chat_template: Literal["chatml"] = Field("chatml", description="Chat template saved with the tokenizer.")
+    train_on: list[Literal["corpus", "instructions"]] = Field(
+        default_factory=lambda: list(TRAINING_SOURCES),
+        min_length=1,
+        description="What a new vocabulary is trained on: corpus = corpus_train documents, instructions = every "
+        "message of sft_train. Use [corpus] with sft.privacy: DP-SGD's ε does not cover the vocabulary. "
+        "Unused with extend, which mines corpus_train only.",
+    )
     extend: Optional[ExtendConfig] = Field(
         None, description="Extend this existing tokenizer instead of training (kind and vocab_size are then unused)."
     )

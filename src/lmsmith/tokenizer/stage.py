@@ -1,5 +1,6 @@
-"""The tokenizer stage: train a byte-level BPE, WordPiece or char tokenizer on the cleaned corpus and the
-instructions, or extend an existing tokenizer (and model) with domain vocabulary.
+"""The tokenizer stage: train a byte-level BPE, WordPiece or char tokenizer on the cleaned corpus and/or
+the instructions (`train_on`), or extend an existing tokenizer (and model) with domain vocabulary mined
+from corpus_train only.
 
 HF `tokenizers` trains (see `bpe.py`), jieba mines domain terms (see `extend.py`); the result is saved as
 a transformers tokenizer folder with the ChatML template, loadable with `AutoTokenizer.from_pretrained`.
@@ -25,11 +26,16 @@ MODEL_DIR = "model"
 TERMS_FILE = "added_terms.txt"
 
 
-def training_texts(ctx: StageContext) -> list[str]:
-    """Corpus documents plus every message of the training instructions (prompts and answers)."""
-    texts = read_corpus_texts(ctx.artifact("data", "corpus_train"))
-    for conversation in read_conversations(ctx.artifact("data", "sft_train")):
-        texts.extend(message["content"] for message in conversation)
+def training_texts(ctx: StageContext, train_on: list[str]) -> list[str]:
+    """Corpus documents and/or every message of the training instructions (prompts and answers).
+
+    Only the sources in `train_on` are read, so a DP recipe's instructions never reach the vocabulary."""
+    texts: list[str] = []
+    if "corpus" in train_on:
+        texts.extend(read_corpus_texts(ctx.artifact("data", "corpus_train")))
+    if "instructions" in train_on:
+        for conversation in read_conversations(ctx.artifact("data", "sft_train")):
+            texts.extend(message["content"] for message in conversation)
     return texts
 
 
@@ -38,9 +44,12 @@ def _shown(value: float | None) -> str:
 
 
 def train_new(config: TokenizerConfig, ctx: StageContext, val_texts: list[str]) -> StageResult:
-    texts = training_texts(ctx)
+    texts = training_texts(ctx, config.train_on)
     if not any(texts):
-        raise UserError("data: corpus_train and sft_train hold no text to train a tokenizer on")
+        files = {"corpus": "corpus_train", "instructions": "sft_train"}
+        read = " or ".join(files[source] for source in dict.fromkeys(config.train_on))
+        raise UserError(f"data: no text to train a tokenizer on in {read} (tokenizer.train_on: "
+                        f"{', '.join(config.train_on)})")
     with track(f"train {config.kind} tokenizer", total=1) as progress:
         tokenizer = train_tokenizer(config.kind, texts, config.vocab_size, config.min_frequency)
         progress.advance()
@@ -49,6 +58,7 @@ def train_new(config: TokenizerConfig, ctx: StageContext, val_texts: list[str]) 
     metrics = {
         "kind": config.kind,
         "vocab_size": len(tokenizer),
+        "train_on": list(config.train_on),
         "train_texts": len(texts),
         "train_chars": sum(len(text) for text in texts),
         "fertility_val": quality["fertility"],

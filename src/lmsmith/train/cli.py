@@ -67,12 +67,34 @@ def methods_help() -> str:
     return "\n".join(blocks)
 
 
-def _apply_resume(recipe, stages: list[str]) -> None:
+def resume_value(text: str):
+    """`--resume` alone means a checkpoint must exist; `--resume=auto` resumes when there is one."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected --resume or --resume=auto, got --resume={text}")
+    return "auto"
+
+
+def apply_resume(recipe, resume, stages: list[str]) -> None:
+    """Set `resume` on the named training stages of the recipe (those it holds)."""
+    from pydantic import ValidationError
+
+    from lmsmith.recipe import format_validation_error
+
     for stage in stages:
         config = getattr(recipe, stage)
-        if "resume" not in type(config).model_fields:
-            raise UserError(f"--resume: the {stage} stage's config has no resume setting in this version")
-        setattr(config, "resume", True)
+        if config is None:
+            continue
+        try:
+            setattr(config, "resume", resume)
+        except ValidationError as exc:
+            raise UserError(format_validation_error(f"--resume ({stage})", exc)) from None
+
+
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=None, type=resume_value, metavar="auto",
+        help="Continue the training stages from their last checkpoint; a stage without one is an error, "
+        "unless --resume=auto, which starts it afresh.")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -80,9 +102,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lmsmith.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides=args.set)
-    stages = [args.stage] if args.stage else list(TRAIN_STAGES)
-    if args.resume:
-        _apply_resume(recipe, stages)
+    stages = [args.stage] if args.stage else [stage for stage in TRAIN_STAGES if getattr(recipe, stage) is not None]
+    if args.stage and getattr(recipe, args.stage) is None:
+        raise UserError(f"--stage {args.stage}: the recipe has no {args.stage} block")
+    if args.resume is not None:
+        apply_resume(recipe, args.resume, stages)
     run_dir = Path(args.out or Path("runs") / recipe.name)
     for stage in stages:
         run_pipeline(recipe, run_dir, only=stage)
@@ -101,7 +125,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("recipe", help="Recipe YAML file.")
     parser.add_argument("--stage", choices=TRAIN_STAGES, help="Run only this stage (default: pretrain, then sft).")
-    parser.add_argument("--resume", action="store_true", help="Continue from the stage's last checkpoint.")
+    add_resume_argument(parser)
     parser.add_argument("--out", help="Run folder (default: runs/<recipe name>).")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY.PATH=VALUE",

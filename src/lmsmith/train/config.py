@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -122,8 +122,10 @@ class TrainingSchedule(StrictModel):
         50, ge=1, description="Save a resumable checkpoint to RUN/.checkpoints/<stage>/ every N steps (None: never)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept while training.")
-    resume: bool = Field(
-        False, description="Continue from the newest checkpoint of this stage, exactly where it stopped."
+    resume: Union[bool, Literal["auto"]] = Field(
+        False,
+        description="Continue from the newest checkpoint of this stage, exactly where it stopped: true refuses to "
+        "start when there is none, auto starts afresh then.",
     )
     monitor: MonitorConfig = MonitorConfig()
     efficiency: EfficiencyConfig = EfficiencyConfig()

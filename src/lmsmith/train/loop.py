@@ -412,6 +412,9 @@ def train(
                                                                     accelerator)
             if is_main:
                 console.print(f"[green]resume[/] from {found} (step {start_step} of {total_steps})")
+        elif config.resume is True:
+            raise UserError(f"resume: no checkpoint of this stage in {checkpoint_dir}; nothing to resume from "
+                            "(resume: auto, or --resume=auto, starts afresh when there is none)")
         elif is_main and checkpoint_dir.exists():
             shutil.rmtree(checkpoint_dir)  # a fresh start must never later resume from an older run
 

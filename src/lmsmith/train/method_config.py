@@ -201,6 +201,12 @@ class PrivacyConfig(StrictModel):
         None, gt=0, lt=1, description="δ of the (ε, δ) guarantee; required, and below 1 / number of examples."
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="opacus privacy accountant.")
+    secure_rng: Literal["auto", "required"] = Field(
+        "auto",
+        description="Noise and batch sampling never come from the recipe seed. auto: opacus' secure mode when "
+        "torchcsprng is importable, else torch generators seeded from the OS (warned, and reported as "
+        "dp_noise_secure: false); required: refuse to train without torchcsprng.",
+    )
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "PrivacyConfig":

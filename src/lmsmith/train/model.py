@@ -113,6 +113,18 @@ def load_tokenizer(path: str | Path, source: str | None = None):
     return tokenizer
 
 
+def read_pretrained(path: Path, where: str, **settings):
+    """`AutoModelForCausalLM.from_pretrained`, with unreadable or truncated weights a one-line `UserError`."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **settings)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{where}: cannot load the model weights in {path}: {first_line}") from None
+
+
 def load_dtype(method, precision: str = "fp32"):
     """The dtype a base is loaded in: bf16 for a frozen base under bf16 training (half the memory,
     and autocast computes in bf16 anyway), else fp32, which full and layer-freeze training update."""
@@ -129,7 +141,6 @@ def load_causal_lm(path: str | Path, source: str | None = None, method=None, pre
     unreadable weights are a `UserError` naming the folder.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     where = source or str(path)
@@ -141,11 +152,7 @@ def load_causal_lm(path: str | Path, source: str | None = None, method=None, pre
         from lmsmith.train.methods import bnb_config
 
         settings = {"dtype": torch.float32, "quantization_config": bnb_config(method), "device_map": "cpu"}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **settings)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{where}: cannot load the model weights in {path}: {first_line}") from None
+    model = read_pretrained(path, where, **settings)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(
             f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only "

@@ -10,11 +10,24 @@ Configurations the accountant's guarantee would not cover are refused with a `Us
 step runs: a missing or too large δ, an expected batch below 2 examples, a method whose trainable
 parameters opacus gets no per-example gradient for. Under DP the loop must not clip the summed
 gradient itself (opacus clips per example) and must draw batches from `PrivateTraining.batches()`.
+
+Randomness. ε assumes the attacker cannot predict the noise or which examples each batch holds, so
+neither is ever derived from the recipe seed (a rerun of the same recipe gives different weights):
+- with `torchcsprng` importable, opacus' secure mode draws both from /dev/urandom through a CSPRNG and
+  sums four Gaussians per noise value against floating-point attacks (arXiv:2107.10138);
+- without it (the default `secure_rng: auto`; `required` refuses to start), the noise and the Poisson
+  sampler use torch's Mersenne Twister seeded from `secrets` (the OS entropy source). torch keeps only
+  32 bits of a seed, so both generators get a fresh seed before every step, and the optimiser uses
+  opacus' four-Gaussian noise too; still not a cryptographic generator, which a warning and the
+  report (`dp_noise_rng`, `dp_noise_secure`) say.
+What stays seeded is outside the mechanism: the LoRA (or other adapter) initialisation and dropout
+masks come from the global torch seed and are independent of the data, as the DP-SGD analysis allows.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -22,11 +35,19 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmsmith.console import console
 from lmsmith.errors import UserError
 from lmsmith.train.data import IGNORE_INDEX, Example
 from lmsmith.train.method_config import PrivacyConfig
 
 MIN_EXPECTED_BATCH = 2
+
+SECURE_RNG = "torchcsprng"
+OS_SEEDED_RNG = "os-seeded torch generator (not cryptographically secure)"
+DP_SCOPE = (
+    "the sft_train examples, as far as the trained weights reveal them; not the corpus, sft_val/sft_test, "
+    "the logged training loss, nor the data stage's files in the run folder"
+)
 
 # Methods whose peft forward opacus' per-example hooks cannot follow (checked on peft 0.21, opacus 1.6).
 UNSUPPORTED_METHODS = {
@@ -51,9 +72,12 @@ class _ExampleTensors(torch.utils.data.Dataset):
 
 
 def collate_for_dp(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (input_ids, labels) pairs as a dict of tensors. opacus builds an empty batch of
-    the same structure when Poisson sampling picks nobody, so the mask is always present."""
-    width = max(len(ids) for ids, _ in rows)
+    """Right-padded (input_ids, labels) pairs as a dict of tensors; no rows give an empty batch.
+
+    opacus never calls this for an empty Poisson sample: it copies the structure of the last batch it
+    collated, and only before the first one returns a list instead (`PrivateTraining.batches` turns
+    that into the empty dict from here), so the mask is always present."""
+    width = max((len(ids) for ids, _ in rows), default=0)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -97,6 +121,10 @@ class PrivateTraining:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    noise_rng: str  # SECURE_RNG or OS_SEEDED_RNG
+    # The OS-seeded generators, reseeded every step; None when opacus' torchcsprng generator is in use.
+    noise_generator: torch.Generator | None = None
+    sampler_generator: torch.Generator | None = None
     steps_done: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -110,11 +138,16 @@ class PrivateTraining:
         """`steps` Poisson-sampled batches (some may be empty: they still count and still get noise)."""
         produced = 0
         while produced < self.steps:
+            # opacus' sampler draws each batch's membership lazily, when the loader is asked for it.
+            _reseed(self.sampler_generator)
             for batch in self.data_loader:
+                if not isinstance(batch, dict):  # opacus' stand-in for an empty sample before any batch
+                    batch = collate_for_dp([], pad_id=0)
                 yield batch
                 produced += 1
                 if produced == self.steps:
                     return
+                _reseed(self.sampler_generator)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float | None:
         """One DP-SGD step on `batch`: per-example clipped gradients, noise, update. Returns the batch's
@@ -130,6 +163,7 @@ class PrivateTraining:
             for param in self.model.parameters():
                 if param.requires_grad:
                     param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+        _reseed(self.noise_generator)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
@@ -143,7 +177,36 @@ class PrivateTraining:
             "dp_max_grad_norm": self.config.max_grad_norm,
             "dp_sample_rate": round(self.sample_rate, 6),
             "dp_steps": self.steps_done,
+            "dp_noise_rng": self.noise_rng,
+            "dp_noise_secure": self.noise_rng == SECURE_RNG,
+            "dp_scope": DP_SCOPE,
         }
+
+
+def _reseed(generator: torch.Generator | None) -> None:
+    if generator is not None:
+        generator.manual_seed(secrets.randbits(64))
+
+
+def _csprng_importable() -> bool:
+    try:
+        import torchcsprng  # noqa: F401
+    except (ImportError, OSError):  # OSError: a build for another torch fails to load its library
+        return False
+    return True
+
+
+def _check_noise_source(config: PrivacyConfig) -> bool:
+    """Whether opacus' secure mode (torchcsprng) is available; refuses `secure_rng: required` without it."""
+    if _csprng_importable():
+        return True
+    if config.secure_rng == "required":
+        raise UserError(
+            f"privacy.secure_rng: required, but torchcsprng is not importable; install torchcsprng built for "
+            f"torch {torch.__version__.split('+')[0]} (github.com/pytorch/csprng), or set secure_rng: auto to "
+            "accept OS-seeded torch generators"
+        )
+    return False
 
 
 def check_config(config: PrivacyConfig, examples: int, batch_size: int, method_name: str | None) -> float:
@@ -203,16 +266,18 @@ def make_private(
     steps: int,
     config: PrivacyConfig,
     method_name: str | None = None,
-    seed: int = 0,
 ) -> PrivateTraining:
     """Wrap model, optimiser and data for DP-SGD over `steps` steps of expected size `batch_size`.
 
     With `target_epsilon`, the noise multiplier is calibrated so that all `steps` together spend it.
+    There is no seed argument on purpose: noise and sampling come from torchcsprng or from OS entropy
+    (see the module docstring), so two runs never share them.
     """
     from opacus import PrivacyEngine
     from opacus.accountants.utils import get_noise_multiplier
     from opacus.validators import ModuleValidator
 
+    secure = _check_noise_source(config)
     sample_rate = check_config(config, len(examples), batch_size, method_name)
     problems = ModuleValidator.validate(model, strict=False)
     if problems:
@@ -231,17 +296,31 @@ def make_private(
         except ValueError as exc:
             raise UserError(f"privacy.target_epsilon: {config.target_epsilon} is not reachable: {exc}") from None
 
-    generator = torch.Generator().manual_seed(seed)
+    noise_generator = sampler_generator = None
+    if not secure:
+        device = next(param.device for param in model.parameters() if param.requires_grad)
+        noise_generator = torch.Generator(device=device)
+        # The Poisson sampler draws its mask with torch.rand on the CPU.
+        sampler_generator = torch.Generator()
+        _reseed(noise_generator)
+        _reseed(sampler_generator)
+        console.print(
+            "[yellow]warning[/] DP-SGD noise is not cryptographically secure: torchcsprng is not importable, "
+            "so noise and sampling use torch generators seeded from the OS (never from the recipe seed); "
+            "set privacy.secure_rng: required to refuse this"
+        )
     loader = torch.utils.data.DataLoader(
         _ExampleTensors(examples),
         batch_size=batch_size,
         collate_fn=lambda rows: collate_for_dp(rows, pad_id),
-        generator=generator,
+        # opacus' Poisson sampler inherits this generator; without one it would draw from the global
+        # torch generator, which the stage seeds from the recipe.
+        generator=sampler_generator,
     )
     with warnings.catch_warnings():
-        # opacus warns that the secure RNG is off; a seeded generator keeps runs reproducible.
+        # opacus' own "secure RNG turned off" advice is replaced by the warning above.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        engine = PrivacyEngine(accountant=config.accountant)
+        engine = PrivacyEngine(accountant=config.accountant, secure_mode=secure)
         private_model, private_optimizer, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -249,8 +328,11 @@ def make_private(
             noise_multiplier=noise,
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed + 1),
+            noise_generator=noise_generator,
         )
+    # opacus ties its floating-point-attack-resistant noise (four Gaussians per value) to secure mode;
+    # it depends only on the generator it is given, so the OS-seeded path uses it too.
+    private_optimizer.secure_mode = True
     probe = collate_for_dp([loader.dataset[0], loader.dataset[1]], pad_id)
     _check_per_example_gradients(private_model, probe)
     return PrivateTraining(
@@ -262,4 +344,7 @@ def make_private(
         noise_multiplier=noise,
         sample_rate=sample_rate,
         steps=steps,
+        noise_rng=SECURE_RNG if secure else OS_SEEDED_RNG,
+        noise_generator=noise_generator,
+        sampler_generator=sampler_generator,
     )

@@ -157,7 +157,7 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
         from lmsmith.train.privacy import make_private
 
         private = make_private(model, optimizer, train_examples, tokenizer.pad_token_id, config.batch_size,
-                               plan.total_steps, config.privacy, method_name=config.method.name, seed=ctx.seed)
+                               plan.total_steps, config.privacy, method_name=config.method.name)
         summary = train_private(private, config, ctx.stage_dir, val_batches=val, probe=probe,
                                 description=f"sft ({config.method.name}, DP-SGD)")
     else:
