@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,65 @@ def test_vllm_problems_name_what_a_server_cannot_load(base_dir, tmp_path):
         save_adapter(load_causal_lm(base_dir)[0], tmp_path / "none", base_model=base_dir)
     with pytest.raises(UserError, match="not a peft adapter folder"):
         merge_adapter(tmp_path, tmp_path / "out")
+
+
+def fabricated_run(tmp_path, base_dir, method, tokenizer) -> tuple[Path, torch.nn.Module]:
+    """A run folder whose sft stage holds `method`'s adapter (saved as the stage saves it)."""
+    from lmsmith.artifacts import Manifest, describe_outputs
+
+    model = adapted(base_dir, method)
+    stage_dir = tmp_path / "run" / "sft"
+    save_adapter(model, stage_dir / "adapter", base_model=base_dir, method=method, tokenizer=tokenizer)
+    Manifest(stage="sft", config={}, config_hash="handmade", inputs={},
+             outputs=describe_outputs(stage_dir, {"adapter": "adapter"})).write(stage_dir)
+    return tmp_path / "run", model
+
+
+@pytest.mark.parametrize("method", [LoraMethod(r=4, train_tokens="all"), QLoraMethod(r=4, train_tokens="none")],
+                         ids=["lora-with-token-rows", "qlora"])
+def test_lmsmith_export_hf_matches_the_adapter_model(method, base_dir, tiny_tokenizer, input_ids, tmp_path, capsys):
+    from lmsmith.cli import main
+
+    run, model = fabricated_run(tmp_path, base_dir, method, tiny_tokenizer)
+    if method.train_tokens == "all":
+        # trainable token rows moved too, so the merge has to carry them
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "trainable_tokens" in name:
+                    param.add_(0.3)
+        save_adapter(model, run / "sft" / "adapter", base_model=base_dir, method=method, tokenizer=tiny_tokenizer)
+    expected = logits(model, input_ids)
+    assert main(["export", str(run), "--to", "hf"]) == 0
+    out = run / "exports" / "hf"
+    record = json.loads((out / "export.json").read_text())
+    assert record["verify_max_abs_logit_diff"] < 1e-4
+    exported, _ = load_causal_lm(out)
+    torch.testing.assert_close(logits(exported, input_ids), expected, atol=1e-5, rtol=0)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "hf"]) == 2  # an existing export is never overwritten silently
+    assert "--force" in capsys.readouterr().err
+
+
+def test_lmsmith_export_adapter_and_vllm(base_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmsmith.cli import main
+
+    rows, _ = fabricated_run(tmp_path / "rows", base_dir, LoraMethod(r=4, train_tokens="all"), tiny_tokenizer)
+    assert main(["export", str(rows), "--to", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "trainable_token_indices" in err and "--to hf" in err
+
+    plain, _ = fabricated_run(tmp_path / "plain", base_dir, LoraMethod(r=4, train_tokens="none"), tiny_tokenizer)
+    out = tmp_path / "for-vllm"
+    assert main(["export", str(plain), "--to", "vllm", "--out", str(out)]) == 0
+    assert "--lora-modules" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]).is_absolute() and vllm_problems(out) == []
+    monkeypatch.chdir(tmp_path / "rows")  # the adapter loads from any working directory
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    PeftModel.from_pretrained(base, out)
+    assert main(["export", str(plain / "sft" / "adapter"), "--to", "adapter", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and (tmp_path / "a" / "export.json").is_file()

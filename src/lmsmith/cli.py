@@ -65,6 +65,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lmsmith.cli_options import config_from_arguments
+    from lmsmith.train.export_run import ExportConfig, export_run
+
+    export_run(config_from_arguments(args, ExportConfig, "lmsmith export", positional=("run",)))
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from lmsmith.serve.chat import chat_loop
 
@@ -125,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--embedding-model", default="minilm",
                        help="/v1/embeddings model: minilm (bundled), a sentence-transformers folder, or none.")
     serve.set_defaults(func=_cmd_serve)
+
+    from lmsmith.cli_options import add_config_arguments
+    from lmsmith.train.export_run import ExportConfig
+
+    export = sub.add_parser("export", help="Export a run's tuned model: merged HF folder, peft adapter, or a "
+                            "vLLM-loadable adapter.", description=ExportConfig.__doc__)
+    add_config_arguments(export, ExportConfig, positional=("run",))
+    export.set_defaults(func=_cmd_export)
 
     chat = sub.add_parser("chat", help="Chat with a run folder's or model folder's model in the terminal.")
     chat.add_argument("path")

@@ -1,0 +1,170 @@
+"""`lmsmith export RUN --to hf|adapter|vllm`: one command over the export code the sft stage itself uses.
+
+- `hf`: the tuned model as a plain HF folder. An adapter is merged onto the base it was trained on
+  (a QLoRA base loaded in 4 bits and dequantized) and, unless `--no-verify`, the merged model's logits
+  are checked against the adapter's on a probe; full and layer-freeze runs copy their model.
+- `adapter`: the peft adapter folder, its base stored as an absolute path, with its tokenizer.
+- `vllm`: the adapter, only when vLLM's `--lora-modules` would load it; otherwise the reasons, and
+  `--to hf` as the way out (a merged folder serves in vLLM as a plain model).
+
+Every export is written beside its destination and renamed into place when complete, with an
+`export.json` saying what it came from. peft and transformers do the loading and merging.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from lmsmith.artifacts import Manifest
+from lmsmith.console import console
+from lmsmith.errors import UserError
+from lmsmith.hashing import hash_path
+from lmsmith.schema import StrictModel
+from lmsmith.train.export import ADAPTER_CONFIG, merge_adapter, read_method, vllm_problems
+
+PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+VERIFY_TOLERANCE = 1e-3  # max |logit difference|: fp32 merging rounds at about 1e-5 on ordinary logits
+
+
+class ExportConfig(StrictModel):
+    """What `lmsmith export` writes and where."""
+
+    run: Path = Field(..., description="A run folder (its sft stage is exported) or a peft adapter folder.")
+    to: Literal["hf", "adapter", "vllm"] = Field(..., description="hf: merged model folder; adapter: peft "
+                                                 "adapter; vllm: an adapter vLLM's --lora-modules loads.")
+    out: Optional[Path] = Field(None, description="Destination folder (default: RUN/exports/<to>).")
+    base_model: Optional[Path] = Field(None, description="Base model folder, when the adapter's recorded one "
+                                       "has moved.")
+    verify: bool = Field(True, description="hf: compare the merged model's logits with the adapter model's.")
+    force: bool = Field(False, description="Replace an existing destination folder.")
+
+
+def _sources(run: Path) -> tuple[Path | None, Path | None]:
+    """(adapter folder, full model folder) of a run folder's sft stage, or of an adapter folder."""
+    run = run.expanduser()
+    if (run / ADAPTER_CONFIG).is_file():
+        return run, None
+    stage_dir = run / "sft"
+    manifest = Manifest.read(stage_dir)
+    if manifest is None:
+        raise UserError(f"{run}: neither a run folder with a finished sft stage (no sft/manifest.json) nor a "
+                        f"peft adapter folder (no {ADAPTER_CONFIG})")
+    adapter = manifest.output_path(stage_dir, "adapter") if "adapter" in manifest.outputs else None
+    model = manifest.output_path(stage_dir, "model") if "model" in manifest.outputs else None
+    return adapter, model
+
+
+def _mergeable(adapter: Path) -> bool:
+    """LoRA kin and IA3 fold into the weights; prompt learning (prefix, prompt tuning) does not."""
+    peft_type = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("peft_type")
+    return peft_type not in PROMPT_LEARNING
+
+
+def _probe_ids(tokenizer):
+    import torch
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "2023年营业收入同比增长多少?"}],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # no chat template: plain text probes the weights just as well
+        text = "2023年营业收入同比增长15.2%。Revenue grew 15.2% in 2023."
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def verify_merge(adapter_dir: Path, merged_dir: Path, base_model: Path | None) -> float:
+    """Max |logit difference| between the adapter on its base (loaded as trained) and the merged folder."""
+    import torch
+    from peft import PeftModel
+
+    from lmsmith.train.model import load_causal_lm
+
+    if base_model is None:
+        base_model = Path(json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+    merged, tokenizer = load_causal_lm(merged_dir, source=str(merged_dir))
+    ids = _probe_ids(tokenizer)
+    with torch.no_grad():
+        expected = merged.eval()(input_ids=ids).logits
+        del merged
+        method = read_method(adapter_dir)
+        quantized = getattr(method, "name", None) == "qlora"
+        base, _ = load_causal_lm(base_model, source="export base model", method=method if quantized else None)
+        if quantized:
+            from lmsmith.train.methods import keep_fp32_cpu_kernel
+
+            keep_fp32_cpu_kernel(base)  # the forward training ran, not bitsandbytes' bf16 inference kernel
+        adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
+        return float((adapted(input_ids=ids).logits - expected).abs().max())
+
+
+def _write(out: Path, force: bool, build) -> None:
+    """Build into `out`'s staging sibling and rename it into place only when complete."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: exists and is not empty; pass --force to replace it")
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    build(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def _copy_adapter(adapter: Path, target: Path, base_model: Path | None) -> None:
+    shutil.copytree(adapter, target)
+    config_path = target / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    base = base_model or Path(config.get("base_model_name_or_path") or "")
+    if base_model is not None or (base.exists() and not base.is_absolute()):
+        config["base_model_name_or_path"] = str(base.resolve())
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def export_run(config: ExportConfig) -> dict:
+    """Write the export `config` asks for; returns what `export.json` records."""
+    adapter, model = _sources(config.run)
+    out = (config.out or config.run / "exports" / config.to).expanduser().resolve()
+    base_model = config.base_model.expanduser().resolve() if config.base_model else None
+    record: dict = {"to": config.to, "source": str(config.run.resolve())}
+    if config.to == "hf":
+        if adapter is not None and _mergeable(adapter):
+            record["adapter"] = str(adapter)
+            record["adapter_hash"] = hash_path(adapter)
+            _write(out, config.force, lambda target: merge_adapter(adapter, target, base_model))
+            if config.verify:
+                error = verify_merge(adapter, out, base_model)
+                record["verify_max_abs_logit_diff"] = error
+                if error > VERIFY_TOLERANCE:
+                    raise UserError(f"{out}: the merged model's logits differ from the adapter model's by {error:.3g} "
+                                    f"(over {VERIFY_TOLERANCE}); the base in use is not the one the adapter was "
+                                    "trained on? pass --base-model")
+                console.print(f"verified: merged logits within {error:.2g} of the adapter model's")
+        elif model is not None:
+            _write(out, config.force, lambda target: shutil.copytree(model, target))
+        else:
+            raise UserError(f"{config.run}: a prompt-learning adapter has no merged form; use --to adapter")
+    else:
+        if adapter is None:
+            raise UserError(f"{config.run}: the run trained no adapter (full or freeze method); use --to hf")
+        if config.to == "vllm":
+            problems = vllm_problems(adapter)
+            if problems:
+                raise UserError(f"{adapter}: vLLM would refuse this adapter: {'; '.join(problems)}. "
+                                "Export the merged model instead (--to hf), which vLLM serves as a plain model")
+        _write(out, config.force, lambda target: _copy_adapter(adapter, target, base_model))
+        record["adapter_hash"] = hash_path(out)
+        base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        record["base_model"] = base
+        if config.to == "vllm":
+            rank = json.loads((out / ADAPTER_CONFIG).read_text()).get("r")
+            console.print(f"serve with: vllm serve {base} --enable-lora --max-lora-rank {rank} "
+                          f"--lora-modules {config.run.resolve().name}={out}", soft_wrap=True)
+        elif vllm_problems(out):
+            console.print(f"[yellow]note[/] vLLM would not load this adapter: {'; '.join(vllm_problems(out))}")
+    (out / "export.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    console.print(f"[green]exported[/] {config.to}: {out}", soft_wrap=True)
+    return record
