@@ -208,4 +208,36 @@ def test_train_help_documents_every_method_and_field():
     assert "layers_to_transform" in text and "last 4" in text
     assert "--stage {pretrain,sft}" in text and "--resume" in text
     args = parser.parse_args(["train", "r.yaml", "--stage", "sft", "--set", "sft.method.r=8"])
-    assert (args.stage, args.set, args.resume) == ("sft", ["sft.method.r=8"], False)
+    assert (args.stage, args.set, args.resume) == ("sft", ["sft.method.r=8"], None)
+
+
+def test_resume_flag_forms():
+    from lmsmith.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "r.yaml", "--resume"]).resume is True
+    assert parser.parse_args(["train", "r.yaml", "--resume=auto"]).resume == "auto"
+    assert parser.parse_args(["run", "r.yaml", "--resume=auto"]).resume == "auto"
+
+
+def test_qlora_loads_a_bf16_checkpoint_in_4_bits_exactly_as_its_fp32_upcast(tiny_tokenizer, tmp_path):
+    """QLoRA quantizes from the stored dtype (no full-precision copy) and gets the fp32 upcast's weights."""
+    import bitsandbytes as bnb
+
+    from lmsmith.train.model import load_causal_lm
+
+    model = build_tiny_model(tiny_tokenizer).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    tiny_tokenizer.save_pretrained(tmp_path / "bf16")
+    method = QLoraMethod()
+    loaded, _ = load_causal_lm(tmp_path / "bf16", method=method)
+    reference = build_tiny_model(tiny_tokenizer).to(torch.bfloat16).float()  # same seed, same weights
+    quantize_linear_layers(reference, method)
+    pairs = [(a, b) for a, b in zip(loaded.modules(), reference.modules()) if isinstance(a, bnb.nn.Linear4bit)]
+    assert pairs and all(isinstance(b, bnb.nn.Linear4bit) for _, b in pairs)
+    for ours, theirs in pairs:
+        torch.testing.assert_close(bnb.functional.dequantize_4bit(ours.weight.data, ours.weight.quant_state),
+                                   bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state),
+                                   atol=0, rtol=0)
+    others = [p for n, p in loaded.named_parameters() if p.dtype.is_floating_point]
+    assert others and all(p.dtype == torch.float32 for p in others)

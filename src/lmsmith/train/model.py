@@ -125,6 +125,59 @@ def read_pretrained(path: Path, where: str, **settings):
         raise UserError(f"{where}: cannot load the model weights in {path}: {first_line}") from None
 
 
+def stored_dtype(path: Path):
+    """The dtype a checkpoint's weights are stored in (config.json), float32 when it does not say."""
+    import json
+
+    import torch
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def finish_4bit_load(model) -> None:
+    """After quantizing from the stored dtype: everything else in fp32, and no tensor left pointing
+    into the memory-mapped checkpoint.
+
+    The 4-bit codes of a bf16 or fp16 weight equal those of its exact fp32 upcast, so quantizing from
+    the stored dtype saves a full-precision copy per tensor; its quant state is told to dequantize to
+    fp32, which makes the weights bit-identical to quantizing the fp32 upcast. Embeddings and norms
+    still point into the mapped file, and while the mapping is open every page that quantizing read
+    stays in the resident set: copying them closes it.
+    """
+    import gc
+
+    import bitsandbytes as bnb
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.weight.quant_state.dtype = torch.float32
+            for param in module.parameters(recurse=False):
+                if param.dtype.is_floating_point:
+                    param.data = param.data.to(torch.float32, copy=True)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.dtype.is_floating_point:
+                    module._buffers[name] = buffer.to(torch.float32, copy=True)
+    gc.collect()
+    release_freed_heap()
+
+
+def release_freed_heap() -> None:
+    """Hand the full-precision copies that quantizing freed back to the OS (glibc keeps freed heap)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
+        pass
+
+
 def load_dtype(method, precision: str = "fp32"):
     """The dtype a base is loaded in: bf16 for a frozen base under bf16 training (half the memory,
     and autocast computes in bf16 anyway), else fp32, which full and layer-freeze training update."""
@@ -151,8 +204,10 @@ def load_causal_lm(path: str | Path, source: str | None = None, method=None, pre
     if method is not None and method.name == "qlora":
         from lmsmith.train.methods import bnb_config
 
-        settings = {"dtype": torch.float32, "quantization_config": bnb_config(method), "device_map": "cpu"}
+        settings = {"dtype": stored_dtype(path), "quantization_config": bnb_config(method), "device_map": "cpu"}
     model = read_pretrained(path, where, **settings)
+    if "quantization_config" in settings:
+        finish_4bit_load(model)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(
             f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only "
