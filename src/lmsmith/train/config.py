@@ -59,14 +59,71 @@ class EarlyStoppingConfig(StrictModel):
     min_delta: float = Field(0.0, ge=0, description="Smaller changes do not count as an improvement.")
 
 
+class WandbConfig(StrictModel):
+    """Log to Weights & Biases (the `wandb` library) beside TensorBoard."""
+
+    project: str = Field("lmsmith", description="W&B project of the runs.")
+    entity: Optional[str] = Field(None, description="W&B team or user; None: the account's default entity.")
+    run_name: Optional[str] = Field(None, description="Display name of the run; None: W&B picks one.")
+    mode: Optional[Literal["online", "offline"]] = Field(
+        None,
+        description="online uploads as it trains; offline writes STAGE/wandb/ (or WANDB_DIR) for `wandb sync` "
+        "later. None: the WANDB_MODE environment variable, else online.",
+    )
+    tags: list[str] = Field(default_factory=list, description="Tags attached to the run.")
+
+
+class MlflowConfig(StrictModel):
+    """Log to MLflow (the `mlflow` library; `mlflow-skinny` is enough) beside TensorBoard."""
+
+    tracking_uri: Optional[str] = Field(
+        None,
+        description="A tracking server (http://host:5000), a database (sqlite:///path/mlflow.db), a file: URI "
+        "(MLflow's file store, which MLflow 3 keeps only for old setups) or a plain folder path, which gets an "
+        "sqlite database mlflow.db and an artifacts/ folder. None: MLFLOW_TRACKING_URI, else MLflow's default "
+        "(sqlite ./mlflow.db). The database backends need sqlalchemy and alembic.",
+    )
+    experiment: str = Field("lmsmith", description="MLflow experiment of the runs (created when missing).")
+    run_name: Optional[str] = Field(None, description="Name of the run; None: MLflow picks one.")
+
+
 class MonitorConfig(StrictModel):
-    """TensorBoard logging, the MFU estimate and the thresholds of the training alerts."""
+    """TensorBoard logging, optional W&B and MLflow tracking, the MFU estimate and the training alerts."""
 
     tensorboard: bool = Field(True, description="Write TensorBoard event files to STAGE/tensorboard/.")
+    wandb: Optional[WandbConfig] = Field(None, description="Also log to Weights & Biases (None: off).")
+    mlflow: Optional[MlflowConfig] = Field(None, description="Also log to MLflow (None: off).")
     loss_spike_factor: float = Field(3.0, gt=1, description="Alert when a step's loss exceeds k × its moving average.")
     grad_norm_factor: float = Field(10.0, gt=1, description="Alert when the gradient norm exceeds k × its moving average.")
     ema_beta: float = Field(0.9, gt=0, lt=1, description="Smoothing of those moving averages.")
-    warmup_steps: int = Field(10, ge=0, description="Steps before spike and explosion alerts are armed.")
+    divergence_factor: float = Field(
+        2.0,
+        gt=1,
+        description="loss_divergence alert: the loss level (median of the last 9 step losses, so a few odd batches "
+        "cannot trigger it) exceeds k × the lowest level reached so far, and by at least divergence_min_rise.",
+    )
+    divergence_min_rise: float = Field(
+        0.5, ge=0, description="Least rise (nats) over the lowest level that counts as divergence, so a run "
+        "whose loss is near zero does not alert on ordinary noise."
+    )
+    trend_window: int = Field(
+        12, ge=6, description="Step losses in the least-squares fit of the loss_rising alert; also the steps "
+        "without its condition after which either divergence alert may fire again."
+    )
+    trend_rise: float = Field(
+        0.25,
+        gt=0,
+        description="loss_rising alert: the least-squares line through the last trend_window step losses climbs "
+        "by more than this share of the window's lowest loss, steadily (slope over 7 standard errors). Fits "
+        "start at 6 steps.",
+    )
+    warmup_steps: int = Field(
+        10,
+        ge=0,
+        description="Steps before spike and explosion alerts are armed. The divergence and rising-loss alerts "
+        "are armed from step 1, with their margins (divergence_factor - 1, trend_rise) doubled at the start and "
+        "tightening linearly to the set values by this step.",
+    )
     gpu_util_min: float = Field(30.0, ge=0, le=100, description="On GPU: alert under this utilisation (%).")
     gpu_memory_max: float = Field(95.0, ge=0, le=100, description="On GPU: alert over this memory use (%).")
     cpu_peak_tflops: float = Field(

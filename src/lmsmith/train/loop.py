@@ -420,7 +420,9 @@ def train(
 
     log = RunLog(stage_dir / "metrics.jsonl", stage_dir / "tensorboard" if config.monitor.tensorboard else None,
                  restored_rows=loop_state["history"] if loop_state else (),
-                 restored_alerts=loop_state["alert_rows"] if loop_state else (), enabled=is_main)
+                 restored_alerts=loop_state["alert_rows"] if loop_state else (), enabled=is_main,
+                 monitor=config.monitor, params=config.model_dump(mode="json"),
+                 tracker_state=loop_state.get("trackers") if loop_state else None)
     alerts = AlertMonitor(config.monitor, device)
     check_at = val_steps(total_steps, config.val_every) if (val_batches or probe) else set()
     stopper = None
@@ -442,6 +444,7 @@ def train(
 
     amp = accelerator.autocast() if use_accelerate_amp else autocast(precision, device.type)
     step = start_step
+    finished = False  # trackers mark a run that raised (or was interrupted) as failed
     try:
         with track(description, total=total_steps) as progress:
             progress.advance(start_step)
@@ -493,14 +496,15 @@ def train(
                     state = {
                         "interval": interval.__dict__, "total_tokens": total_tokens, "train_seconds": train_seconds,
                         "val_loss": val_loss, "last_loss": last_loss, "history": history,
-                        "alerts": alerts.state_dict(), "alert_rows": log.alerts,
+                        "alerts": alerts.state_dict(), "alert_rows": log.alerts, "trackers": log.tracker_state(),
                         "early_stopping": stopper.state() if stopper else None,
                     }
                     best = {"best": stopper.best_weights} if stopper is not None and stopper.best_weights else {}
                     save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, state, fingerprint,
                                     accelerator, keep=config.keep_checkpoints, extra_tensors=best)
+        finished = True
     finally:
-        log.close()
+        log.close(failed=not finished)
         model.set_attn_implementation(saved_attention)
         model.eval()
     # The val figures reported are those of the weights handed back: the best check's, when restored.
@@ -575,7 +579,8 @@ def train_private(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         private.optimizer, lambda step: lr_factor(step, total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
     )
-    log = RunLog(stage_dir / "metrics.jsonl", stage_dir / "tensorboard" if config.monitor.tensorboard else None)
+    log = RunLog(stage_dir / "metrics.jsonl", stage_dir / "tensorboard" if config.monitor.tensorboard else None,
+                 monitor=config.monitor, params=config.model_dump(mode="json"))
     alerts = AlertMonitor(config.monitor)
     check_at = val_steps(total_steps, config.val_every) if (val_batches or probe) else set()
     history: list[dict] = []
@@ -584,6 +589,7 @@ def train_private(
     seconds = train_seconds = 0.0
     val_loss, step = None, 0
     model.train()
+    finished = False
     try:
         with track(description, total=total_steps) as progress:
             for step, batch in enumerate(private.batches(), start=1):
@@ -611,8 +617,9 @@ def train_private(
                 history.append(row)
                 total_tokens, train_seconds = total_tokens + tokens, train_seconds + seconds
                 losses, tokens, seconds = [], 0, 0.0
+        finished = True
     finally:
-        log.close()
+        log.close(failed=not finished)
         model.eval()
     final = next((row["loss"] for row in reversed(history) if row["loss"] is not None), float("nan"))
     summary = TrainSummary(steps=step, train_loss=final, val_loss=val_loss, tokens=total_tokens,
