@@ -125,6 +125,18 @@ def test_recipe_overrides_and_relative_paths(tmp_path):
     assert Path(recipe.data.corpus) == (tmp_path / "corpus.jsonl").resolve()
 
 
+def test_a_relative_path_in_set_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    recipe_file = tmp_path / "recipes" / "r.yaml"
+    recipe_file.write_text("data:\n  corpus: corpus.jsonl\n", encoding="utf-8")
+    (tmp_path / "recipes" / "corpus.jsonl").write_text('{"text": "in the recipe folder"}\n', encoding="utf-8")
+    (tmp_path / "mine.jsonl").write_text('{"text": "typed on the command line"}\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert Path(load_recipe(recipe_file).data.corpus) == (tmp_path / "recipes" / "corpus.jsonl").resolve()
+    assert Path(load_recipe(recipe_file, overrides=["data.corpus=mine.jsonl"]).data.corpus) == \
+        (tmp_path / "mine.jsonl").resolve()
+
+
 @pytest.mark.parametrize(
     "body, expected",
     [

@@ -161,6 +161,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise UserError(f"--set {item}: invalid YAML value: {getattr(exc, 'problem', None) or exc}") from None
+        # A path typed on the command line is relative to where it was typed, not to the recipe's folder.
+        if isinstance(parsed, str) and parsed and not Path(parsed).expanduser().is_absolute() and Path(parsed).exists():
+            parsed = str(Path(parsed).resolve())
         set_dotted(raw, key, parsed)
     return validate_recipe(raw, source=str(path), base_dir=path.parent)
 
