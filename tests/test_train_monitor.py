@@ -183,7 +183,7 @@ def test_a_blow_up_at_the_second_step_is_measured_against_the_first():
     # A learning rate far too high: the loss jumps at once and stays up (the failure, sped up).
     alerts = feed(AlertMonitor(MonitorConfig()), [3.9, 11.6, 15.4, 18.5, 16.4, 15.4, 9.8, 12.8])
     assert [(a.kind, a.step) for a in alerts] == [("loss_divergence", 3)]
-    assert "lowest level 3.9, reached at step 1" in alerts[0].message
+    assert "lowest baseline 3.9 (median of up to 27 steps), reached at step 1" in alerts[0].message
 
 
 def test_warmup_loosens_the_divergence_threshold_without_disarming_it():
@@ -196,8 +196,8 @@ def test_warmup_loosens_the_divergence_threshold_without_disarming_it():
 
 
 def test_divergence_needs_a_rise_in_nats_not_only_a_ratio():
-    # Levels from about 0.05 up to 0.2: four times the minimum, but a rise of 0.15 nats.
-    losses = [0.5 * 0.8**t for t in range(15)] + [0.2] * 20
+    # A baseline of 0.05, then a level of 0.2: four times the baseline, but a rise of 0.15 nats.
+    losses = [0.5 * 0.8**t for t in range(10)] + [0.05] * 30 + [0.2] * 20
     assert divergence_alerts(feed(AlertMonitor(MonitorConfig()), losses)) == []
     assert divergence_alerts(feed(AlertMonitor(MonitorConfig(divergence_min_rise=0.0)), losses))
 
@@ -220,9 +220,9 @@ def test_alert_messages_carry_the_numbers():
     assert rising.message.startswith(f"step {rising.step}: loss ")
     window = f"over steps {rising.step - 11}-{rising.step}"
     assert f"{window}: least-squares slope {rising.value:+.4g} per step" in rising.message
-    assert 0 < rising.value <= 1.5 and "lowest level so far 2 at step 1" in rising.message
+    assert 0 < rising.value <= 1.5 and "lowest baseline so far 2 at step 1" in rising.message
     assert diverging.message.startswith(f"step {diverging.step}: loss ")
-    assert "lowest level 2, reached at step 1" in diverging.message
+    assert "lowest baseline 2 (median of up to 27 steps), reached at step 1" in diverging.message
     assert "median of the last 9 steps" in diverging.message
     assert diverging.value == pytest.approx(2.0 + 1.5 * (diverging.step - 20))
 

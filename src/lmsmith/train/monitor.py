@@ -95,6 +95,7 @@ class _GpuProbe:
 # The divergence rule compares loss levels, each the median of this many step losses: a few odd
 # batches cannot move a level, and a sustained rise moves it within five steps.
 LEVEL_STEPS = 9
+BASELINE_STEPS = 3 * LEVEL_STEPS  # the reference a level is compared with moves slower than the level
 # The rising-loss rule wants the fitted slope this many standard errors above zero: a steady climb
 # clears it easily, a noisy plateau's chance tilt almost never does.
 STEADY_SLOPE_T = 7.0
@@ -111,7 +112,10 @@ class DivergenceWatch:
     """Catches a loss that climbs away instead of falling; armed from the first step.
 
     - loss_divergence: the loss level (median of the last `LEVEL_STEPS` step losses) exceeds
-      `divergence_factor` × the lowest level so far, and by at least `divergence_min_rise` nats;
+      `divergence_factor` × the lowest baseline so far, and by at least `divergence_min_rise` nats. The
+      baseline is the median of the last `BASELINE_STEPS` (fewer at the start, the first step alone at
+      step 1): length-grouped batches give step losses that differ by task, and the lowest of short
+      medians would be a run of easy batches, not where the run got to;
     - loss_rising: the least-squares line through the last `trend_window` step losses (from
       `MIN_TREND_STEPS` on) climbs by more than `trend_rise` × the window's lowest loss, with a slope
       over `STEADY_SLOPE_T` standard errors.
@@ -165,21 +169,23 @@ class DivergenceWatch:
 
     def check(self, step: int, loss: float) -> list[Alert]:
         self.seen += 1
-        self.recent = (self.recent + [loss])[-max(LEVEL_STEPS, self.config.trend_window):]
+        self.recent = (self.recent + [loss])[-max(BASELINE_STEPS, self.config.trend_window):]
         loose = self._looseness()
         alerts = []
         level = statistics.median(self.recent[-LEVEL_STEPS:])
-        # The first step's loss counts as a level on its own: a learning rate that blows the model up
-        # at once must be measured against where the run started.
-        if self.lowest is None or level < self.lowest:
-            self.lowest, self.lowest_step = level, step
+        baseline = statistics.median(self.recent[-BASELINE_STEPS:])
+        # The first step's loss is a baseline on its own: a learning rate that blows the model up at
+        # once must be measured against where the run started.
+        if self.lowest is None or baseline < self.lowest:
+            self.lowest, self.lowest_step = baseline, step
         factor = 1 + (self.config.divergence_factor - 1) * loose
         diverged = level > factor * self.lowest and level - self.lowest >= self.config.divergence_min_rise
         if self._opens_episode("loss_divergence", diverged):
             alerts.append(Alert(step, "loss_divergence",
                                 f"step {step}: loss {loss:.4g}, level {level:.4g} (median of the last "
                                 f"{min(LEVEL_STEPS, self.seen)} steps) is {_times(level, self.lowest)} the lowest "
-                                f"level {self.lowest:.4g}, reached at step {self.lowest_step} (alert over "
+                                f"baseline {self.lowest:.4g} (median of up to {BASELINE_STEPS} steps), reached at step "
+                                f"{self.lowest_step} (alert over "
                                 f"{factor:.2f}×)", loss))
         fit = self._rising_fit()
         limit = self.config.trend_rise * loose
@@ -190,7 +196,7 @@ class DivergenceWatch:
             alerts.append(Alert(step, "loss_rising",
                                 f"step {step}: loss {loss:.4g} rose steadily over steps {first}-{step}: least-squares "
                                 f"slope {slope:+.4g} per step, a rise of {rise:.4g} = {_times(rise, low)} the "
-                                f"window's lowest loss {low:.4g} (alert over {limit:.2f}×); lowest level so far "
+                                f"window's lowest loss {low:.4g} (alert over {limit:.2f}×); lowest baseline so far "
                                 f"{self.lowest:.4g} at step {self.lowest_step}", slope))
         return alerts
 
