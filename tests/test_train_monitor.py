@@ -220,9 +220,9 @@ def test_alert_messages_carry_the_numbers():
     assert rising.message.startswith(f"step {rising.step}: loss ")
     window = f"over steps {rising.step - 11}-{rising.step}"
     assert f"{window}: least-squares slope {rising.value:+.4g} per step" in rising.message
-    assert 0 < rising.value <= 1.5 and "lowest baseline so far 2 at step 1" in rising.message
+    assert 0 < rising.value <= 1.5 and "lowest baseline so far 2 at step 9" in rising.message
     assert diverging.message.startswith(f"step {diverging.step}: loss ")
-    assert "lowest baseline 2 (median of up to 27 steps), reached at step 1" in diverging.message
+    assert "lowest baseline 2 (median of up to 27 steps), reached at step 9" in diverging.message
     assert "median of the last 9 steps" in diverging.message
     assert diverging.value == pytest.approx(2.0 + 1.5 * (diverging.step - 20))
 

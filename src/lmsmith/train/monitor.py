@@ -131,6 +131,7 @@ class DivergenceWatch:
         self.seen = 0
         self.lowest: float | None = None
         self.lowest_step = 0
+        self.lowest_mature = False  # whether `lowest` is a median of at least LEVEL_STEPS steps
         self.quiet: dict[str, int] = {}  # open episodes: kind -> steps since its condition last held
 
     def _looseness(self) -> float:
@@ -174,10 +175,13 @@ class DivergenceWatch:
         alerts = []
         level = statistics.median(self.recent[-LEVEL_STEPS:])
         baseline = statistics.median(self.recent[-BASELINE_STEPS:])
-        # The first step's loss is a baseline on its own: a learning rate that blows the model up at
-        # once must be measured against where the run started.
-        if self.lowest is None or baseline < self.lowest:
-            self.lowest, self.lowest_step = baseline, step
+        # Until LEVEL_STEPS losses exist the baseline is where the run started (the first step alone, or
+        # lower as the loss falls): a learning rate that blows the model up at once must be measured
+        # against that. It is one batch, though, and with length-grouped batches one task's: from then on
+        # only baselines over at least LEVEL_STEPS steps count, starting with the first of them.
+        mature = self.seen >= LEVEL_STEPS
+        if self.lowest is None or baseline < self.lowest or (mature and not self.lowest_mature):
+            self.lowest, self.lowest_step, self.lowest_mature = baseline, step, mature
         factor = 1 + (self.config.divergence_factor - 1) * loose
         diverged = level > factor * self.lowest and level - self.lowest >= self.config.divergence_min_rise
         if self._opens_episode("loss_divergence", diverged):
@@ -202,11 +206,12 @@ class DivergenceWatch:
 
     def state_dict(self) -> dict[str, Any]:
         return {"recent": list(self.recent), "seen": self.seen, "lowest": self.lowest,
-                "lowest_step": self.lowest_step, "quiet": dict(self.quiet)}
+                "lowest_step": self.lowest_step, "lowest_mature": self.lowest_mature, "quiet": dict(self.quiet)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.recent, self.seen, self.lowest = list(state["recent"]), state["seen"], state["lowest"]
         self.lowest_step, self.quiet = state["lowest_step"], dict(state["quiet"])
+        self.lowest_mature = state.get("lowest_mature", self.seen >= LEVEL_STEPS)
 
 
 class AlertMonitor:
