@@ -170,3 +170,34 @@ def test_recipe_stage_rules(tmp_path):
     yaml_file.write_text(f"model: {{path: {checkpoint}}}\ndata:\nsft:\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"--set sft.epochs=: \[: invalid YAML value"):
         load_recipe(yaml_file, overrides=["sft.epochs=: ["])
+
+
+def test_a_template_that_refuses_a_conversation_is_a_user_error(tmp_path):
+    from lmsmith.train.data import chat_example
+    from lmsmith.train.model import load_tokenizer
+
+    tokenizer = load_tokenizer(qwen_checkpoint(tmp_path / "checkpoint"))
+    tokenizer.chat_template = ("{%- if messages[0]['role'] == 'system' -%}{{ raise_exception('System role not "
+                               "supported') }}{%- endif -%}" + QWEN_LIKE_TEMPLATE)
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"}]
+    with pytest.raises(UserError, match="cannot render a system/user/assistant conversation: System role not"):
+        chat_example(tokenizer, messages)
+
+
+def test_a_changed_checkpoint_reruns_the_stages_built_on_it_and_an_unused_one_is_refused(tmp_path):
+    from lmsmith.pipeline import _stage_inputs
+    from lmsmith.stages import get_stage
+
+    first, second = qwen_checkpoint(tmp_path / "a"), llama_checkpoint(tmp_path / "b")
+    make = lambda path, template="auto": validate_recipe(  # noqa: E731
+        {"model": {"path": str(path), "chat_template": template}, "data": {}, "sft": {}, "eval": {}})
+    for stage in ("sft", "eval"):
+        spec = get_stage(stage)
+        inputs = {str(path): _stage_inputs(spec, getattr(make(path), stage), tmp_path, make(path))
+                  for path in (first, second)}
+        assert inputs[str(first)]["file:model.path"] != inputs[str(second)]["file:model.path"]
+        plain = make(first, "plain")
+        assert _stage_inputs(spec, getattr(plain, stage), tmp_path, plain)["model.chat_template"] == "plain"
+    with pytest.raises(UserError, match="model.path: .* is not used \\(sft starts from .*b\\)"):
+        validate_recipe({"model": {"path": str(first)}, "data": {}, "sft": {"base_model": str(second)}})

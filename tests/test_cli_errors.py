@@ -55,7 +55,8 @@ def test_resume_with_privacy_and_resume_without_a_checkpoint(capsys, tmp_path):
     assert "--resume (sft)" in line and "privacy cannot be combined with resume" in line
 
     line = one_line_error(capsys, small_run(checkpoint, tmp_path / "run") + ["--resume"])
-    assert "resume: no checkpoint of this stage" in line and "--resume=auto" in line
-    assert not (tmp_path / "run" / "sft").exists()  # nothing was published
+    assert f"--resume: no checkpoint of sft in {tmp_path / 'run' / '.checkpoints'}" in line
+    assert "--resume=auto starts afresh" in line
+    assert not (tmp_path / "run" / "data").exists()  # refused before anything ran
     with pytest.raises(SystemExit):
         main(["train", str(recipe), "--resume=sometimes"])

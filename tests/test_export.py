@@ -179,3 +179,22 @@ def test_lmsmith_export_adapter_and_vllm(base_dir, tiny_tokenizer, tmp_path, cap
     PeftModel.from_pretrained(base, out)
     assert main(["export", str(plain / "sft" / "adapter"), "--to", "adapter", "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and (tmp_path / "a" / "export.json").is_file()
+    before = sorted(p.name for p in (plain / "sft" / "adapter").iterdir())
+    assert main(["export", str(plain / "sft" / "adapter"), "--to", "adapter"]) == 0
+    assert (plain / "sft" / "adapter-adapter" / "export.json").is_file()  # beside it, never inside
+    assert sorted(p.name for p in (plain / "sft" / "adapter").iterdir()) == before
+
+
+def test_a_failed_verification_replaces_nothing(base_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    from lmsmith.cli import main
+    from lmsmith.train import export_run
+
+    run, _ = fabricated_run(tmp_path, base_dir, LoraMethod(r=4, train_tokens="none"), tiny_tokenizer)
+    assert main(["export", str(run), "--to", "hf"]) == 0
+    out = run / "exports" / "hf"
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(export_run, "verify_merge", lambda *args: 0.5)  # a merge that went wrong
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "hf", "--force"]) == 2
+    assert "differ from the adapter model's by 0.5" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good

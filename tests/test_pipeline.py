@@ -135,6 +135,9 @@ def test_a_relative_path_in_set_is_taken_from_the_working_directory(tmp_path, mo
     assert Path(load_recipe(recipe_file).data.corpus) == (tmp_path / "recipes" / "corpus.jsonl").resolve()
     assert Path(load_recipe(recipe_file, overrides=["data.corpus=mine.jsonl"]).data.corpus) == \
         (tmp_path / "mine.jsonl").resolve()
+    # Only path fields: a name or a title that happens to match a file stays as typed.
+    named = load_recipe(recipe_file, overrides=["name=recipes", "data.corpus=mine.jsonl"])
+    assert named.name == "recipes"
 
 
 @pytest.mark.parametrize(

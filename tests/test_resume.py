@@ -150,3 +150,19 @@ def test_resume_refuses_changed_settings_and_a_fresh_start_discards_the_checkpoi
         run_pipeline(Recipe.model_validate_json(recipe_file(run_dir, resume=True, max_steps=4).read_text()),
                      run_dir, only="sft")
     assert {path: path.read_bytes() for path in (run_dir / "sft").rglob("*") if path.is_file()} == finished
+
+
+def test_resume_is_strict_for_the_interrupted_stage_only(tmp_path):
+    from lmsmith.train.cli import apply_resume
+
+    recipe = Recipe(tokenizer={}, pretrain={}, sft={})
+    with pytest.raises(UserError, match="--resume: no checkpoint of pretrain or sft"):
+        apply_resume(recipe, True, ["pretrain", "sft"], tmp_path)
+    step = checkpoint_root(tmp_path, "pretrain") / "step-50"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    apply_resume(recipe, True, ["pretrain", "sft"], tmp_path)
+    # pretrain was killed mid-way: it must resume; sft never started: it starts afresh after it.
+    assert (recipe.pretrain.resume, recipe.sft.resume) == (True, "auto")
+    apply_resume(recipe, "auto", ["pretrain", "sft"], tmp_path)
+    assert (recipe.pretrain.resume, recipe.sft.resume) == ("auto", "auto")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmsmith import pipeline
+from lmsmith.artifacts import recover_folder
 from lmsmith.recipe import load_recipe
 from lmsmith.stages import STAGE_NAMES, StageSpec
 
@@ -72,8 +73,8 @@ def test_a_swap_killed_between_its_renames_is_repaired(tmp_path):
     run_dir = tmp_path
     (run_dir / ".data.previous").mkdir()
     (run_dir / ".data.previous" / "manifest.json").write_text("{}")
-    pipeline.recover_stage_folder(run_dir, "data")  # killed after moving the old folder aside
+    recover_folder(run_dir / "data")  # killed after moving the old folder aside
     assert (run_dir / "data" / "manifest.json").read_text() == "{}" and not (run_dir / ".data.previous").exists()
     (run_dir / ".data.previous").mkdir()
-    pipeline.recover_stage_folder(run_dir, "data")  # killed after the new folder was in place
+    recover_folder(run_dir / "data")  # killed after the new folder was in place
     assert (run_dir / "data").exists() and not (run_dir / ".data.previous").exists()

@@ -254,3 +254,12 @@ def test_a_dp_sgd_stage_logs_to_both_trackers(sft_upstream, tmp_path, monkeypatc
     assert runs[0].data.params["privacy.delta"] == "0.001"
     offline_runs = glob.glob(str(tmp_path / "sft" / "wandb" / "offline-run-*"))
     assert len(offline_runs) == 1 and glob.glob(f"{offline_runs[0]}/run-*.wandb")
+
+
+@pytest.mark.parametrize("uri", ["postgresql://user:pw@db.internal/mlflow", "https://me:token@mlflow.example.com"])
+def test_a_tracking_uri_with_credentials_is_refused(uri):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="MLFLOW_TRACKING_USERNAME"):
+        MlflowConfig(tracking_uri=uri)
+    assert MlflowConfig(tracking_uri="postgresql://db.internal/mlflow").tracking_uri  # no credentials: fine

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -76,6 +77,41 @@ class Manifest:
 
     def output_path(self, stage_dir: Path, name: str) -> Path:
         return stage_dir / self.outputs[name]["path"]
+
+
+def checkpoint_root(run_dir: Path, stage: str) -> Path:
+    """Where a training stage keeps its resumable checkpoints: outside its folder, so they survive until
+    the stage's output is published."""
+    return Path(run_dir) / ".checkpoints" / stage
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the finished `staging` folder in place of `target`: the old one is moved aside, the new one
+    renamed in, then the old one deleted, so a kill at any point leaves a whole folder at `target` or
+    beside it (`recover_folder` puts it back)."""
+    aside = _aside(target)
+    if aside.exists():
+        shutil.rmtree(aside)
+    if target.exists():
+        target.rename(aside)
+    staging.rename(target)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def recover_folder(target: Path) -> None:
+    """Finish a `replace_folder` a kill interrupted: if only the aside copy exists, it is the last good one."""
+    aside = _aside(target)
+    if not aside.exists():
+        return
+    if target.exists():
+        shutil.rmtree(aside)
+    else:
+        aside.rename(target)
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.previous")
 
 
 def describe_outputs(stage_dir: Path, outputs: dict[str, str | Path]) -> dict[str, dict[str, Any]]:

@@ -19,9 +19,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from lmsmith.train.cli import TRAIN_STAGES, apply_resume
 
     recipe = load_recipe(args.recipe, overrides=args.set)
-    if args.resume is not None:
-        apply_resume(recipe, args.resume, list(TRAIN_STAGES))
     run_dir = Path(args.out or Path("runs") / recipe.name)
+    if args.resume is not None:
+        apply_resume(recipe, args.resume, list(TRAIN_STAGES), run_dir)
     manifests = run_pipeline(recipe, run_dir, start=args.start, only=args.only)
     report = manifests.get("report")
     if report is not None and "html" in report.outputs:

@@ -18,5 +18,39 @@ def resolve_existing(value: Path | str, info: ValidationInfo) -> Path:
     return path.resolve()
 
 
+resolve_existing.resolves_paths = True  # see `names_a_path`
+
 # A file or folder that must exist; relative paths are taken from the recipe's folder.
 InputPath = Annotated[Path, AfterValidator(resolve_existing)]
+
+
+def names_a_path(model: type, dotted: str) -> bool:
+    """Whether the field at `dotted` (e.g. `model.path`) of a config class holds a file path: a Path type,
+    or a validator marked `resolves_paths`, anywhere in its annotation."""
+    from pydantic import BaseModel
+
+    annotation: object = model
+    for key in dotted.split("."):
+        models = [arg for arg in _type_parts(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        field = next((m.model_fields[key] for m in models if key in m.model_fields), None)
+        if field is None:
+            return False
+        annotation = (field.annotation, *field.metadata)
+    return any(part is Path or getattr(getattr(part, "func", None), "resolves_paths", False)
+               for part in _type_parts(annotation))
+
+
+def _type_parts(annotation) -> list:
+    """Every type argument and Annotated metadata item inside `annotation`, itself included."""
+    import typing
+
+    parts, stack = [], [annotation]
+    while stack:
+        item = stack.pop()
+        parts.append(item)
+        if isinstance(item, tuple):
+            stack.extend(item)
+            continue
+        stack.extend(typing.get_args(item))
+        stack.extend(getattr(item, "__metadata__", ()))
+    return parts

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmsmith.artifacts import Manifest, describe_outputs
+from lmsmith.artifacts import Manifest, checkpoint_root, describe_outputs, recover_folder, replace_folder
 from lmsmith.console import console
 from lmsmith.errors import UserError
 from lmsmith.hashing import hash_json, hash_path
@@ -80,8 +80,27 @@ def _stage_inputs(spec: StageSpec, config: Any, run_dir: Path, recipe: Recipe) -
     for upstream in spec.requirements(recipe):
         manifest = Manifest.read(run_dir / upstream)
         inputs[f"stage:{upstream}"] = manifest.fingerprint if manifest else "missing"
-    for name, path in external_inputs(config).items():
+    external = external_inputs(config)
+    for name, path in external.items():
         inputs[f"file:{name}"] = hash_path(Path(path))
+    inputs.update(_start_model_inputs(spec.name, recipe, set(external.values())))
+    return inputs
+
+
+def _start_model_inputs(stage: str, recipe: Recipe, hashed: set[Path]) -> dict[str, str]:
+    """What a training or eval stage starts from but its own block does not name: the recipe's
+    `model.path` (a changed checkpoint must rerun the stages built on it) and its chat template."""
+    from lmsmith.models import start_model
+
+    if stage not in ("pretrain", "sft", "eval") or getattr(recipe, "model", None) is None:
+        return {}
+    inputs = {}
+    ref = start_model(recipe, "pretrain" if stage == "pretrain" else "sft")
+    if ref is not None and ref.path is not None and ref.path not in hashed:
+        inputs["file:model.path"] = hash_path(ref.path)
+    if stage != "pretrain":
+        template = recipe.model.chat_template
+        inputs["model.chat_template"] = hash_path(template) if isinstance(template, Path) else str(template)
     return inputs
 
 
@@ -102,9 +121,10 @@ def external_inputs(config: Any) -> dict[str, Path]:
     return found
 
 
-def select_stages(recipe: Recipe, start: str | None, only: str | None) -> list[str]:
-    """The stages to consider: those in the recipe, from `start` on, or just `only`."""
-    in_recipe = [name for name in STAGE_NAMES if getattr(recipe, name, None) is not None]
+def select_stages(recipe: Recipe, start: str | None, only: str | None, stages: list[str] | None = None) -> list[str]:
+    """The stages to consider: those in the recipe (or of them, `stages`), from `start` on, or just `only`."""
+    in_recipe = [name for name in STAGE_NAMES if getattr(recipe, name, None) is not None
+                 and (stages is None or name in stages)]
     for flag, name in (("--from", start), ("--only", only)):
         if name is None:
             continue
@@ -140,14 +160,17 @@ def run_pipeline(
     run_dir: str | Path,
     start: str | None = None,
     only: str | None = None,
+    stages: list[str] | None = None,
 ) -> dict[str, Manifest]:
-    """Run (or skip) each selected stage; `--from`/`--only` force the stages they name."""
+    """Run (or skip) each selected stage; `--from`/`--only` force the stages they name, `stages`
+    restricts the run to some of the recipe's stages without forcing them."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if _is_main_process():
         for spec in STAGES:
-            recover_stage_folder(run_dir, spec.name)
-    selected = select_stages(recipe, start, only)
+            recover_folder(run_dir / spec.name)
+    _barrier()
+    selected = select_stages(recipe, start, only, stages)
     check_requirements(recipe, selected, run_dir)
     (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
     forced = set(selected) if (start or only) else set()
@@ -180,32 +203,6 @@ def run_pipeline(
 
 def staging_dir(run_dir: Path, stage: str) -> Path:
     return run_dir / f".{stage}.partial"
-
-
-def _previous_dir(run_dir: Path, stage: str) -> Path:
-    return run_dir / f".{stage}.previous"
-
-
-def recover_stage_folder(run_dir: Path, stage: str) -> None:
-    """Finish a swap that a kill interrupted: the stage folder is renamed aside before the new one
-    is renamed in, so if only the aside copy exists it is the last good output."""
-    stage_dir, previous = run_dir / stage, _previous_dir(run_dir, stage)
-    if not previous.exists():
-        return
-    if stage_dir.exists():
-        shutil.rmtree(previous)
-    else:
-        previous.rename(stage_dir)
-
-
-def _publish(run_dir: Path, stage: str) -> None:
-    """Swap the finished staging folder in place of the stage folder (two renames, then a delete)."""
-    stage_dir, staging, previous = run_dir / stage, staging_dir(run_dir, stage), _previous_dir(run_dir, stage)
-    if stage_dir.exists():
-        stage_dir.rename(previous)
-    staging.rename(stage_dir)
-    if previous.exists():
-        shutil.rmtree(previous)
 
 
 def _is_main_process() -> bool:
@@ -241,18 +238,23 @@ def _run_stage(spec, config, config_json, config_hash, inputs, recipe, run_dir) 
                           f"this attempt's partial output is in {staging}")
         raise
     _barrier()
-    manifest = Manifest(
-        stage=spec.name,
-        config=config_json,
-        config_hash=config_hash,
-        inputs=inputs,
-        outputs=describe_outputs(staging, result.outputs),
-        metrics=result.metrics,
-        wall_time_s=round(time.perf_counter() - started, 3),
-    )
+    # Rank 0 alone hashes, writes and publishes: the others would be hashing a folder it renames.
     if main:
+        manifest = Manifest(
+            stage=spec.name,
+            config=config_json,
+            config_hash=config_hash,
+            inputs=inputs,
+            outputs=describe_outputs(staging, result.outputs),
+            metrics=result.metrics,
+            wall_time_s=round(time.perf_counter() - started, 3),
+        )
         manifest.write(staging)
-        _publish(run_dir, spec.name)
+        replace_folder(staging, run_dir / spec.name)
+        # Checkpoints outlive the training loop until the output they led to is safely published.
+        shutil.rmtree(checkpoint_root(run_dir, spec.name), ignore_errors=True)
     _barrier()
+    if not main:
+        manifest = Manifest.read(run_dir / spec.name)
     console.print(f"[green]done[/] {spec.name} in {manifest.wall_time_s:.1f}s")
     return manifest

@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, model_validator
 from lmsmith.compress.config import CompressConfig
 from lmsmith.data.config import DataConfig
 from lmsmith.errors import UserError
-from lmsmith.paths import InputPath
+from lmsmith.paths import InputPath, names_a_path
 from lmsmith.eval.config import EvalConfig
 from lmsmith.report.config import ReportConfig
 from lmsmith.schema import StrictModel
@@ -64,6 +64,13 @@ class Recipe(StrictModel):
                 start_model(self, "sft")
             except UserError as exc:
                 raise ValueError(str(exc)) from None
+        if self.model is not None:
+            starts = {stage: start_model(self, stage) for stage in ("pretrain", "sft") if getattr(self, stage) is not None}
+            if not any(ref is not None and ref.path == Path(self.model.path) for ref in starts.values()):
+                shown = "; ".join(f"{stage} starts from {ref.describe() if ref else 'scratch'}"
+                                  for stage, ref in starts.items()) or "the recipe has no pretrain or sft block"
+                raise ValueError(f"model.path: {self.model.path} is not used ({shown}); remove it or the setting "
+                                 "that overrides it (sft.base_model, pretrain.base_model, tokenizer.extend)")
         trains_vocabulary = self.tokenizer is not None and self.tokenizer.extend is None
         if not trains_vocabulary:
             return self
@@ -162,7 +169,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         except yaml.YAMLError as exc:
             raise UserError(f"--set {item}: invalid YAML value: {getattr(exc, 'problem', None) or exc}") from None
         # A path typed on the command line is relative to where it was typed, not to the recipe's folder.
-        if isinstance(parsed, str) and parsed and not Path(parsed).expanduser().is_absolute() and Path(parsed).exists():
+        if (isinstance(parsed, str) and parsed and not Path(parsed).expanduser().is_absolute()
+                and Path(parsed).exists() and names_a_path(Recipe, key)):
             parsed = str(Path(parsed).resolve())
         set_dotted(raw, key, parsed)
     return validate_recipe(raw, source=str(path), base_dir=path.parent)

@@ -29,6 +29,8 @@ def _embedded_or_existing(value: str, info: ValidationInfo) -> str:
     return str(resolve_existing(value, info))
 
 
+_embedded_or_existing.resolves_paths = True
+
 # Either the embedded dataset's name or a file/folder that must exist.
 DataSource = Annotated[str, AfterValidator(_embedded_or_existing)]
 

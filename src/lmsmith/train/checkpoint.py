@@ -27,15 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmsmith.artifacts import checkpoint_root  # noqa: F401  (re-exported: stages import it from here)
 from lmsmith.errors import UserError
 
 PREFIX = "step-"
 STATE = "state.json"
 WEIGHTS = "trainable.safetensors"
-
-
-def checkpoint_root(run_dir: Path, stage: str) -> Path:
-    return run_dir / ".checkpoints" / stage
 
 
 def _step_of(path: Path) -> int:

@@ -74,27 +74,38 @@ def resume_value(text: str):
     return "auto"
 
 
-def apply_resume(recipe, resume, stages: list[str]) -> None:
-    """Set `resume` on the named training stages of the recipe (those it holds)."""
+def apply_resume(recipe, resume, stages: list[str], run_dir: Path) -> None:
+    """Set `resume` on the named training stages of the recipe (those it holds).
+
+    `--resume` insists on a checkpoint, but only one stage is ever interrupted: the stages that have a
+    checkpoint resume strictly, the others (finished before, or not yet started) as `auto`, and it is
+    an error only when none of them has one.
+    """
     from pydantic import ValidationError
 
     from lmsmith.recipe import format_validation_error
+    from lmsmith.train.checkpoint import checkpoint_root, latest_checkpoint
 
-    for stage in stages:
-        config = getattr(recipe, stage)
-        if config is None:
-            continue
+    present = [stage for stage in stages if getattr(recipe, stage) is not None]
+    for stage in present:  # a setting that cannot resume at all (DP-SGD) is the first thing to say
         try:
-            setattr(config, "resume", resume)
+            setattr(getattr(recipe, stage), "resume", "auto")
         except ValidationError as exc:
             raise UserError(format_validation_error(f"--resume ({stage})", exc)) from None
+    if resume is True:
+        interrupted = [stage for stage in present if latest_checkpoint(checkpoint_root(run_dir, stage))]
+        if not interrupted:
+            raise UserError(f"--resume: no checkpoint of {' or '.join(present) or 'a training stage'} in "
+                            f"{run_dir / '.checkpoints'}; nothing to resume from (--resume=auto starts afresh)")
+        for stage in interrupted:
+            getattr(recipe, stage).resume = True
 
 
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", nargs="?", const=True, default=None, type=resume_value, metavar="auto",
-        help="Continue the training stages from their last checkpoint; a stage without one is an error, "
-        "unless --resume=auto, which starts it afresh.")
+        help="Continue the interrupted training stage from its last checkpoint (an error when no training "
+        "stage has one; --resume=auto starts afresh then); finished stages are not rerun.")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -105,9 +116,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     stages = [args.stage] if args.stage else [stage for stage in TRAIN_STAGES if getattr(recipe, stage) is not None]
     if args.stage and getattr(recipe, args.stage) is None:
         raise UserError(f"--stage {args.stage}: the recipe has no {args.stage} block")
-    if args.resume is not None:
-        apply_resume(recipe, args.resume, stages)
     run_dir = Path(args.out or Path("runs") / recipe.name)
+    if args.resume is not None:
+        apply_resume(recipe, args.resume, stages, run_dir)
+        # Resuming reruns nothing that finished: up-to-date stages are skipped, not forced.
+        run_pipeline(recipe, run_dir, stages=stages)
+        return 0
     for stage in stages:
         run_pipeline(recipe, run_dir, only=stage)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmsmith.paths import InputPath
 from lmsmith.schema import StrictModel
@@ -86,6 +86,16 @@ class MlflowConfig(StrictModel):
     experiment: str = Field("lmsmith", description="MLflow experiment of the runs (created when missing).")
     run_name: Optional[str] = Field(None, description="Name of the run; None: MLflow picks one.")
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: Optional[str]) -> Optional[str]:
+        # The config is written to manifests, recipe.json and the trackers' own params: a password in
+        # the URI would be published with every run.
+        if value and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("holds credentials (user:password@host); pass them in MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead, never in the recipe")
+        return value
+
 
 class MonitorConfig(StrictModel):
     """TensorBoard logging, optional W&B and MLflow tracking, the MFU estimate and the training alerts."""
@@ -100,10 +110,11 @@ class MonitorConfig(StrictModel):
         2.0,
         gt=1,
         description="loss_divergence alert: the loss level (median of the last 9 step losses, so a few odd batches "
-        "cannot trigger it) exceeds k × the lowest level reached so far, and by at least divergence_min_rise.",
+        "cannot trigger it) exceeds k × the lowest baseline reached so far (a median of up to 27 steps; the first "
+        "step alone until 9 exist), and by at least divergence_min_rise.",
     )
     divergence_min_rise: float = Field(
-        0.5, ge=0, description="Least rise (nats) over the lowest level that counts as divergence, so a run "
+        0.5, ge=0, description="Least rise (nats) over the lowest baseline that counts as divergence, so a run "
         "whose loss is near zero does not alert on ordinary noise."
     )
     trend_window: int = Field(
@@ -162,8 +173,9 @@ class TrainingSchedule(StrictModel):
     optim: OptimConfig = OptimConfig()
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Matrix precision while training (bf16 autocast keeps fp32 weights); "
-        "auto: bf16 where the CPU has native bf16, else fp32. Saved weights are always fp32.",
+        description="Matrix precision while training: bf16 autocast, with the weights that train in fp32 and, "
+        "for adapter methods (LoRA, DoRA, IA3, prompt learning), the frozen base loaded in bf16; auto: bf16 where "
+        "the CPU or GPU has native bf16, else fp32. DP-SGD always runs in fp32. Saved weights are always fp32.",
     )
     attention: Literal["eager", "sdpa"] = Field(
         "eager",

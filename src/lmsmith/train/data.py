@@ -207,16 +207,24 @@ def chat_example(tokenizer, messages: list[dict[str, str]]) -> Example:
     as the text the template adds between the conversation before it (with the generation prompt)
     and the conversation up to it, and its tokens are picked by their character offsets.
     """
+    from jinja2 import TemplateError
+
+    from lmsmith.errors import UserError
     from lmsmith.tokenizer.chat import has_generation_markers
 
-    if has_generation_markers(getattr(tokenizer, "chat_template", None)):
-        encoded = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        input_ids = list(encoded["input_ids"])
-        mask = list(encoded["assistant_masks"])
-    else:
-        input_ids, mask = _rendered_assistant_mask(tokenizer, messages)
+    try:
+        if has_generation_markers(getattr(tokenizer, "chat_template", None)):
+            encoded = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            input_ids = list(encoded["input_ids"])
+            mask = list(encoded["assistant_masks"])
+        else:
+            input_ids, mask = _rendered_assistant_mask(tokenizer, messages)
+    except TemplateError as exc:
+        roles = "/".join(message["role"] for message in messages)
+        raise UserError(f"chat template: cannot render a {roles} conversation: {exc}; give another template "
+                        "(model.chat_template: chatml, plain or a .jinja path)") from None
     labels = [token if supervised else IGNORE_INDEX for token, supervised in zip(input_ids, mask)]
     return Example(input_ids=input_ids, labels=labels)
 

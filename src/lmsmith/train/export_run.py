@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from lmsmith.artifacts import Manifest
+from lmsmith.artifacts import Manifest, recover_folder, replace_folder
 from lmsmith.console import console
 from lmsmith.errors import UserError
 from lmsmith.hashing import hash_path
@@ -37,9 +37,10 @@ class ExportConfig(StrictModel):
     run: Path = Field(..., description="A run folder (its sft stage is exported) or a peft adapter folder.")
     to: Literal["hf", "adapter", "vllm"] = Field(..., description="hf: merged model folder; adapter: peft "
                                                  "adapter; vllm: an adapter vLLM's --lora-modules loads.")
-    out: Optional[Path] = Field(None, description="Destination folder (default: RUN/exports/<to>).")
+    out: Optional[Path] = Field(None, description="Destination folder (default: RUN/exports/<to>; for an adapter "
+                                "folder ADAPTER-<to> beside it).")
     base_model: Optional[Path] = Field(None, description="Base model folder, when the adapter's recorded one "
-                                       "has moved.")
+                                       "has moved (it must be the same weights: the check below cannot tell).")
     verify: bool = Field(True, description="hf: compare the merged model's logits with the adapter model's.")
     force: bool = Field(False, description="Replace an existing destination folder.")
 
@@ -102,16 +103,15 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, base_model: Path | None) -
 
 
 def _write(out: Path, force: bool, build) -> None:
-    """Build into `out`'s staging sibling and rename it into place only when complete."""
+    """Build (and check) into `out`'s staging sibling; only a complete export replaces `out`."""
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out}: exists and is not empty; pass --force to replace it")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(out)
     build(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_folder(staging, out)
 
 
 def _copy_adapter(adapter: Path, target: Path, base_model: Path | None) -> None:
@@ -127,22 +127,31 @@ def _copy_adapter(adapter: Path, target: Path, base_model: Path | None) -> None:
 def export_run(config: ExportConfig) -> dict:
     """Write the export `config` asks for; returns what `export.json` records."""
     adapter, model = _sources(config.run)
-    out = (config.out or config.run / "exports" / config.to).expanduser().resolve()
+    # A run folder keeps its exports inside it; an adapter folder gets a sibling, since anything written
+    # inside a published stage folder would make the pipeline see it as changed and rerun the stage.
+    run = config.run.expanduser()
+    default = run.with_name(f"{run.name}-{config.to}") if (run / ADAPTER_CONFIG).is_file() else run / "exports" / config.to
+    out = (config.out or default).expanduser().resolve()
     base_model = config.base_model.expanduser().resolve() if config.base_model else None
     record: dict = {"to": config.to, "source": str(config.run.resolve())}
     if config.to == "hf":
         if adapter is not None and _mergeable(adapter):
             record["adapter"] = str(adapter)
             record["adapter_hash"] = hash_path(adapter)
-            _write(out, config.force, lambda target: merge_adapter(adapter, target, base_model))
-            if config.verify:
-                error = verify_merge(adapter, out, base_model)
+
+            def merge_and_check(target: Path) -> None:
+                merge_adapter(adapter, target, base_model)
+                if not config.verify:
+                    return
+                error = verify_merge(adapter, target, base_model)
                 record["verify_max_abs_logit_diff"] = error
                 if error > VERIFY_TOLERANCE:
                     raise UserError(f"{out}: the merged model's logits differ from the adapter model's by {error:.3g} "
-                                    f"(over {VERIFY_TOLERANCE}); the base in use is not the one the adapter was "
-                                    "trained on? pass --base-model")
+                                    f"(over {VERIFY_TOLERANCE}), so nothing was replaced; the merge is wrong for "
+                                    "this adapter (please report it), or pass --no-verify to keep it anyway")
                 console.print(f"verified: merged logits within {error:.2g} of the adapter model's")
+
+            _write(out, config.force, merge_and_check)
         elif model is not None:
             _write(out, config.force, lambda target: shutil.copytree(model, target))
         else:

@@ -346,7 +346,8 @@ def train(
     """Run `total_steps` optimiser steps of `steps` (an iterable with `.steps(start)`, such as `StepPlan`).
 
     Writes `metrics.jsonl`, `alerts.jsonl` and `tensorboard/` in `stage_dir`; checkpoints go to
-    `checkpoint_dir` every `config.checkpoint_every` steps and are removed once training finishes.
+    `checkpoint_dir` every `config.checkpoint_every` steps and stay until the pipeline has published the
+    stage's output (a crash while saving or merging can still resume).
     Val loss is measured without autocast, so it is comparable across precisions; time spent on it,
     on generation and on checkpoints is left out of tokens_per_s.
     """
@@ -516,8 +517,6 @@ def train(
         extra.update({"best_step": stopper.best_step, f"best_{stopper.metric}": stopper.best})
     if stopped_at is not None:
         extra["stopped_early_at"] = stopped_at
-    if is_main and checkpoint_dir is not None and checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)  # the stage's outputs now hold the trained model
     if "val_rouge_l" in reported:
         extra["val_rouge_l"] = reported["val_rouge_l"]
     extra["peak_mem_mb"] = round(peak_memory_mb(device), 1)

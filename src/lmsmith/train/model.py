@@ -43,14 +43,14 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return found
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Ids that end generation: the eos, the chat template's end of turn, the document separator a
-    pretrained base emits, and any the checkpoint's generation config already names."""
+def stop_token_ids(tokenizer, model=None, separator: bool = True) -> list[int]:
+    """Ids that end generation: the eos, the chat template's end of turn, any the checkpoint's generation
+    config already names, and (`separator`) the document separator a pretrained base emits."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = [configured] if isinstance(configured, int) else list(configured or [])
-    separator = special_token_id(tokenizer, END_OF_TEXT)
-    for token in (*end_of_turn_ids(tokenizer), *configured, separator):
+    document_end = special_token_id(tokenizer, END_OF_TEXT) if separator else None
+    for token in (*end_of_turn_ids(tokenizer), *configured, document_end):
         if token is not None and token not in ids:
             ids.append(token)
     return ids

@@ -114,7 +114,9 @@ def objective_for(config: SFTConfig, model, device):
 
 def run(config: SFTConfig, ctx: StageContext) -> StageResult:
     accelerator = dist.make_accelerator()
-    model, tokenizer, base_folder, template = load_base(config, ctx, resolve_precision(config.precision, accelerator.device))
+    # opacus' per-example gradient hooks expect fp32 layers, so a DP run loads its base in fp32 too.
+    precision = "fp32" if config.privacy is not None else resolve_precision(config.precision, accelerator.device)
+    model, tokenizer, base_folder, template = load_base(config, ctx, precision)
     check_fits(config.max_len, model, "sft.max_len")
     train_path = ctx.artifact("data", "sft_train")
     train_conversations = read_conversations(train_path)

@@ -115,11 +115,10 @@ class Engine:
             if is_quantized_folder(model_dir):
                 model = load_causal_lm(model_dir)
             else:
-                from transformers import AutoModelForCausalLM
+                from lmsmith.train.model import read_pretrained
 
-                model = AutoModelForCausalLM.from_pretrained(
-                    model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
-                )
+                model = read_pretrained(model_dir, str(model_dir),
+                                        dtype=dtype if dtype == "auto" else getattr(torch, dtype))
         except (OSError, ValueError) as exc:
             raise UserError(f"{model_dir}: cannot load the model: {exc}") from None
         if not getattr(tokenizer, "chat_template", None):
@@ -129,13 +128,11 @@ class Engine:
 
     @staticmethod
     def _find_eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-        ids: set[int] = set()
-        for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return frozenset(ids)
+        from lmsmith.train.model import stop_token_ids
+
+        # A served model stops where its config and its chat template say; lmsmith's own models list the
+        # document separator in their generation config already.
+        return frozenset(int(token) for token in stop_token_ids(tokenizer, model, separator=False))
 
     # ----- requests -----
 
