@@ -49,6 +49,7 @@ def answers_in(stdout: str) -> list[str]:
     return [piece.split(USER_PROMPT)[0].removesuffix("\n") for piece in pieces]
 
 
+@pytest.mark.slow
 def test_chat_keeps_history_resets_and_ends_at_end_of_input(tiny_model_dir, hf_model):
     first, second = "华信银行", "毛利率"
     result = run_chat(tiny_model_dir, f"{first}\n{second}\n/reset\n{second}\n")
@@ -68,6 +69,7 @@ def test_chat_keeps_history_resets_and_ends_at_end_of_input(tiny_model_dir, hf_m
     assert [as_shown(answer) for answer in answers_in(result.stdout)] == [as_shown(expected_first), as_shown(with_history), as_shown(fresh)]
 
 
+@pytest.mark.slow
 def test_chat_exit_command_leaves_before_later_lines(tiny_model_dir):
     result = run_chat(tiny_model_dir, "/what\n/exit\n华信银行\n")
     assert result.returncode == 0, result.stderr

@@ -267,6 +267,7 @@ def served_model_name(base_url: str) -> str:
     return httpx.get(f"{base_url}/models", timeout=10).json()["data"][0]["id"]
 
 
+@pytest.mark.slow
 def test_back_translation_against_lmsmith_serve(served_tiny_model):
     config = BackTranslationConfig(base_url=served_tiny_model, model=served_model_name(served_tiny_model), max_tokens=8)
     with BackTranslator(config) as translator:

@@ -14,6 +14,7 @@ from lmsmith.datasets.finance import generate
 ray = pytest.importorskip("ray")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_ray_executor_matches_local(tmp_path):
     dataset = generate(companies=8)

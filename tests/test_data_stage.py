@@ -127,6 +127,7 @@ def test_numbers_are_normalised_consistently_in_instructions(embedded_run):
             assert reply == row["answer"]["text"]
 
 
+@pytest.mark.slow
 def test_rerun_is_deterministic_and_split_seed_matters(tmp_path, embedded_run):
     _, first = embedded_run
     again = run_data(tmp_path / "again")

@@ -76,17 +76,20 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(runs):
     single, ddp = curve(runs / "single" / "single"), curve(runs / "multi" / "ddp")
     assert ddp == pytest.approx(single, rel=1e-4, abs=1e-4)
     assert single[-1] < single[0]  # it trained
 
 
+@pytest.mark.slow
 def test_two_process_fsdp2_matches_one_process(runs):
     single, fsdp = curve(runs / "single" / "single"), curve(runs / "multi" / "fsdp2")
     assert fsdp == pytest.approx(single, rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_only_the_main_process_writes_logs(runs):
     for mode in ("ddp", "fsdp2"):
         lines = (runs / "multi" / mode / "metrics.jsonl").read_text().splitlines()

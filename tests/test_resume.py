@@ -94,6 +94,7 @@ def fresh_copy(upstream: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches_the_uninterrupted_run_bit_for_bit(upstream, tmp_path):
     whole = fresh_copy(upstream, tmp_path / "whole")
     done = run_child(whole, recipe_file(whole))
@@ -126,6 +127,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_run_bit_for_bit(upstre
         assert (broken / "sft" / output).is_dir()
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_and_a_fresh_start_discards_the_checkpoint(upstream, tmp_path):
     from lmsmith.pipeline import run_pipeline
 

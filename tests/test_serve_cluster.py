@@ -124,6 +124,7 @@ def upstream_stats(front) -> dict[str, dict]:
 
 # ----- multi-LoRA -----
 
+@pytest.mark.slow
 def test_lora_from_the_command_line_and_admin_endpoints(cluster, tiny_model_dir, adapter_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,6 +167,7 @@ def test_lora_from_the_command_line_and_admin_endpoints(cluster, tiny_model_dir,
     assert not_an_adapter.status_code == 400 and "adapter" in not_an_adapter.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_model_and_upstreams_together(tiny_model_dir):
     result = subprocess.run([sys.executable, "-m", "lmsmith.cli", "serve", str(tiny_model_dir), "--upstream",
                              "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)

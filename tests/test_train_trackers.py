@@ -241,6 +241,7 @@ def test_training_with_mlflow_resumes_into_the_same_run(tmp_path):
     assert runs[0].data.params["optim.lr"] == str(config.optim.lr) and runs[0].data.params["max_steps"] == "6"
 
 
+@pytest.mark.slow
 def test_a_dp_sgd_stage_logs_to_both_trackers(sft_upstream, tmp_path, monkeypatch):
     """train_private through the pipeline: MLflow gets ε per row; W&B's offline run lands in the stage folder."""
     monkeypatch.delenv("WANDB_DIR")
