@@ -1,0 +1,105 @@
+"""Multiple choice by log-likelihood on a local causal LM (torch and transformers do the forward passes).
+
+For each question every option is scored as the summed log-probability of its tokens after the prompt.
+The split between prompt and option follows lm-evaluation-harness: the prompt and prompt + option are
+tokenized whole, the option's tokens are those after the prompt's, and trailing spaces of the prompt move
+to the option so that a merge across the boundary cannot hide them. Two accuracies:
+
+- `acc`: the option with the highest log-likelihood;
+- `acc_norm`: the highest log-likelihood per byte of option text (UTF-8), so long options are not
+  penalised for their length; lm-eval normalises by characters, bytes treat Chinese and English alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmsmith.eval.stats import bootstrap_stderr
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One question: the prompt, the option texts as they follow it, and the index of the right one."""
+
+    prompt: str
+    options: tuple[str, ...]
+    gold: int
+
+
+def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness splits them."""
+    trailing = len(context) - len(context.rstrip())
+    if trailing:
+        context, continuation = context[:-trailing], context[-trailing:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return whole[: len(head)], whole[len(head):]
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[float]:
+    """Summed log-probability of each continuation given its context, batched with right padding."""
+    encoded = [split_pair(tokenizer, context, continuation) for context, continuation in pairs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start: start + batch_size]
+        rows = [head + tail for head, tail in chunk]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = F.log_softmax(logits[:, :-1], dim=-1)
+        targets = ids[:, 1:].to(device)
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        for i, (head, tail) in enumerate(chunk):
+            if not tail:
+                raise ValueError(f"option {pairs[start + i][1]!r} adds no token to its prompt")
+            # Position t predicts token t + 1: the continuation's tokens are predicted from len(head) - 1 on.
+            first = max(len(head) - 1, 0)
+            scores.append(float(picked[i, first: first + len(tail)].sum()))
+    return scores
+
+
+@dataclass(frozen=True)
+class LikelihoodScores:
+    acc: float
+    acc_norm: float
+    acc_stderr: float | None
+    acc_norm_stderr: float | None
+    items: int
+    predictions: list[int]
+
+    def as_dict(self) -> dict:
+        return {"acc": self.acc, "acc_stderr": self.acc_stderr, "acc_norm": self.acc_norm,
+                "acc_norm_stderr": self.acc_norm_stderr, "items": self.items}
+
+
+def score_by_likelihood(model, tokenizer, items: Sequence[ChoiceItem], batch_size: int = 16) -> LikelihoodScores:
+    """acc and acc_norm (0–100) with bootstrap standard errors over `items`."""
+    pairs = [(item.prompt, option) for item in items for option in item.options]
+    flat = continuation_logprobs(model, tokenizer, pairs, batch_size)
+    right, right_norm, predictions = [], [], []
+    at = 0
+    for item in items:
+        scores = flat[at: at + len(item.options)]
+        at += len(item.options)
+        per_byte = [score / max(1, len(option.encode("utf-8"))) for score, option in zip(scores, item.options)]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        predictions.append(best)
+        right.append(100.0 * (best == item.gold))
+        right_norm.append(100.0 * (max(range(len(per_byte)), key=per_byte.__getitem__) == item.gold))
+    n = len(items)
+    return LikelihoodScores(
+        acc=sum(right) / n if n else 0.0, acc_norm=sum(right_norm) / n if n else 0.0,
+        acc_stderr=bootstrap_stderr(right), acc_norm_stderr=bootstrap_stderr(right_norm), items=n,
+        predictions=predictions,
+    )
