@@ -118,3 +118,60 @@ def test_likelihood_picks_what_a_model_was_trained_to_prefer_and_is_at_chance_un
     trained = score_by_likelihood(model.eval(), tiny_tokenizer, items)
     assert trained.acc >= 90.0 and trained.acc_norm >= 90.0, (trained.acc, trained.acc_norm)
     assert trained.predictions[: 4] == [item.gold for item in items[:4]]
+
+
+def test_text_metrics_on_hand_computed_cases():
+    from lmsmith.eval.metrics import chrf, edit_rates, exact_match
+
+    # One substitution in a 10-character reference; 3 deletions against 6 characters.
+    assert edit_rates(["营业收入12.5亿元", "abc"], ["营业收入12.6亿元", "abcdef"]) == pytest.approx([10.0, 50.0])
+    assert edit_rates(["", "ＡＢＣ"], ["abc", "ABC"]) == pytest.approx([100.0, 0.0])  # NFKC folds full width
+    assert exact_match([" 答案  A ", "答案B"], ["答案 A", "答案 B"]) == [100.0, 0.0]
+    assert chrf(["营业收入增长"], ["营业收入增长"]) == pytest.approx(100.0)
+    assert 0.0 < chrf(["营业收入增长"], ["营业收入下降"]) < 100.0
+
+
+@pytest.mark.parametrize("text, value", [
+    ("净利润为1.2亿元", 1.2e8),
+    ("净利润(1,234)万元", -1.234e7),       # an accounting negative, in 万
+    ("亏损（1,200）元", -1200.0),           # full-width parentheses
+    ("revenue of 3.5 million", 3.5e6),
+    ("营收 120,000,000 元", 1.2e8),
+    ("１２．５亿", 1.25e9),                 # full-width digits
+    ("同比下降3.2%", -3.2),
+    ("增长15.2%，营收12亿", 15.2),          # a percentage is the answer when there is one
+])
+def test_numbers_are_read_with_scales_and_signs(text, value):
+    from lmsmith.eval.metrics import extract_number, numeric_match
+
+    assert extract_number(text) == pytest.approx(value)
+    assert numeric_match(text, value * 1.004, rel_tol=0.01) and not numeric_match(text, value * 1.1, rel_tol=0.01)
+
+
+def test_classification_scores_by_hand():
+    from lmsmith.eval.labels import classification_scores
+
+    gold = ["利好", "利好", "利空", "中性", "利空"]
+    predicted = ["利好", "利空", "利空", None, "利空"]
+    scores = classification_scores(gold, predicted, labels=["利好", "利空", "中性"])
+    assert scores["accuracy"] == pytest.approx(0.6)
+    # 利好: P 1/1, R 1/2 → F1 2/3; 利空: P 2/3, R 2/2 → F1 0.8; 中性: 0 → macro (2/3 + 0.8 + 0) / 3
+    assert scores["per_label"]["利好"]["f1"] == pytest.approx(0.6667, abs=1e-4)
+    assert scores["per_label"]["利空"]["f1"] == pytest.approx(0.8)
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 3, abs=1e-4)
+    assert scores["confusion"]["利好"] == {"利好": 1, "利空": 1, "中性": 0, "<other>": 0}
+    assert scores["confusion"]["中性"]["<other>"] == 1
+
+
+def test_entity_scores_by_hand():
+    from lmsmith.eval.labels import entity_scores
+
+    gold = [["B-COMPANY", "I-COMPANY", "O", "B-AMOUNT"], ["B-METRIC", "O"]]
+    predicted = [["B-COMPANY", "I-COMPANY", "O", "O"], ["B-METRIC", "B-AMOUNT"]]
+    scores = entity_scores(gold, predicted)
+    # gold: COMPANY, AMOUNT, METRIC; predicted: COMPANY (right), METRIC (right), AMOUNT (wrong span)
+    assert (scores["precision"], scores["recall"]) == pytest.approx((2 / 3, 2 / 3), abs=1e-4)
+    assert scores["per_type"]["AMOUNT"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert scores["per_type"]["COMPANY"]["f1"] == 1.0
+    with pytest.raises(ValueError, match="sequence 1: 2 gold tags but 1 predicted"):
+        entity_scores(gold, [predicted[0], ["O"]])

@@ -222,9 +222,9 @@ def read_conll(path: Path) -> list[dict[str, Any]]:
 
 
 def score(rows: Sequence[dict[str, Any]], annotator: Annotator) -> dict[str, Any]:
-    """Entity precision / recall / F1 (seqeval, CoNLL rules) on the rows whose `answer.entities` hold the
-    ground truth; per type and overall (micro)."""
-    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+    """Entity precision / recall / F1 (`lmsmith.eval.labels.entity_scores`: seqeval, CoNLL rules) on the
+    rows whose `answer.entities` hold the ground truth; per type and overall (micro)."""
+    from lmsmith.eval.labels import entity_scores
 
     gold_tags, predicted_tags = [], []
     missing = scored = 0
@@ -242,19 +242,14 @@ def score(rows: Sequence[dict[str, Any]], annotator: Annotator) -> dict[str, Any
         scored += 1
     if not scored:
         raise UserError("annotate: no record carries ground truth in answer.entities to score against")
-    report = classification_report(gold_tags, predicted_tags, output_dict=True, zero_division=0)
-    per_type = {
-        name: {"precision": round(float(v["precision"]), 4), "recall": round(float(v["recall"]), 4),
-               "f1": round(float(v["f1-score"]), 4), "support": int(v["support"])}
-        for name, v in report.items() if name in TYPES.values()
-    }
+    scores = entity_scores(gold_tags, predicted_tags)
     return {
         "records": scored,
         "gold_entities_not_found_in_text": missing,
-        "precision": round(float(precision_score(gold_tags, predicted_tags, zero_division=0)), 4),
-        "recall": round(float(recall_score(gold_tags, predicted_tags, zero_division=0)), 4),
-        "f1": round(float(f1_score(gold_tags, predicted_tags, zero_division=0)), 4),
-        "per_type": per_type,
+        "precision": scores["precision"],
+        "recall": scores["recall"],
+        "f1": scores["f1"],
+        "per_type": {name: value for name, value in scores["per_type"].items() if name in TYPES.values()},
     }
 
 

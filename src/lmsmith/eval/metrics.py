@@ -1,8 +1,11 @@
-"""Text and language-model metrics: BLEU-4, character ROUGE-L, numeric accuracy and perplexity.
+"""Text and language-model metrics: BLEU-4, character ROUGE-L, chrF, exact match, edit rate, numeric
+accuracy and perplexity.
 
 sacrebleu computes corpus BLEU-4 with its Chinese tokenizer (`tokenize="zh"`, each CJK character a
-token). rouge-score computes ROUGE-L; its default tokenizer keeps only [a-z0-9] and so scores Chinese
-as 0, hence the per-character tokenizer below. Perplexity is the exponent of the token-weighted mean
+token) and chrF. rouge-score computes ROUGE-L; its default tokenizer keeps only [a-z0-9] and so scores
+Chinese as 0, hence the per-character tokenizer below. rapidfuzz counts the edits of the edit rate.
+Numbers in answers are read after `lmsmith.data.numbers.normalize_amounts` has written amounts in one
+form (亿/万/million scales applied, thousands separators dropped, accounting negatives signed). Perplexity is the exponent of the token-weighted mean
 negative log-likelihood from a causal LM's forward pass (torch). All text scores are on a 0–100 scale.
 """
 
@@ -49,6 +52,37 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (0–100): character n-gram F-score, which needs no word segmentation."""
+    import sacrebleu
+
+    if not hypotheses:
+        return 0.0
+    return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
+
+
+def _plain_text(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
+    """100 for each answer equal to its reference after NFKC and whitespace folding, else 0."""
+    return [100.0 * (_plain_text(h) == _plain_text(r)) for h, r in zip(hypotheses, references)]
+
+
+def edit_rates(hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Per answer, 100 × the character edits (insertions, deletions, substitutions) that turn it into its
+    reference, over the reference's length: the share of the reference a reviewer would retype, the
+    proxy for the human edit rate. 0 is untouched; it can exceed 100 for a long wrong answer."""
+    from rapidfuzz.distance import Levenshtein
+
+    rates = []
+    for hypothesis, reference in zip(hypotheses, references):
+        hypothesis, reference = _plain_text(hypothesis), _plain_text(reference)
+        rates.append(100.0 * Levenshtein.distance(hypothesis, reference) / max(1, len(reference)))
+    return rates
+
+
 # A number: an optional sign glued to it, digits (thousands separators already removed), optional
 # decimals, and an optional percent sign after optional spaces.
 _NUMBER = re.compile(r"(?P<sign>[-+])?(?P<digits>\d+(?:\.\d+)?|\.\d+)\s*(?P<percent>%)?")
@@ -61,15 +95,19 @@ _MINUS_SIGNS = {"\u2212": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\uf
 
 
 def normalize_numeric_text(text: str) -> str:
-    """Full-width to ASCII (NFKC), unicode minus signs to '-', thousands separators dropped."""
+    """Full-width to ASCII (NFKC), unicode minus signs to '-', amounts in one form (scales applied,
+    accounting negatives signed), remaining thousands separators dropped."""
+    from lmsmith.data.numbers import normalize_amounts
+
     text = unicodedata.normalize("NFKC", text)
     for minus, ascii_minus in _MINUS_SIGNS.items():
         text = text.replace(minus, ascii_minus)
-    return _THOUSANDS.sub("", text)
+    return _THOUSANDS.sub("", normalize_amounts(text))
 
 
 def extract_number(text: str) -> float | None:
-    """The answer's number: the last percentage if there is one, else the last number.
+    """The answer's number: the last percentage if there is one, else the last number, in base units
+    (`1.2亿元` is 120000000, `(1,234)` is -1234, `3.5 million` is 3500000).
 
     A sign must directly precede the number ("增长-3.2%"); a hyphen glued to a preceding digit or
     letter is a range or a dash, not a sign ("2022-2023"). An unsigned number right after a word of
