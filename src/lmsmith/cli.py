@@ -73,6 +73,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lmsmith.cli_options import config_from_arguments
+    from lmsmith.eval.suite import SuiteConfig, run_suite
+
+    run_suite(config_from_arguments(args, SuiteConfig, "lmsmith eval"))
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from lmsmith.serve.chat import chat_loop
 
@@ -141,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "vLLM-loadable adapter.", description=ExportConfig.__doc__)
     add_config_arguments(export, ExportConfig, positional=("run",))
     export.set_defaults(func=_cmd_export)
+
+    from lmsmith.eval.suite import SuiteConfig
+
+    evaluate = sub.add_parser("eval", help="Score local models on eval tasks (YAML): multiple choice by "
+                              "log-likelihood or generation, generation against references.",
+                              description=SuiteConfig.__doc__)
+    add_config_arguments(evaluate, SuiteConfig)
+    evaluate.set_defaults(func=_cmd_eval)
 
     chat = sub.add_parser("chat", help="Chat with a run folder's or model folder's model in the terminal.")
     chat.add_argument("path")

@@ -1,8 +1,8 @@
 """Command-line options generated from a pydantic config, so a command's flags, defaults and help are the
 config's own and cannot drift from what the Python API and recipes accept.
 
-Scalar fields only (str, int, float, bool, paths, `Literal` choices, and `Optional` of those): a command
-whose config nests models keeps those for a recipe file.
+Scalar fields (str, int, float, bool, paths, `Literal` choices, and `Optional` of those) and lists of
+scalars (a repeatable flag): a command whose config nests models keeps those for a recipe file.
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type[BaseModel
         required = field.is_required()
         default = None if required else field.default
         shown = "" if required or default is None else f" (default: {default})"
-        if annotation is bool:
+        if typing.get_origin(annotation) is list:
+            parser.add_argument(flag, dest=name, action="append", required=required, default=None,
+                                metavar=name.upper(), help=help_text + " (repeatable)" + shown)
+        elif annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text + shown)
         elif typing.get_origin(annotation) is typing.Literal:

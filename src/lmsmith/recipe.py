@@ -14,7 +14,7 @@ from lmsmith.errors import UserError
 from lmsmith.paths import InputPath, names_a_path
 from lmsmith.eval.config import EvalConfig
 from lmsmith.report.config import ReportConfig
-from lmsmith.schema import StrictModel
+from lmsmith.schema import StrictModel, read_yaml_mapping
 from lmsmith.serve.config import ServeConfig
 from lmsmith.tokenizer.config import TokenizerConfig
 from lmsmith.train.config import PretrainConfig, SFTConfig
@@ -146,17 +146,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe YAML; relative paths inside it are taken from its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of stage names to settings")
-    raw = _listed_stages_as_blocks(raw)
+    raw = _listed_stages_as_blocks(read_yaml_mapping(path, "recipe"))
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"--set {item}: expected KEY.PATH=VALUE")

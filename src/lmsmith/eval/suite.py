@@ -1,0 +1,228 @@
+"""`lmsmith eval --task TASK.yaml --model MODEL ...`: every task against every local model, one table.
+
+Models are named as `lmsmith serve` names them, plus one form for any stage output of a run:
+- an HF model folder, or a compress-stage int8 folder;
+- a run folder: its tuned (sft) model;
+- `run:RUN#STAGE` or `run:RUN#STAGE/OUTPUT` (output `model` by default): `run:runs/demo#pretrain`.
+
+Multiple choice is scored by the log-likelihood of each option's letter after the prompt
+(`lmsmith.eval.likelihood`) and/or by a generated answer whose stated letter is read by
+`lmsmith.eval.choices`; with `circular`, every rotation of the options is asked and an item counts only
+when all are right. Generation tasks get BLEU-4, character ROUGE-L, chrF, exact match and the edit rate.
+Every score carries a bootstrap standard error. transformers runs the models (`lmsmith.generation`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import Field
+
+from lmsmith.console import console
+from lmsmith.errors import UserError
+from lmsmith.eval.tasks import ChoiceQuestion, Reference, TaskConfig, load_task, read_items
+from lmsmith.schema import StrictModel
+
+LETTERS = "ABCDEFGH"
+
+
+class SuiteConfig(StrictModel):
+    """What `lmsmith eval` runs and where it writes."""
+
+    task: list[Path] = Field(..., description="Task YAML file.")
+    model: list[str] = Field(..., description="Model: an HF folder, a run folder (its tuned model) or "
+                             "run:RUN#STAGE[/OUTPUT].")
+    out: Path = Field(Path("eval-results"), description="Folder for results.json and table.md.")
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
+
+
+def resolve_model_spec(spec: str) -> Path:
+    """The folder a model spec names (see the module docstring)."""
+    from lmsmith.artifacts import Manifest
+    from lmsmith.models import resolve_model_dir
+
+    if not spec.startswith("run:"):
+        return resolve_model_dir(spec)
+    run, sep, target = spec.removeprefix("run:").partition("#")
+    if not sep or not target:
+        raise UserError(f"--model {spec}: expected run:RUN#STAGE or run:RUN#STAGE/OUTPUT")
+    stage, _, output = target.partition("/")
+    stage_dir = Path(run).expanduser() / stage
+    manifest = Manifest.read(stage_dir)
+    if manifest is None:
+        raise UserError(f"--model {spec}: {stage_dir} holds no finished stage (no manifest.json)")
+    output = output or "model"
+    if output not in manifest.outputs:
+        raise UserError(f"--model {spec}: stage {stage} has no output {output!r} (has {', '.join(sorted(manifest.outputs))})")
+    return manifest.output_path(stage_dir, output)
+
+
+def letters_for(options: Sequence[str]) -> str:
+    if len(options) > len(LETTERS):
+        raise UserError(f"a question has {len(options)} options; at most {len(LETTERS)} are supported")
+    return LETTERS[: len(options)]
+
+
+def format_question(task: TaskConfig, question: str, options: Sequence[str]) -> str:
+    lines = "\n".join(f"{letter}. {option}" for letter, option in zip(letters_for(options), options))
+    return task.prompt.format(question=question, options=lines)
+
+
+def rotations(item: ChoiceQuestion, circular: bool) -> list[tuple[tuple[str, ...], int]]:
+    """(options, gold index) of every rotation asked: all of them when circular, else the item as given."""
+    count = len(item.options) if circular else 1
+    return [(item.options[shift:] + item.options[:shift], (item.gold - shift) % len(item.options))
+            for shift in range(count)]
+
+
+def split_shots(task: TaskConfig, items: list) -> tuple[list, list]:
+    """(few-shot examples, items to score)."""
+    if not task.few_shot:
+        return [], items[: task.limit] if task.limit else items
+    if task.few_shot_file is not None:
+        shots = read_items(task, task.few_shot_file)[: task.few_shot]
+        scored = items
+    else:
+        shots, scored = items[: task.few_shot], items[task.few_shot:]
+    if len(shots) < task.few_shot:
+        raise UserError(f"{task.name}: few_shot {task.few_shot}, but only {len(shots)} examples to take them from")
+    if not scored:
+        raise UserError(f"{task.name}: no items left to score after the {task.few_shot} few-shot examples")
+    return shots, scored[: task.limit] if task.limit else scored
+
+
+def _shot_block(task: TaskConfig, shots: Sequence[ChoiceQuestion]) -> str:
+    return "".join(format_question(task, shot.question, shot.options) + letters_for(shot.options)[shot.gold]
+                   + "\n\n" for shot in shots)
+
+
+def _mean_with_stderr(values: list[float]) -> tuple[float, float | None]:
+    from lmsmith.eval.stats import bootstrap_stderr
+
+    return (sum(values) / len(values) if values else 0.0), bootstrap_stderr(values)
+
+
+def score_multiple_choice(task: TaskConfig, model, tokenizer, items: list[ChoiceQuestion], shots: list,
+                          batch_size: int) -> dict[str, Any]:
+    from lmsmith.eval.choices import extract_choice
+
+    block = _shot_block(task, shots)
+    asked = [(index, options, gold) for index, item in enumerate(items)
+             for options, gold in rotations(item, task.circular)]
+    prompts = [block + format_question(task, items[index].question, options) for index, options, _ in asked]
+    scores: dict[str, Any] = {"items": len(items), "rotations": len(asked) // len(items)}
+    if "loglikelihood" in task.scoring:
+        from lmsmith.eval.likelihood import continuation_logprobs
+
+        pairs = [(prompt, f" {letter}") for prompt, (_, options, _) in zip(prompts, asked)
+                 for letter in letters_for(options)]
+        flat = continuation_logprobs(model, tokenizer, pairs, batch_size)
+        right: dict[int, list[bool]] = {}
+        at = 0
+        for index, options, gold in asked:
+            option_scores = flat[at: at + len(options)]
+            at += len(options)
+            right.setdefault(index, []).append(max(range(len(options)), key=option_scores.__getitem__) == gold)
+        values = [100.0 * all(marks) for _, marks in sorted(right.items())]
+        scores["acc"], scores["acc_stderr"] = _mean_with_stderr(values)
+    if "generate" in task.scoring:
+        from lmsmith.generation import generate_chat
+
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{task.name}: scoring by generation asks the model through its chat template, and "
+                            "this tokenizer has none")
+        generation = generate_chat(model, tokenizer, [[{"role": "user", "content": prompt}] for prompt in prompts],
+                                   max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+                                   progress=f"{task.name}: answers")
+        right, failures, letters = {}, 0, {}
+        for (index, options, gold), text in zip(asked, generation.texts):
+            picked = extract_choice(text, letters_for(options))
+            failures += picked is None
+            if picked is not None:
+                letters[picked] = letters.get(picked, 0) + 1
+            right.setdefault(index, []).append(picked == letters_for(options)[gold])
+        values = [100.0 * all(marks) for _, marks in sorted(right.items())]
+        scores["gen_acc"], scores["gen_acc_stderr"] = _mean_with_stderr(values)
+        scores["extraction_failure_rate"] = 100.0 * failures / len(asked)
+        scores["letter_distribution"] = dict(sorted(letters.items()))
+    return scores
+
+
+def score_generation(task: TaskConfig, model, tokenizer, items: list[Reference], batch_size: int) -> dict[str, Any]:
+    from lmsmith.eval.metrics import bleu4, chrf, edit_rates, exact_match, rouge_l_scores
+    from lmsmith.eval.stats import bootstrap_stderr
+    from lmsmith.generation import generate_chat
+
+    generation = generate_chat(model, tokenizer, [list(item.messages) for item in items],
+                               max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+                               progress=f"{task.name}: answers")
+    answers, references = generation.texts, [item.reference for item in items]
+    pairs = list(zip(answers, references))
+    scores: dict[str, Any] = {"items": len(items)}
+    for name, values in (("rougeL", rouge_l_scores(answers, references)), ("exact_match", exact_match(answers, references)),
+                         ("edit_rate", edit_rates(answers, references))):
+        scores[name], scores[f"{name}_stderr"] = _mean_with_stderr(values)
+    for name, corpus_metric in (("bleu4", bleu4), ("chrf", chrf)):
+        scores[name] = corpus_metric(answers, references)
+        scores[f"{name}_stderr"] = bootstrap_stderr(pairs, lambda sample, m=corpus_metric: m(
+            [a for a, _ in sample], [r for _, r in sample]), resamples=200)
+    scores["samples"] = [{"id": item.id, "answer": answer, "reference": item.reference}
+                         for item, answer in zip(items[:5], answers)]
+    return scores
+
+
+def evaluate_task(task: TaskConfig, model, tokenizer, batch_size: int = 16) -> dict[str, Any]:
+    shots, items = split_shots(task, read_items(task))
+    if task.type == "multiple_choice":
+        return score_multiple_choice(task, model, tokenizer, items, shots, batch_size)
+    if shots:
+        raise UserError(f"{task.name}: few_shot applies to multiple_choice tasks only")
+    return score_generation(task, model, tokenizer, items, batch_size)
+
+
+SHOWN = ("acc", "gen_acc", "extraction_failure_rate", "bleu4", "rougeL", "chrf", "exact_match", "edit_rate")
+
+
+def _table(results: dict[str, Any]) -> str:
+    columns = [(task, metric) for task, by_model in results["tasks"].items()
+               for metric in SHOWN if any(metric in scores for scores in by_model.values())]
+    header = "| model | " + " | ".join(f"{task} {metric}" for task, metric in columns) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(columns)]
+    for name in results["models"]:
+        cells = []
+        for task, metric in columns:
+            scores = results["tasks"][task].get(name, {})
+            value, error = scores.get(metric), scores.get(f"{metric}_stderr")
+            cells.append("–" if value is None else f"{value:.2f}" + (f" ± {error:.2f}" if error is not None else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_suite(config: SuiteConfig) -> dict[str, Any]:
+    """Evaluate every task on every model; write results.json and table.md into `config.out`."""
+    from lmsmith.generation import load_causal_lm, load_tokenizer
+
+    tasks = [load_task(path) for path in config.task]
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"--task: two tasks share a name ({', '.join(names)})")
+    folders = {spec: resolve_model_spec(spec) for spec in config.model}
+    results: dict[str, Any] = {"models": {spec: str(path) for spec, path in folders.items()},
+                               "tasks": {task.name: {} for task in tasks}}
+    for spec, folder in folders.items():
+        model, tokenizer = load_causal_lm(folder), load_tokenizer(folder)
+        for task in tasks:
+            console.print(f"[bold]{task.name}[/] on {spec}")
+            results["tasks"][task.name][spec] = evaluate_task(task, model, tokenizer, config.batch_size)
+        del model
+        gc.collect()
+    out = config.out.expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    table = _table(results)
+    (out / "table.md").write_text(table, encoding="utf-8")
+    console.print(table, markup=False)
+    return results

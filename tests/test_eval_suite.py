@@ -1,0 +1,145 @@
+"""`lmsmith eval`: task files, the public layouts they read, multiple choice (log-likelihood, generation,
+circular, few-shot), generation tasks, and the results table, on tiny local models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from lmsmith.errors import UserError
+from lmsmith.eval import suite
+from lmsmith.eval.suite import SuiteConfig, rotations, run_suite, score_multiple_choice
+from lmsmith.eval.tasks import ChoiceQuestion, TaskConfig, load_task, read_items
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def ceval_csv(tmp_path) -> Path:
+    # C-Eval's layout, lower-case answers and a BOM as Excel writes it.
+    rows = ["id,Question,A,B,C,D,Answer,explanation"]
+    for index in range(12):
+        rows.append(f"{index},第{index}题：毛利率等于什么？,毛利/营收{index},净利/营收,营收/资产,负债/资产,{'abcd'[index % 4]},")
+    return write(tmp_path / "ceval.csv", "\ufeff" + "\n".join(rows) + "\n")
+
+
+def test_task_files_are_strict_and_name_the_file(tmp_path, ceval_csv):
+    task = write(tmp_path / "t.yaml", f"name: ratios\ntype: multiple_choice\ndataset: {ceval_csv.name}\n")
+    assert load_task(task).dataset == ceval_csv.resolve()
+    write(task, f"name: r\ntype: multiple_choice\ndataset: {ceval_csv.name}\nshots: 2\n")
+    with pytest.raises(UserError, match=r"t\.yaml: shots: unknown field"):
+        load_task(task)
+    write(task, f"name: r\ntype: generate\ndataset: {ceval_csv.name}\ncircular: true\n")
+    with pytest.raises(UserError, match="circular and scoring apply to multiple_choice tasks only"):
+        load_task(task)
+
+
+def test_layouts_are_read_and_bad_rows_named(tmp_path, ceval_csv):
+    items = read_items(TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv))
+    assert len(items) == 12 and items[1].gold == 1 and items[1].options[0] == "毛利/营收1"
+    mc = write(tmp_path / "mc.jsonl", '{"question": "q", "choices": ["x", "y", "z"], "answer": 2}\n'
+                                      '{"question": "q2", "A": "1", "B": "2", "answer": "b"}\n')
+    parsed = read_items(TaskConfig(name="m", type="multiple_choice", dataset=mc))
+    assert [(item.options, item.gold) for item in parsed] == [(("x", "y", "z"), 2), (("1", "2"), 1)]
+    write(mc, '{"question": "q", "choices": ["x", "y"], "answer": "C"}\n')
+    with pytest.raises(UserError, match=r"mc\.jsonl:1: answer 'C' is neither a letter nor an index"):
+        read_items(TaskConfig(name="m", type="multiple_choice", dataset=mc))
+    alpaca = write(tmp_path / "a.jsonl", '{"instruction": "算增长率", "input": "12→15", "output": "25%"}\n')
+    sharegpt = write(tmp_path / "s.jsonl", '{"conversations": [{"from": "human", "value": "hi"}, '
+                                           '{"from": "gpt", "value": "你好"}]}\n')
+    assert read_items(TaskConfig(name="a", type="generate", dataset=alpaca))[0].messages[0]["content"] == "算增长率\n12→15"
+    assert read_items(TaskConfig(name="s", type="generate", dataset=sharegpt))[0].reference == "你好"
+    with pytest.raises(UserError, match="does not fit a generate task"):
+        read_items(TaskConfig(name="x", type="generate", dataset=ceval_csv))
+
+
+def test_rotations_move_the_gold_with_its_option():
+    item = ChoiceQuestion("1", "q", ("w", "x", "y", "z"), gold=1)
+    turns = rotations(item, circular=True)
+    assert [options[gold] for options, gold in turns] == ["x"] * 4
+    assert rotations(item, circular=False) == [(item.options, 1)]
+
+
+def trained_on_letters(tokenizer, task: TaskConfig, items) -> torch.nn.Module:
+    """A tiny model taught each question's gold letter in the order the options were given."""
+    texts = [suite.format_question(task, item.question, item.options) + " " + "ABCD"[item.gold] for item in items]
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model = build_tiny_model(tokenizer, seed=5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_loglikelihood_accuracy_and_circular_evaluation(tiny_tokenizer, ceval_csv):
+    task = TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv)
+    items = read_items(task)
+    model = trained_on_letters(tiny_tokenizer, task, items)
+    plain = score_multiple_choice(task, model, tiny_tokenizer, items, [], batch_size=8)
+    assert plain["acc"] >= 90.0 and plain["rotations"] == 1
+    # The model learned letters, not answers: asked every rotation, it can no longer be right on all.
+    circular = score_multiple_choice(task.model_copy(update={"circular": True}), model, tiny_tokenizer, items, [], 8)
+    assert circular["rotations"] == 4 and circular["acc"] <= 25.0
+    untrained = score_multiple_choice(task, build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer, items, [], 8)
+    assert untrained["acc"] < plain["acc"]
+
+
+def test_generation_scoring_reads_the_stated_letter(tiny_tokenizer, ceval_csv, monkeypatch):
+    from lmsmith import generation
+
+    task = TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, scoring=["generate"], limit=4)
+    items = read_items(task)[:4]
+    canned = ["答案是A", "CPA考试里…答案：B", "无法确定", "选C。"]  # golds A B C D: right, right, failure, wrong
+    monkeypatch.setattr(generation, "generate_chat", lambda model, tok, prompts, **kw: generation.Generation(
+        texts=canned[: len(prompts)], new_tokens=[1] * len(prompts), wall_s=0.1))
+    scores = score_multiple_choice(task, None, tiny_tokenizer, items, [], batch_size=4)
+    assert scores["gen_acc"] == pytest.approx(50.0) and scores["extraction_failure_rate"] == pytest.approx(25.0)
+    assert scores["letter_distribution"] == {"A": 1, "B": 1, "C": 1}
+
+
+def test_few_shot_examples_come_first_and_are_not_scored(tiny_tokenizer, ceval_csv):
+    task = TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, few_shot=2)
+    shots, scored = suite.split_shots(task, read_items(task))
+    assert [s.id for s in shots] == ["0", "1"] and scored[0].id == "2"
+    block = suite._shot_block(task, shots)
+    assert block.count("答案：") == 2 and "答案：A\n\n" in block and "答案：B\n\n" in block
+    with pytest.raises(UserError, match="few_shot 20, but only 12"):
+        suite.split_shots(task.model_copy(update={"few_shot": 20}), read_items(task))
+
+
+def test_lmsmith_eval_writes_results_and_table(tmp_path, tiny_model_dir, ceval_csv, capsys):
+    from lmsmith.artifacts import Manifest, describe_outputs
+    from lmsmith.cli import main
+
+    mc = write(tmp_path / "mc.yaml", f"name: ratios\ntype: multiple_choice\ndataset: {ceval_csv}\nlimit: 4\n")
+    gen = write(tmp_path / "gen.jsonl", '{"instruction": "营业收入是多少？", "output": "12.5亿元"}\n'
+                                        '{"instruction": "同比增长？", "output": "增长15.2%"}\n')
+    gen_task = write(tmp_path / "gen.yaml", f"name: answers\ntype: generate\ndataset: {gen}\nmax_new_tokens: 4\n")
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    (run / "sft" / "merged").symlink_to(tiny_model_dir, target_is_directory=True)
+    Manifest(stage="sft", config={}, config_hash="x", inputs={},
+             outputs=describe_outputs(run / "sft", {"model": "merged"})).write(run / "sft")
+    out = tmp_path / "out"
+    assert main(["eval", "--task", str(mc), "--task", str(gen_task), "--model", str(tiny_model_dir),
+                 "--model", f"run:{run}#sft", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"ratios", "answers"}
+    assert results["tasks"]["ratios"][str(tiny_model_dir)]["items"] == 4
+    assert set(results["tasks"]["answers"][f"run:{run}#sft"]) >= {"bleu4", "bleu4_stderr", "rougeL", "chrf",
+                                                                  "exact_match", "edit_rate", "edit_rate_stderr"}
+    table = (out / "table.md").read_text()
+    assert "| model | ratios acc | answers bleu4 |" in table and " ± " in table
+    capsys.readouterr()
+    assert main(["eval", "--task", str(mc), "--model", f"run:{run}#pretrain"]) == 2
+    assert "holds no finished stage" in capsys.readouterr().err
