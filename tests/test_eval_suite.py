@@ -37,7 +37,7 @@ def test_task_files_are_strict_and_name_the_file(tmp_path, ceval_csv):
     with pytest.raises(UserError, match=r"t\.yaml: shots: unknown field"):
         load_task(task)
     write(task, f"name: r\ntype: generate\ndataset: {ceval_csv.name}\ncircular: true\n")
-    with pytest.raises(UserError, match="circular and scoring apply to multiple_choice tasks only"):
+    with pytest.raises(UserError, match="circular and few_shot apply to multiple_choice tasks only"):
         load_task(task)
 
 
@@ -143,3 +143,56 @@ def test_lmsmith_eval_writes_results_and_table(tmp_path, tiny_model_dir, ceval_c
     capsys.readouterr()
     assert main(["eval", "--task", str(mc), "--model", f"run:{run}#pretrain"]) == 2
     assert "holds no finished stage" in capsys.readouterr().err
+
+
+def canned_answers(monkeypatch, texts):
+    from lmsmith import generation
+
+    monkeypatch.setattr(generation, "generate_chat", lambda model, tok, prompts, **kw: generation.Generation(
+        texts=list(texts[: len(prompts)]), new_tokens=[1] * len(prompts), wall_s=0.1))
+
+
+def test_numeric_tasks_take_the_truth_from_the_record_or_the_reference(tmp_path, tiny_tokenizer, monkeypatch):
+    from lmsmith.eval.suite import evaluate_task
+
+    data = write(tmp_path / "yoy.jsonl", "\n".join([
+        '{"messages": [{"role": "user", "content": "同比增长？"}, {"role": "assistant", "content": "增长25.0%"}], '
+        '"answer": {"value": 25.0}}',
+        '{"instruction": "营收是多少？", "output": "12.5亿元"}',
+    ]) + "\n")
+    with pytest.raises(UserError, match=r"yoy\.jsonl:1: alpaca records need"):  # one layout per file
+        evaluate_task(TaskConfig(name="n", type="numeric", dataset=data, format="alpaca"), None, tiny_tokenizer)
+    records = write(tmp_path / "sft.jsonl", '{"messages": [{"role": "user", "content": "同比？"}, {"role": '
+                    '"assistant", "content": "增长约25%"}], "answer": {"value": 25.04}}\n')
+    canned_answers(monkeypatch, ["增长25.04%"])  # the record's value is the truth, not the rounded text
+    assert evaluate_task(TaskConfig(name="n", type="numeric", dataset=records, rel_tol=0.0), None,
+                         tiny_tokenizer)["numeric_acc"] == 100.0
+    write(data, '{"instruction": "同比增长？", "output": "增长25.0%"}\n{"instruction": "营收是多少？", "output": "12.5亿元"}\n'
+                '{"instruction": "净利润？", "output": "3.1亿元"}\n')
+    canned_answers(monkeypatch, ["同比增长了25.1%", "营业收入为1,250,000,000元", "不知道"])
+    scores = evaluate_task(TaskConfig(name="n", type="numeric", dataset=data, rel_tol=0.01), None, tiny_tokenizer)
+    assert scores["numeric_acc"] == pytest.approx(200 / 3) and scores["no_number_rate"] == pytest.approx(100 / 3)
+
+
+def test_classification_by_generation_and_by_likelihood(tmp_path, tiny_tokenizer, monkeypatch):
+    from lmsmith.eval.suite import evaluate_task
+
+    data = write(tmp_path / "news.csv", "text,label\n业绩大增,利好\n遭遇处罚,利空\n召开年会,中性\n回购股份,利好\n")
+    task = TaskConfig(name="news", type="classification", dataset=data, scoring=["loglikelihood", "generate"],
+                      labels=["利好", "利空", "中性"])
+    canned_answers(monkeypatch, ["这是利好消息", "利好？不，是利空", "无法判断", "利空"])
+    scores = evaluate_task(task, build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer)
+    assert scores["gen_acc"] == pytest.approx(50.0) and scores["extraction_failure_rate"] == pytest.approx(25.0)
+    assert scores["gen_confusion"]["利好"] == {"利好": 1, "利空": 1, "中性": 0, "<other>": 0}
+    assert sum(sum(row.values()) for row in scores["confusion"].values()) == 4  # by likelihood: every item placed
+    with pytest.raises(UserError, match=r"labels \['中性'\] are not in the task's labels"):
+        evaluate_task(task.model_copy(update={"labels": ["利好", "利空"]}), None, tiny_tokenizer)
+
+
+def test_perplexity_task_on_text_documents(tmp_path, tiny_tokenizer):
+    from lmsmith.eval.suite import evaluate_task
+
+    data = write(tmp_path / "docs.txt", "星辰科技2023年营业收入为12.5亿元。\n\n华信银行2022年总资产为520亿元。\n")
+    scores = evaluate_task(TaskConfig(name="ppl", type="perplexity", dataset=data),
+                           build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer)
+    assert scores["items"] == 2 and 1.0 < scores["perplexity"] < 1e6 and scores["tokens"] > 10

@@ -8,7 +8,10 @@ Models are named as `lmsmith serve` names them, plus one form for any stage outp
 Multiple choice is scored by the log-likelihood of each option's letter after the prompt
 (`lmsmith.eval.likelihood`) and/or by a generated answer whose stated letter is read by
 `lmsmith.eval.choices`; with `circular`, every rotation of the options is asked and an item counts only
-when all are right. Generation tasks get BLEU-4, character ROUGE-L, chrF, exact match and the edit rate.
+when all are right. Generation tasks get BLEU-4, character ROUGE-L, chrF, exact match and the edit rate;
+numeric tasks the share of answers whose number is the truth within `rel_tol`; classification tasks
+accuracy, macro-F1 and a confusion matrix (labels by log-likelihood and/or named in a generated answer);
+perplexity tasks the perplexity of their documents.
 Every score carries a bootstrap standard error. transformers runs the models (`lmsmith.generation`).
 """
 
@@ -23,7 +26,7 @@ from pydantic import Field
 
 from lmsmith.console import console
 from lmsmith.errors import UserError
-from lmsmith.eval.tasks import ChoiceQuestion, Reference, TaskConfig, load_task, read_items
+from lmsmith.eval.tasks import ChoiceQuestion, LabeledText, Reference, TaskConfig, load_task, read_items
 from lmsmith.schema import StrictModel
 
 LETTERS = "ABCDEFGH"
@@ -68,7 +71,7 @@ def letters_for(options: Sequence[str]) -> str:
 
 def format_question(task: TaskConfig, question: str, options: Sequence[str]) -> str:
     lines = "\n".join(f"{letter}. {option}" for letter, option in zip(letters_for(options), options))
-    return task.prompt.format(question=question, options=lines)
+    return task.template.format(question=question, options=lines)
 
 
 def rotations(item: ChoiceQuestion, circular: bool) -> list[tuple[tuple[str, ...], int]]:
@@ -174,16 +177,93 @@ def score_generation(task: TaskConfig, model, tokenizer, items: list[Reference],
     return scores
 
 
+def score_numeric(task: TaskConfig, model, tokenizer, items: list[Reference], batch_size: int) -> dict[str, Any]:
+    from lmsmith.eval.metrics import extract_number, numeric_match
+    from lmsmith.generation import generate_chat
+
+    truths = []
+    for item in items:
+        truth = item.value if item.value is not None else extract_number(item.reference)
+        if truth is None:
+            raise UserError(f"{task.dataset}: item {item.id} has no numeric truth (answer.value, or a number in "
+                            "its reference)")
+        truths.append(truth)
+    generation = generate_chat(model, tokenizer, [list(item.messages) for item in items],
+                               max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+                               progress=f"{task.name}: answers")
+    values = [100.0 * numeric_match(text, truth, task.rel_tol) for text, truth in zip(generation.texts, truths)]
+    scores: dict[str, Any] = {"items": len(items)}
+    scores["numeric_acc"], scores["numeric_acc_stderr"] = _mean_with_stderr(values)
+    scores["no_number_rate"] = 100.0 * sum(extract_number(text) is None for text in generation.texts) / len(items)
+    return scores
+
+
+def _label_in(text: str, labels: Sequence[str]) -> str | None:
+    """The label an answer names: the one whose last mention comes last (longer labels first, so 中性偏多
+    is not read as 中性)."""
+    best, at = None, -1
+    for label in sorted(labels, key=len, reverse=True):
+        position = text.rfind(label)
+        if position > at:
+            best, at = label, position
+    return best
+
+
+def score_classification(task: TaskConfig, model, tokenizer, items: list[LabeledText],
+                         batch_size: int) -> dict[str, Any]:
+    from lmsmith.eval.labels import classification_scores
+
+    labels = task.labels or sorted({item.label for item in items})
+    unknown = sorted({item.label for item in items} - set(labels))
+    if unknown:
+        raise UserError(f"{task.dataset}: labels {unknown} are not in the task's labels {labels}")
+    prompts = [task.template.format(text=item.text, labels="/".join(labels)) for item in items]
+    gold = [item.label for item in items]
+    scores: dict[str, Any] = {"items": len(items), "labels": labels}
+    if "loglikelihood" in task.scoring:
+        from lmsmith.eval.likelihood import continuation_logprobs
+
+        flat = continuation_logprobs(model, tokenizer, [(prompt, label) for prompt in prompts for label in labels],
+                                     batch_size)
+        picked = [labels[max(range(len(labels)), key=lambda k, row=row: flat[row * len(labels) + k])]
+                  for row in range(len(items))]
+        result = classification_scores(gold, picked, labels)
+        scores.update({"acc": 100.0 * result["accuracy"], "macro_f1": 100.0 * result["macro_f1"],
+                       "confusion": result["confusion"]})
+        scores["acc_stderr"] = _mean_with_stderr([100.0 * (p == g) for p, g in zip(picked, gold)])[1]
+    if "generate" in task.scoring:
+        from lmsmith.generation import generate_chat
+
+        generation = generate_chat(model, tokenizer, [[{"role": "user", "content": prompt}] for prompt in prompts],
+                                   max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+                                   progress=f"{task.name}: answers")
+        picked = [_label_in(text, labels) for text in generation.texts]
+        result = classification_scores(gold, picked, labels)
+        scores.update({"gen_acc": 100.0 * result["accuracy"], "gen_macro_f1": 100.0 * result["macro_f1"],
+                       "gen_confusion": result["confusion"],
+                       "extraction_failure_rate": 100.0 * picked.count(None) / len(items)})
+        scores["gen_acc_stderr"] = _mean_with_stderr([100.0 * (p == g) for p, g in zip(picked, gold)])[1]
+    return scores
+
+
+def score_perplexity(task: TaskConfig, model, tokenizer, documents: list[str], batch_size: int) -> dict[str, Any]:
+    from lmsmith.eval.metrics import perplexity
+
+    result = perplexity(model, tokenizer, documents, batch_size=batch_size, progress=f"{task.name}: perplexity")
+    return {"items": len(documents), "perplexity": result.perplexity, "tokens": result.tokens}
+
+
 def evaluate_task(task: TaskConfig, model, tokenizer, batch_size: int = 16) -> dict[str, Any]:
     shots, items = split_shots(task, read_items(task))
-    if task.type == "multiple_choice":
+    scorer = {"multiple_choice": None, "generate": score_generation, "numeric": score_numeric,
+              "classification": score_classification, "perplexity": score_perplexity}[task.type]
+    if scorer is None:
         return score_multiple_choice(task, model, tokenizer, items, shots, batch_size)
-    if shots:
-        raise UserError(f"{task.name}: few_shot applies to multiple_choice tasks only")
-    return score_generation(task, model, tokenizer, items, batch_size)
+    return scorer(task, model, tokenizer, items, batch_size)
 
 
-SHOWN = ("acc", "gen_acc", "extraction_failure_rate", "bleu4", "rougeL", "chrf", "exact_match", "edit_rate")
+SHOWN = ("acc", "gen_acc", "macro_f1", "gen_macro_f1", "extraction_failure_rate", "numeric_acc", "bleu4", "rougeL",
+         "chrf", "exact_match", "edit_rate", "perplexity")
 
 
 def _table(results: dict[str, Any]) -> str:

@@ -10,7 +10,11 @@ Layouts read:
   any letter case (`id` and `explanation` are ignored);
 - `mc_jsonl`: `{"question", "choices": [...] or "A".."D": ..., "answer": letter or index}`;
 - `alpaca`: `{"instruction", "input", "output"}`; `sharegpt`: `{"conversations": [{"from", "value"}]}`;
-  `messages`: lmsmith's own `{"messages": [{"role", "content"}...]}` (the last turn is the reference).
+  `messages`: lmsmith's own `{"messages": [{"role", "content"}...]}` (the last turn is the reference);
+  for `numeric` tasks the truth is the record's `answer.value` (lmsmith's sft records), else a number
+  read from the reference text (`12.5亿元` is 1.25e9);
+- `text_label`: a CSV with columns text and label, or JSONL `{"text", "label"}` (classification);
+- `documents`: JSONL `{"text"}` or a .txt file, one document per blank-line-separated block (perplexity).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from lmsmith.paths import InputPath
 from lmsmith.schema import StrictModel, read_yaml_mapping
 
 MC_PROMPT = "{question}\n{options}\n答案："
+CLASSIFY_PROMPT = "{text}\n类别（{labels}）："
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 
@@ -36,16 +41,21 @@ class TaskConfig(StrictModel):
     """One eval task: where its items come from, how they are asked, and how answers are scored."""
 
     name: str = Field(..., description="Task name in results and tables.")
-    type: Literal["multiple_choice", "generate"] = Field(..., description="multiple_choice: options scored by "
-                                                          "log-likelihood and/or by generation; generate: free answers "
-                                                          "against references.")
+    type: Literal["multiple_choice", "generate", "numeric", "classification", "perplexity"] = Field(
+        ..., description="multiple_choice: options scored by log-likelihood and/or by generation; generate: free "
+        "answers against references; numeric: the answer's number against the truth within rel_tol; "
+        "classification: a label per text (by log-likelihood or generation); perplexity: on documents.")
     dataset: InputPath = Field(..., description="The items' file (relative paths: from the task file's folder).")
-    format: Literal["auto", "mc_csv", "mc_jsonl", "alpaca", "sharegpt", "messages"] = Field(
+    format: Literal["auto", "mc_csv", "mc_jsonl", "alpaca", "sharegpt", "messages", "text_label", "documents"] = Field(
         "auto", description="auto: from the suffix (.csv: mc_csv) and the first record's keys.")
-    prompt: str = Field(MC_PROMPT, description="multiple_choice: the question's template; {question} and "
-                        "{options} (one 'A. text' line each) are filled in.")
+    prompt: Optional[str] = Field(None, description="multiple_choice: the question's template with {question} and "
+                                  "{options} (one 'A. text' line each), default '{question}\\n{options}\\n答案：'; "
+                                  "classification: with {text} and {labels}, default '{text}\\n类别（{labels}）：'.")
     scoring: list[Literal["loglikelihood", "generate"]] = Field(
-        ["loglikelihood"], description="multiple_choice: how options are chosen (both may be listed).")
+        ["loglikelihood"], description="multiple_choice, classification: how the answer is chosen (both may be "
+        "listed).")
+    labels: Optional[list[str]] = Field(None, description="classification: the label set (default: those in the data).")
+    rel_tol: float = Field(0.01, ge=0, description="numeric: relative tolerance of a right answer.")
     circular: bool = Field(False, description="multiple_choice: ask every rotation of the options; an item counts "
                            "only when it is right under all of them.")
     few_shot: int = Field(0, ge=0, description="Solved examples before each question, taken from few_shot_file "
@@ -56,11 +66,22 @@ class TaskConfig(StrictModel):
 
     @model_validator(mode="after")
     def _fits_type(self) -> "TaskConfig":
-        if self.type == "generate" and (self.circular or self.scoring != ["loglikelihood"]):
-            raise ValueError("circular and scoring apply to multiple_choice tasks only")
+        if self.type != "multiple_choice" and (self.circular or self.few_shot):
+            raise ValueError("circular and few_shot apply to multiple_choice tasks only")
+        if self.type not in ("multiple_choice", "classification") and self.scoring != ["loglikelihood"]:
+            raise ValueError("scoring applies to multiple_choice and classification tasks only")
+        if self.prompt is not None and self.type not in ("multiple_choice", "classification"):
+            raise ValueError("prompt applies to multiple_choice and classification tasks (others use the records' "
+                             "own turns)")
+        if self.labels is not None and self.type != "classification":
+            raise ValueError("labels apply to classification tasks only")
         if not self.scoring:
             raise ValueError("scoring: name at least one of loglikelihood, generate")
         return self
+
+    @property
+    def template(self) -> str:
+        return self.prompt or (CLASSIFY_PROMPT if self.type == "classification" else MC_PROMPT)
 
 
 @dataclass(frozen=True)
@@ -75,11 +96,22 @@ class ChoiceQuestion:
 
 @dataclass(frozen=True)
 class Reference:
-    """A generation item: the conversation to answer and the reference answer."""
+    """A generation item: the conversation to answer, the reference answer and, when the record carries
+    one (`answer.value`), its numeric truth."""
 
     id: str
     messages: tuple[dict, ...]
     reference: str
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class LabeledText:
+    """A classification item."""
+
+    id: str
+    text: str
+    label: str
 
 
 def load_task(path: str | Path) -> TaskConfig:
@@ -165,33 +197,85 @@ def _references(path: Path, layout: str) -> list[Reference]:
             if turns[-1].get("role") != "assistant":
                 raise UserError(f"{where}: the last turn must be the reference answer (role assistant / gpt)")
             messages, reference = tuple(turns[:-1]), turns[-1]["content"]
-        items.append(Reference(str(row.get("id", number)), messages, reference))
+        value = (row.get("answer") or {}).get("value") if isinstance(row.get("answer"), dict) else None
+        value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        items.append(Reference(str(row.get("id", number)), messages, reference, value))
     return items
 
 
-def _detect(path: Path) -> str:
+def _text_labels(path: Path) -> list[LabeledText]:
     if path.suffix.lower() == ".csv":
-        return "mc_csv"
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = {name.strip().lower(): name for name in reader.fieldnames or []}
+            if "text" not in columns or "label" not in columns:
+                raise UserError(f"{path}:1: expected columns text and label; got {reader.fieldnames}")
+            rows = [(number, row[columns["text"]], row[columns["label"]]) for number, row in enumerate(reader, start=2)]
+    else:
+        rows = [(number, row.get("text"), row.get("label")) for number, row in iter_jsonl(path)]
+    items = []
+    for number, text, label in rows:
+        if not isinstance(text, str) or not text.strip() or not isinstance(label, str) or not label.strip():
+            raise UserError(f"{path}:{number}: a record needs a non-empty text and label")
+        items.append(LabeledText(str(number), text.strip(), label.strip()))
+    return items
+
+
+def _documents(path: Path) -> list[str]:
+    if path.suffix.lower() == ".txt":
+        blocks = path.read_text(encoding="utf-8").split("\n\n")
+        return [block.strip() for block in blocks if block.strip()]
+    documents = []
+    for number, row in iter_jsonl(path):
+        if not isinstance(row.get("text"), str):
+            raise UserError(f"{path}:{number}: a document record needs a string 'text'")
+        if row["text"].strip():
+            documents.append(row["text"])
+    return documents
+
+
+def _detect(path: Path) -> str:
+    if path.suffix.lower() == ".txt":
+        return "documents"
+    if path.suffix.lower() == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            header = {name.strip().lower() for name in next(csv.reader(handle), [])}
+        return "text_label" if {"text", "label"} <= header else "mc_csv"
     for _, row in iter_jsonl(path):
         for keys, layout in ((("question",), "mc_jsonl"), (("instruction", "output"), "alpaca"),
-                             (("conversations",), "sharegpt"), (("messages",), "messages")):
+                             (("conversations",), "sharegpt"), (("messages",), "messages"),
+                             (("text", "label"), "text_label"), (("text",), "documents")):
             if all(key in row for key in keys):
                 return layout
         raise UserError(f"{path}:1: cannot tell the layout from keys {sorted(row)}; set format")
     raise UserError(f"{path}: no records")
 
 
+LAYOUTS = {
+    "multiple_choice": ("mc_csv", "mc_jsonl"),
+    "generate": ("alpaca", "sharegpt", "messages"),
+    "numeric": ("alpaca", "sharegpt", "messages"),
+    "classification": ("text_label",),
+    "perplexity": ("documents",),
+}
+
+
 def read_items(task: TaskConfig, path: Path | None = None) -> list:
-    """The task's items (`ChoiceQuestion` or `Reference`), from `path` or the task's dataset."""
+    """The task's items (`ChoiceQuestion`, `Reference`, `LabeledText` or document strings), from `path` or
+    the task's dataset."""
     path = Path(path or task.dataset)
     layout = task.format if task.format != "auto" else _detect(path)
-    multiple_choice = layout in ("mc_csv", "mc_jsonl")
-    if multiple_choice != (task.type == "multiple_choice"):
-        raise UserError(f"{path}: a {layout} file does not fit a {task.type} task")
+    if layout not in LAYOUTS[task.type]:
+        raise UserError(f"{path}: a {layout} file does not fit a {task.type} task (it reads "
+                        f"{', '.join(LAYOUTS[task.type])})")
     if layout == "mc_csv":
         items = _mc_csv(path)
     elif layout == "mc_jsonl":
         items = _mc_jsonl(path)
+    elif layout == "text_label":
+        items = _text_labels(path)
+    elif layout == "documents":
+        items = _documents(path)
     else:
         items = _references(path, layout)
     if not items:
