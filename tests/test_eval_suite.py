@@ -12,7 +12,7 @@ import torch
 from conftest import build_tiny_model
 from lmsmith.errors import UserError
 from lmsmith.eval import suite
-from lmsmith.eval.suite import SuiteConfig, rotations, run_suite, score_multiple_choice
+from lmsmith.eval.suite import LocalModel, rotations, score_multiple_choice
 from lmsmith.eval.tasks import ChoiceQuestion, TaskConfig, load_task, read_items
 
 
@@ -85,12 +85,14 @@ def test_loglikelihood_accuracy_and_circular_evaluation(tiny_tokenizer, ceval_cs
     task = TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv)
     items = read_items(task)
     model = trained_on_letters(tiny_tokenizer, task, items)
-    plain = score_multiple_choice(task, model, tiny_tokenizer, items, [], batch_size=8)
+    plain = score_multiple_choice(task, LocalModel(model, tiny_tokenizer, 8), items, [])
     assert plain["acc"] >= 90.0 and plain["rotations"] == 1
     # The model learned letters, not answers: asked every rotation, it can no longer be right on all.
-    circular = score_multiple_choice(task.model_copy(update={"circular": True}), model, tiny_tokenizer, items, [], 8)
+    circular = score_multiple_choice(task.model_copy(update={"circular": True}), LocalModel(model, tiny_tokenizer, 8),
+                                     items, [])
     assert circular["rotations"] == 4 and circular["acc"] <= 25.0
-    untrained = score_multiple_choice(task, build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer, items, [], 8)
+    untrained = score_multiple_choice(task, LocalModel(build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer, 8),
+                                      items, [])
     assert untrained["acc"] < plain["acc"]
 
 
@@ -102,7 +104,7 @@ def test_generation_scoring_reads_the_stated_letter(tiny_tokenizer, ceval_csv, m
     canned = ["答案是A", "CPA考试里…答案：B", "无法确定", "选C。"]  # golds A B C D: right, right, failure, wrong
     monkeypatch.setattr(generation, "generate_chat", lambda model, tok, prompts, **kw: generation.Generation(
         texts=canned[: len(prompts)], new_tokens=[1] * len(prompts), wall_s=0.1))
-    scores = score_multiple_choice(task, None, tiny_tokenizer, items, [], batch_size=4)
+    scores = score_multiple_choice(task, LocalModel(None, tiny_tokenizer, 4), items, [])
     assert scores["gen_acc"] == pytest.approx(50.0) and scores["extraction_failure_rate"] == pytest.approx(25.0)
     assert scores["letter_distribution"] == {"A": 1, "B": 1, "C": 1}
 
@@ -153,7 +155,7 @@ def canned_answers(monkeypatch, texts):
 
 
 def test_numeric_tasks_take_the_truth_from_the_record_or_the_reference(tmp_path, tiny_tokenizer, monkeypatch):
-    from lmsmith.eval.suite import evaluate_task
+    from lmsmith.eval.suite import LocalModel, evaluate_task
 
     data = write(tmp_path / "yoy.jsonl", "\n".join([
         '{"messages": [{"role": "user", "content": "同比增长？"}, {"role": "assistant", "content": "增长25.0%"}], '
@@ -161,38 +163,127 @@ def test_numeric_tasks_take_the_truth_from_the_record_or_the_reference(tmp_path,
         '{"instruction": "营收是多少？", "output": "12.5亿元"}',
     ]) + "\n")
     with pytest.raises(UserError, match=r"yoy\.jsonl:1: alpaca records need"):  # one layout per file
-        evaluate_task(TaskConfig(name="n", type="numeric", dataset=data, format="alpaca"), None, tiny_tokenizer)
+        evaluate_task(TaskConfig(name="n", type="numeric", dataset=data, format="alpaca"),
+                      LocalModel(None, tiny_tokenizer))
     records = write(tmp_path / "sft.jsonl", '{"messages": [{"role": "user", "content": "同比？"}, {"role": '
                     '"assistant", "content": "增长约25%"}], "answer": {"value": 25.04}}\n')
     canned_answers(monkeypatch, ["增长25.04%"])  # the record's value is the truth, not the rounded text
-    assert evaluate_task(TaskConfig(name="n", type="numeric", dataset=records, rel_tol=0.0), None,
-                         tiny_tokenizer)["numeric_acc"] == 100.0
+    assert evaluate_task(TaskConfig(name="n", type="numeric", dataset=records, rel_tol=0.0),
+                         LocalModel(None, tiny_tokenizer))["numeric_acc"] == 100.0
     write(data, '{"instruction": "同比增长？", "output": "增长25.0%"}\n{"instruction": "营收是多少？", "output": "12.5亿元"}\n'
                 '{"instruction": "净利润？", "output": "3.1亿元"}\n')
     canned_answers(monkeypatch, ["同比增长了25.1%", "营业收入为1,250,000,000元", "不知道"])
-    scores = evaluate_task(TaskConfig(name="n", type="numeric", dataset=data, rel_tol=0.01), None, tiny_tokenizer)
+    scores = evaluate_task(TaskConfig(name="n", type="numeric", dataset=data, rel_tol=0.01), LocalModel(None, tiny_tokenizer))
     assert scores["numeric_acc"] == pytest.approx(200 / 3) and scores["no_number_rate"] == pytest.approx(100 / 3)
 
 
 def test_classification_by_generation_and_by_likelihood(tmp_path, tiny_tokenizer, monkeypatch):
-    from lmsmith.eval.suite import evaluate_task
+    from lmsmith.eval.suite import LocalModel, evaluate_task
 
     data = write(tmp_path / "news.csv", "text,label\n业绩大增,利好\n遭遇处罚,利空\n召开年会,中性\n回购股份,利好\n")
     task = TaskConfig(name="news", type="classification", dataset=data, scoring=["loglikelihood", "generate"],
                       labels=["利好", "利空", "中性"])
     canned_answers(monkeypatch, ["这是利好消息", "利好？不，是利空", "无法判断", "利空"])
-    scores = evaluate_task(task, build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer)
+    scores = evaluate_task(task, LocalModel(build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer))
     assert scores["gen_acc"] == pytest.approx(50.0) and scores["extraction_failure_rate"] == pytest.approx(25.0)
     assert scores["gen_confusion"]["利好"] == {"利好": 1, "利空": 1, "中性": 0, "<other>": 0}
     assert sum(sum(row.values()) for row in scores["confusion"].values()) == 4  # by likelihood: every item placed
     with pytest.raises(UserError, match=r"labels \['中性'\] are not in the task's labels"):
-        evaluate_task(task.model_copy(update={"labels": ["利好", "利空"]}), None, tiny_tokenizer)
+        evaluate_task(task.model_copy(update={"labels": ["利好", "利空"]}), LocalModel(None, tiny_tokenizer))
 
 
 def test_perplexity_task_on_text_documents(tmp_path, tiny_tokenizer):
-    from lmsmith.eval.suite import evaluate_task
+    from lmsmith.eval.suite import LocalModel, evaluate_task
 
     data = write(tmp_path / "docs.txt", "星辰科技2023年营业收入为12.5亿元。\n\n华信银行2022年总资产为520亿元。\n")
     scores = evaluate_task(TaskConfig(name="ppl", type="perplexity", dataset=data),
-                           build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer)
+                           LocalModel(build_tiny_model(tiny_tokenizer).eval(), tiny_tokenizer))
     assert scores["items"] == 2 and 1.0 < scores["perplexity"] < 1e6 and scores["tokens"] > 10
+
+
+class StubServer:
+    """An OpenAI-compatible stub in a thread: prompt logprobs from a real tiny model (or dropped, or
+    constant, as some servers send them), and a canned chat answer."""
+
+    def __init__(self, model, tokenizer, logprobs: str = "real", answer: str = "答案是A"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, body):
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send({"data": [{"id": "stub-model"}]})
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append(request)
+                if self.path.endswith("/chat/completions"):
+                    self._send({"choices": [{"message": {"role": "assistant", "content": answer}}]})
+                else:
+                    self._send({"choices": [{"text": request["prompt"], "logprobs": stub.logprobs(request["prompt"])}]})
+
+        self.model, self.tokenizer, self.mode, self.requests = model, tokenizer, logprobs, []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def logprobs(self, text: str):
+        if self.mode == "dropped":
+            return None
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        offsets = [start for start, _ in encoded["offset_mapping"]]
+        if self.mode == "constant":
+            return {"tokens": [], "token_logprobs": [None] + [-1.0] * (len(ids) - 1), "text_offset": offsets}
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        values = [None] + [float(logprobs[t - 1, ids[t]]) for t in range(1, len(ids))]
+        return {"tokens": [], "token_logprobs": values, "text_offset": offsets}
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_an_endpoint_scores_like_the_local_model_and_refuses_missing_logprobs(tiny_tokenizer, ceval_csv, tmp_path,
+                                                                             capsys):
+    from lmsmith.cli import main
+    from lmsmith.eval.endpoint import EndpointModel
+    from lmsmith.eval.suite import RemoteModel
+
+    task = TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, scoring=["loglikelihood", "generate"])
+    items = read_items(task)
+    model = trained_on_letters(tiny_tokenizer, task, items)
+    local = score_multiple_choice(task.model_copy(update={"scoring": ["loglikelihood"]}),
+                                  LocalModel(model, tiny_tokenizer, 8), items, [])
+    stub = StubServer(model, tiny_tokenizer)
+    try:
+        remote = score_multiple_choice(task, RemoteModel(EndpointModel.from_spec(stub.url)), items, [])
+        assert remote["acc"] == local["acc"] and remote["acc"] >= 90.0
+        assert remote["gen_acc"] == pytest.approx(100.0 * sum(item.gold == 0 for item in items) / len(items))
+        assert all(r.get("model") == "stub-model" for r in stub.requests)
+    finally:
+        stub.close()
+    for mode, message in (("dropped", "returns no prompt logprobs"), ("constant", "returns the same logprob")):
+        stub = StubServer(model, tiny_tokenizer, logprobs=mode)
+        try:
+            with pytest.raises(UserError, match=message + ".*score by generation"):
+                score_multiple_choice(task, RemoteModel(EndpointModel.from_spec(stub.url + "#named")), items, [])
+            task_file = write(tmp_path / f"{mode}.yaml", f"name: c\ntype: multiple_choice\ndataset: {ceval_csv}\n")
+            capsys.readouterr()
+            assert main(["eval", "--task", str(task_file), "--model", stub.url, "--out", str(tmp_path / mode)]) == 2
+            assert message in capsys.readouterr().err
+        finally:
+            stub.close()

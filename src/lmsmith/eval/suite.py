@@ -3,7 +3,10 @@
 Models are named as `lmsmith serve` names them, plus one form for any stage output of a run:
 - an HF model folder, or a compress-stage int8 folder;
 - a run folder: its tuned (sft) model;
-- `run:RUN#STAGE` or `run:RUN#STAGE/OUTPUT` (output `model` by default): `run:runs/demo#pretrain`.
+- `run:RUN#STAGE` or `run:RUN#STAGE/OUTPUT` (output `model` by default): `run:runs/demo#pretrain`;
+- an OpenAI-compatible URL, `http://host:8000/v1[#MODEL]` (`lmsmith.eval.endpoint`; the key comes from
+  OPENAI_API_KEY): answers through chat completions, log-likelihoods through echoed prompt logprobs
+  after a probe that refuses servers which do not return them.
 
 Multiple choice is scored by the log-likelihood of each option's letter after the prompt
 (`lmsmith.eval.likelihood`) and/or by a generated answer whose stated letter is read by
@@ -36,8 +39,8 @@ class SuiteConfig(StrictModel):
     """What `lmsmith eval` runs and where it writes."""
 
     task: list[Path] = Field(..., description="Task YAML file.")
-    model: list[str] = Field(..., description="Model: an HF folder, a run folder (its tuned model) or "
-                             "run:RUN#STAGE[/OUTPUT].")
+    model: list[str] = Field(..., description="Model: an HF folder, a run folder (its tuned model), "
+                             "run:RUN#STAGE[/OUTPUT], or an OpenAI-compatible URL http://HOST/v1[#MODEL].")
     out: Path = Field(Path("eval-results"), description="Folder for results.json and table.md.")
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
 
@@ -61,6 +64,56 @@ def resolve_model_spec(spec: str) -> Path:
     if output not in manifest.outputs:
         raise UserError(f"--model {spec}: stage {stage} has no output {output!r} (has {', '.join(sorted(manifest.outputs))})")
     return manifest.output_path(stage_dir, output)
+
+
+class LocalModel:
+    """A model loaded here: log-likelihoods from its forward passes, answers from `generate_chat`."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        from lmsmith.eval.likelihood import continuation_logprobs
+
+        return continuation_logprobs(self.model, self.tokenizer, pairs, self.batch_size)
+
+    def answers(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int, progress: str) -> list[str]:
+        from lmsmith.generation import generate_chat
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"{progress}: answers are asked through the chat template, and this tokenizer has none")
+        return generate_chat(self.model, self.tokenizer, [list(c) for c in conversations],
+                             max_new_tokens=max_new_tokens, batch_size=self.batch_size, progress=progress).texts
+
+    def perplexity(self, documents: Sequence[str], progress: str) -> dict[str, Any]:
+        from lmsmith.eval.metrics import perplexity
+
+        result = perplexity(self.model, self.tokenizer, documents, batch_size=self.batch_size, progress=progress)
+        return {"perplexity": result.perplexity, "tokens": result.tokens}
+
+
+class RemoteModel:
+    """An OpenAI-compatible server (`lmsmith.eval.endpoint`)."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+
+    def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return self.endpoint.continuation_logprobs(pairs)
+
+    def answers(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int, progress: str) -> list[str]:
+        return self.endpoint.chat(conversations, max_new_tokens)
+
+    def perplexity(self, documents: Sequence[str], progress: str) -> dict[str, Any]:
+        import math
+
+        self.endpoint.check_prompt_logprobs()
+        total, count = 0.0, 0
+        for document in documents:
+            values, _ = self.endpoint._prompt_logprobs(document)
+            scored = [value for value in values[1:] if value is not None]
+            total, count = total - sum(scored), count + len(scored)
+        return {"perplexity": math.exp(total / count) if count else None, "tokens": count}
 
 
 def letters_for(options: Sequence[str]) -> str:
@@ -108,8 +161,7 @@ def _mean_with_stderr(values: list[float]) -> tuple[float, float | None]:
     return (sum(values) / len(values) if values else 0.0), bootstrap_stderr(values)
 
 
-def score_multiple_choice(task: TaskConfig, model, tokenizer, items: list[ChoiceQuestion], shots: list,
-                          batch_size: int) -> dict[str, Any]:
+def score_multiple_choice(task: TaskConfig, backend, items: list[ChoiceQuestion], shots: list) -> dict[str, Any]:
     from lmsmith.eval.choices import extract_choice
 
     block = _shot_block(task, shots)
@@ -118,11 +170,9 @@ def score_multiple_choice(task: TaskConfig, model, tokenizer, items: list[Choice
     prompts = [block + format_question(task, items[index].question, options) for index, options, _ in asked]
     scores: dict[str, Any] = {"items": len(items), "rotations": len(asked) // len(items)}
     if "loglikelihood" in task.scoring:
-        from lmsmith.eval.likelihood import continuation_logprobs
-
         pairs = [(prompt, f" {letter}") for prompt, (_, options, _) in zip(prompts, asked)
                  for letter in letters_for(options)]
-        flat = continuation_logprobs(model, tokenizer, pairs, batch_size)
+        flat = backend.loglikelihoods(pairs)
         right: dict[int, list[bool]] = {}
         at = 0
         for index, options, gold in asked:
@@ -132,16 +182,10 @@ def score_multiple_choice(task: TaskConfig, model, tokenizer, items: list[Choice
         values = [100.0 * all(marks) for _, marks in sorted(right.items())]
         scores["acc"], scores["acc_stderr"] = _mean_with_stderr(values)
     if "generate" in task.scoring:
-        from lmsmith.generation import generate_chat
-
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"{task.name}: scoring by generation asks the model through its chat template, and "
-                            "this tokenizer has none")
-        generation = generate_chat(model, tokenizer, [[{"role": "user", "content": prompt}] for prompt in prompts],
-                                   max_new_tokens=task.max_new_tokens, batch_size=batch_size,
-                                   progress=f"{task.name}: answers")
+        texts = backend.answers([[{"role": "user", "content": prompt}] for prompt in prompts], task.max_new_tokens,
+                                f"{task.name}: answers")
         right, failures, letters = {}, 0, {}
-        for (index, options, gold), text in zip(asked, generation.texts):
+        for (index, options, gold), text in zip(asked, texts):
             picked = extract_choice(text, letters_for(options))
             failures += picked is None
             if picked is not None:
@@ -154,15 +198,12 @@ def score_multiple_choice(task: TaskConfig, model, tokenizer, items: list[Choice
     return scores
 
 
-def score_generation(task: TaskConfig, model, tokenizer, items: list[Reference], batch_size: int) -> dict[str, Any]:
+def score_generation(task: TaskConfig, backend, items: list[Reference]) -> dict[str, Any]:
     from lmsmith.eval.metrics import bleu4, chrf, edit_rates, exact_match, rouge_l_scores
     from lmsmith.eval.stats import bootstrap_stderr
-    from lmsmith.generation import generate_chat
 
-    generation = generate_chat(model, tokenizer, [list(item.messages) for item in items],
-                               max_new_tokens=task.max_new_tokens, batch_size=batch_size,
-                               progress=f"{task.name}: answers")
-    answers, references = generation.texts, [item.reference for item in items]
+    answers = backend.answers([item.messages for item in items], task.max_new_tokens, f"{task.name}: answers")
+    references = [item.reference for item in items]
     pairs = list(zip(answers, references))
     scores: dict[str, Any] = {"items": len(items)}
     for name, values in (("rougeL", rouge_l_scores(answers, references)), ("exact_match", exact_match(answers, references)),
@@ -177,9 +218,8 @@ def score_generation(task: TaskConfig, model, tokenizer, items: list[Reference],
     return scores
 
 
-def score_numeric(task: TaskConfig, model, tokenizer, items: list[Reference], batch_size: int) -> dict[str, Any]:
+def score_numeric(task: TaskConfig, backend, items: list[Reference]) -> dict[str, Any]:
     from lmsmith.eval.metrics import extract_number, numeric_match
-    from lmsmith.generation import generate_chat
 
     truths = []
     for item in items:
@@ -188,13 +228,11 @@ def score_numeric(task: TaskConfig, model, tokenizer, items: list[Reference], ba
             raise UserError(f"{task.dataset}: item {item.id} has no numeric truth (answer.value, or a number in "
                             "its reference)")
         truths.append(truth)
-    generation = generate_chat(model, tokenizer, [list(item.messages) for item in items],
-                               max_new_tokens=task.max_new_tokens, batch_size=batch_size,
-                               progress=f"{task.name}: answers")
-    values = [100.0 * numeric_match(text, truth, task.rel_tol) for text, truth in zip(generation.texts, truths)]
+    texts = backend.answers([item.messages for item in items], task.max_new_tokens, f"{task.name}: answers")
+    values = [100.0 * numeric_match(text, truth, task.rel_tol) for text, truth in zip(texts, truths)]
     scores: dict[str, Any] = {"items": len(items)}
     scores["numeric_acc"], scores["numeric_acc_stderr"] = _mean_with_stderr(values)
-    scores["no_number_rate"] = 100.0 * sum(extract_number(text) is None for text in generation.texts) / len(items)
+    scores["no_number_rate"] = 100.0 * sum(extract_number(text) is None for text in texts) / len(items)
     return scores
 
 
@@ -209,8 +247,7 @@ def _label_in(text: str, labels: Sequence[str]) -> str | None:
     return best
 
 
-def score_classification(task: TaskConfig, model, tokenizer, items: list[LabeledText],
-                         batch_size: int) -> dict[str, Any]:
+def score_classification(task: TaskConfig, backend, items: list[LabeledText]) -> dict[str, Any]:
     from lmsmith.eval.labels import classification_scores
 
     labels = task.labels or sorted({item.label for item in items})
@@ -221,10 +258,7 @@ def score_classification(task: TaskConfig, model, tokenizer, items: list[Labeled
     gold = [item.label for item in items]
     scores: dict[str, Any] = {"items": len(items), "labels": labels}
     if "loglikelihood" in task.scoring:
-        from lmsmith.eval.likelihood import continuation_logprobs
-
-        flat = continuation_logprobs(model, tokenizer, [(prompt, label) for prompt in prompts for label in labels],
-                                     batch_size)
+        flat = backend.loglikelihoods([(prompt, label) for prompt in prompts for label in labels])
         picked = [labels[max(range(len(labels)), key=lambda k, row=row: flat[row * len(labels) + k])]
                   for row in range(len(items))]
         result = classification_scores(gold, picked, labels)
@@ -232,12 +266,9 @@ def score_classification(task: TaskConfig, model, tokenizer, items: list[Labeled
                        "confusion": result["confusion"]})
         scores["acc_stderr"] = _mean_with_stderr([100.0 * (p == g) for p, g in zip(picked, gold)])[1]
     if "generate" in task.scoring:
-        from lmsmith.generation import generate_chat
-
-        generation = generate_chat(model, tokenizer, [[{"role": "user", "content": prompt}] for prompt in prompts],
-                                   max_new_tokens=task.max_new_tokens, batch_size=batch_size,
-                                   progress=f"{task.name}: answers")
-        picked = [_label_in(text, labels) for text in generation.texts]
+        texts = backend.answers([[{"role": "user", "content": prompt}] for prompt in prompts], task.max_new_tokens,
+                                f"{task.name}: answers")
+        picked = [_label_in(text, labels) for text in texts]
         result = classification_scores(gold, picked, labels)
         scores.update({"gen_acc": 100.0 * result["accuracy"], "gen_macro_f1": 100.0 * result["macro_f1"],
                        "gen_confusion": result["confusion"],
@@ -246,20 +277,18 @@ def score_classification(task: TaskConfig, model, tokenizer, items: list[Labeled
     return scores
 
 
-def score_perplexity(task: TaskConfig, model, tokenizer, documents: list[str], batch_size: int) -> dict[str, Any]:
-    from lmsmith.eval.metrics import perplexity
-
-    result = perplexity(model, tokenizer, documents, batch_size=batch_size, progress=f"{task.name}: perplexity")
-    return {"items": len(documents), "perplexity": result.perplexity, "tokens": result.tokens}
+def score_perplexity(task: TaskConfig, backend, documents: list[str]) -> dict[str, Any]:
+    return {"items": len(documents), **backend.perplexity(documents, f"{task.name}: perplexity")}
 
 
-def evaluate_task(task: TaskConfig, model, tokenizer, batch_size: int = 16) -> dict[str, Any]:
+def evaluate_task(task: TaskConfig, backend) -> dict[str, Any]:
+    """Scores of one task on one model (`LocalModel` or `RemoteModel`)."""
     shots, items = split_shots(task, read_items(task))
-    scorer = {"multiple_choice": None, "generate": score_generation, "numeric": score_numeric,
-              "classification": score_classification, "perplexity": score_perplexity}[task.type]
-    if scorer is None:
-        return score_multiple_choice(task, model, tokenizer, items, shots, batch_size)
-    return scorer(task, model, tokenizer, items, batch_size)
+    if task.type == "multiple_choice":
+        return score_multiple_choice(task, backend, items, shots)
+    scorer = {"generate": score_generation, "numeric": score_numeric, "classification": score_classification,
+              "perplexity": score_perplexity}[task.type]
+    return scorer(task, backend, items)
 
 
 SHOWN = ("acc", "gen_acc", "macro_f1", "gen_macro_f1", "extraction_failure_rate", "numeric_acc", "bleu4", "rougeL",
@@ -289,15 +318,22 @@ def run_suite(config: SuiteConfig) -> dict[str, Any]:
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise UserError(f"--task: two tasks share a name ({', '.join(names)})")
-    folders = {spec: resolve_model_spec(spec) for spec in config.model}
-    results: dict[str, Any] = {"models": {spec: str(path) for spec, path in folders.items()},
+    remote = {spec for spec in config.model if spec.startswith(("http://", "https://"))}
+    folders = {spec: resolve_model_spec(spec) for spec in config.model if spec not in remote}
+    results: dict[str, Any] = {"models": {spec: str(folders.get(spec, spec.partition("#")[0])) for spec in config.model},
                                "tasks": {task.name: {} for task in tasks}}
-    for spec, folder in folders.items():
-        model, tokenizer = load_causal_lm(folder), load_tokenizer(folder)
+    for spec in config.model:
+        if spec in remote:
+            from lmsmith.eval.endpoint import EndpointModel
+
+            backend, model = RemoteModel(EndpointModel.from_spec(spec)), None
+        else:
+            model = load_causal_lm(folders[spec])
+            backend = LocalModel(model, load_tokenizer(folders[spec]), config.batch_size)
         for task in tasks:
             console.print(f"[bold]{task.name}[/] on {spec}")
-            results["tasks"][task.name][spec] = evaluate_task(task, model, tokenizer, config.batch_size)
-        del model
+            results["tasks"][task.name][spec] = evaluate_task(task, backend)
+        del backend, model
         gc.collect()
     out = config.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
