@@ -287,3 +287,14 @@ def test_an_endpoint_scores_like_the_local_model_and_refuses_missing_logprobs(ti
             assert message in capsys.readouterr().err
         finally:
             stub.close()
+
+
+def test_a_prompt_template_must_hold_exactly_its_fields(ceval_csv):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"takes exactly \{options\} and \{question\}; it has \{question\}"):
+        TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, prompt="{question} 答案：")
+    with pytest.raises(ValidationError, match="literal braces"):
+        TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, prompt="{question} {options} {")
+    task = TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, prompt='{{"q": "{question}"}}\n{options}')
+    assert suite.format_question(task, "毛利率？", ["a", "b"]) == '{"q": "毛利率？"}\nA. a\nB. b'

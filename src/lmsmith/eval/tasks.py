@@ -77,6 +77,18 @@ class TaskConfig(StrictModel):
             raise ValueError("labels apply to classification tasks only")
         if not self.scoring:
             raise ValueError("scoring: name at least one of loglikelihood, generate")
+        if self.prompt is not None:
+            import string
+
+            needed = {"question", "options"} if self.type == "multiple_choice" else {"text", "labels"}
+            try:
+                fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None}
+            except ValueError as exc:
+                raise ValueError(f"prompt: {exc} (write literal braces as {{{{ and }}}})") from None
+            if fields != needed:
+                raise ValueError(f"prompt: a {self.type} template takes exactly "
+                                 f"{' and '.join('{' + name + '}' for name in sorted(needed))}; it has "
+                                 f"{', '.join('{' + name + '}' for name in sorted(fields)) or 'none'}")
         return self
 
     @property
