@@ -298,3 +298,26 @@ def test_a_prompt_template_must_hold_exactly_its_fields(ceval_csv):
         TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, prompt="{question} {options} {")
     task = TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, prompt='{{"q": "{question}"}}\n{options}')
     assert suite.format_question(task, "毛利率？", ["a", "b"]) == '{"q": "毛利率？"}\nA. a\nB. b'
+
+
+def test_extraction_maps_listed_entities_onto_the_gold_tokens(tmp_path, tiny_tokenizer, monkeypatch):
+    from lmsmith.eval.suite import LocalModel, evaluate_task, tags_from_answer
+
+    tokens = list("星辰科技营收12.5亿元")
+    types = ["AMOUNT", "COMPANY"]
+    answer = "COMPANY：星辰科技\nAMOUNT: 12.5亿元\nMETRIC：营收\nCOMPANY：不存在的公司"  # METRIC is no type here
+    assert tags_from_answer(answer, tokens, types) == (["B-COMPANY"] + ["I-COMPANY"] * 3 + ["O", "O"]
+                                                       + ["B-AMOUNT"] + ["I-AMOUNT"] * 5)
+    words = ["Revenue", "of", "Acme", "Corp", "rose"]
+    assert tags_from_answer("COMPANY: Acme Corp\nCOMPANY: cme", words, types) == ["O", "O", "B-COMPANY",
+                                                                                  "I-COMPANY", "O"]
+    lines = ["星 B-COMPANY", "辰 I-COMPANY", "营 O", "收 O", "5 B-AMOUNT", "亿 I-AMOUNT", "",
+             "华 B-COMPANY", "信 I-COMPANY", "亏 O", "损 O"]
+    data = write(tmp_path / "ner.conll", "\n".join(lines) + "\n")
+    canned_answers(monkeypatch, ["COMPANY：星辰\nAMOUNT：5亿", "COMPANY：华\n"])  # 2 of 2 right, then a short span
+    scores = evaluate_task(TaskConfig(name="ner", type="extraction", dataset=data), LocalModel(None, tiny_tokenizer))
+    assert (scores["entity_precision"], scores["entity_recall"]) == pytest.approx((200 / 3, 200 / 3), abs=0.01)
+    assert scores["per_type"]["COMPANY"]["f1"] == pytest.approx(0.5)
+    write(data, "星 B-COMPANY\n辰 X-COMPANY\n")
+    with pytest.raises(UserError, match=r"ner\.conll:2: expected 'token tag' with a BIO tag"):
+        evaluate_task(TaskConfig(name="ner", type="extraction", dataset=data), LocalModel(None, tiny_tokenizer))

@@ -14,7 +14,8 @@ Multiple choice is scored by the log-likelihood of each option's letter after th
 when all are right. Generation tasks get BLEU-4, character ROUGE-L, chrF, exact match and the edit rate;
 numeric tasks the share of answers whose number is the truth within `rel_tol`; classification tasks
 accuracy, macro-F1 and a confusion matrix (labels by log-likelihood and/or named in a generated answer);
-perplexity tasks the perplexity of their documents.
+extraction tasks span-level entity precision, recall and F1 of the `TYPE：entity` lines the model
+lists; perplexity tasks the perplexity of their documents.
 Every score carries a bootstrap standard error. transformers runs the models (`lmsmith.generation`).
 """
 
@@ -29,7 +30,15 @@ from pydantic import Field
 
 from lmsmith.console import console
 from lmsmith.errors import UserError
-from lmsmith.eval.tasks import ChoiceQuestion, LabeledText, Reference, TaskConfig, load_task, read_items
+from lmsmith.eval.tasks import (
+    ChoiceQuestion,
+    LabeledText,
+    Reference,
+    TaggedSentence,
+    TaskConfig,
+    load_task,
+    read_items,
+)
 from lmsmith.schema import StrictModel
 
 LETTERS = "ABCDEFGH"
@@ -277,6 +286,62 @@ def score_classification(task: TaskConfig, backend, items: list[LabeledText]) ->
     return scores
 
 
+def sentence_text(tokens: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The sentence as text and each token's character span: characters (Chinese CoNLL) are joined
+    as they are, words with spaces."""
+    joiner = "" if all(len(token) == 1 for token in tokens) else " "
+    spans, at = [], 0
+    for token in tokens:
+        spans.append((at, at + len(token)))
+        at += len(token) + len(joiner)
+    return joiner.join(tokens), spans
+
+
+def tags_from_answer(answer: str, tokens: Sequence[str], types: Sequence[str]) -> list[str]:
+    """BIO tags for the `TYPE：entity` lines of an answer: each entity marks its first occurrence in the
+    sentence not already taken, when it starts and ends on token boundaries; anything else is dropped."""
+    import unicodedata
+
+    text, spans = sentence_text(tokens)
+    starts = {start: index for index, (start, _) in enumerate(spans)}
+    ends = {end: index for index, (_, end) in enumerate(spans)}
+    tags = ["O"] * len(tokens)
+    for line in unicodedata.normalize("NFKC", answer).splitlines():
+        kind, sep, entity = line.partition(":")
+        kind, entity = kind.strip().lstrip("-*• ").strip(), entity.strip()
+        if not sep or kind not in types or not entity:
+            continue
+        at = text.find(entity)
+        while at != -1:
+            first, last = starts.get(at), ends.get(at + len(entity))
+            if first is not None and last is not None and all(tag == "O" for tag in tags[first: last + 1]):
+                tags[first: last + 1] = [f"B-{kind}"] + [f"I-{kind}"] * (last - first)
+                break
+            at = text.find(entity, at + 1)
+    return tags
+
+
+def score_extraction(task: TaskConfig, backend, items: list[TaggedSentence]) -> dict[str, Any]:
+    from lmsmith.eval.labels import entity_scores
+    from lmsmith.eval.stats import bootstrap_stderr
+
+    types = sorted({tag[2:] for item in items for tag in item.tags if tag != "O"})
+    if not types:
+        raise UserError(f"{task.dataset}: no entity tags (B-TYPE) in the sentences")
+    prompts = [task.template.format(text=sentence_text(item.tokens)[0], types="、".join(types)) for item in items]
+    texts = backend.answers([[{"role": "user", "content": prompt}] for prompt in prompts], task.max_new_tokens,
+                            f"{task.name}: answers")
+    gold = [list(item.tags) for item in items]
+    predicted = [tags_from_answer(text, item.tokens, types) for text, item in zip(texts, items)]
+    result = entity_scores(gold, predicted)
+    pairs = list(zip(gold, predicted))
+    f1_stderr = bootstrap_stderr(pairs, lambda sample: 100.0 * entity_scores([g for g, _ in sample],
+                                                                             [p for _, p in sample])["f1"], resamples=200)
+    return {"items": len(items), "entity_precision": 100.0 * result["precision"],
+            "entity_recall": 100.0 * result["recall"], "entity_f1": 100.0 * result["f1"],
+            "entity_f1_stderr": f1_stderr, "per_type": result["per_type"]}
+
+
 def score_perplexity(task: TaskConfig, backend, documents: list[str]) -> dict[str, Any]:
     return {"items": len(documents), **backend.perplexity(documents, f"{task.name}: perplexity")}
 
@@ -287,12 +352,12 @@ def evaluate_task(task: TaskConfig, backend) -> dict[str, Any]:
     if task.type == "multiple_choice":
         return score_multiple_choice(task, backend, items, shots)
     scorer = {"generate": score_generation, "numeric": score_numeric, "classification": score_classification,
-              "perplexity": score_perplexity}[task.type]
+              "extraction": score_extraction, "perplexity": score_perplexity}[task.type]
     return scorer(task, backend, items)
 
 
-SHOWN = ("acc", "gen_acc", "macro_f1", "gen_macro_f1", "extraction_failure_rate", "numeric_acc", "bleu4", "rougeL",
-         "chrf", "exact_match", "edit_rate", "perplexity")
+SHOWN = ("acc", "gen_acc", "macro_f1", "gen_macro_f1", "extraction_failure_rate", "numeric_acc", "entity_f1",
+         "bleu4", "rougeL", "chrf", "exact_match", "edit_rate", "perplexity")
 
 
 def _table(results: dict[str, Any]) -> str:

@@ -14,7 +14,8 @@ Layouts read:
   for `numeric` tasks the truth is the record's `answer.value` (lmsmith's sft records), else a number
   read from the reference text (`12.5亿元` is 1.25e9);
 - `text_label`: a CSV with columns text and label, or JSONL `{"text", "label"}` (classification);
-- `documents`: JSONL `{"text"}` or a .txt file, one document per blank-line-separated block (perplexity).
+- `documents`: JSONL `{"text"}` or a .txt file, one document per blank-line-separated block (perplexity);
+- `conll`: one `token tag` pair a line (BIO tags last), a blank line between sentences (extraction).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lmsmith.schema import StrictModel, read_yaml_mapping
 
 MC_PROMPT = "{question}\n{options}\n答案："
 CLASSIFY_PROMPT = "{text}\n类别（{labels}）："
+EXTRACT_PROMPT = "从下面的文本中抽取实体，类型为{types}。每行写一个，格式为“类型：实体”；没有实体就写“无”。\n{text}"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 
@@ -41,16 +43,19 @@ class TaskConfig(StrictModel):
     """One eval task: where its items come from, how they are asked, and how answers are scored."""
 
     name: str = Field(..., description="Task name in results and tables.")
-    type: Literal["multiple_choice", "generate", "numeric", "classification", "perplexity"] = Field(
+    type: Literal["multiple_choice", "generate", "numeric", "classification", "extraction", "perplexity"] = Field(
         ..., description="multiple_choice: options scored by log-likelihood and/or by generation; generate: free "
         "answers against references; numeric: the answer's number against the truth within rel_tol; "
-        "classification: a label per text (by log-likelihood or generation); perplexity: on documents.")
+        "classification: a label per text (by log-likelihood or generation); extraction: entities listed by "
+        "the model against BIO-tagged text; perplexity: on documents.")
     dataset: InputPath = Field(..., description="The items' file (relative paths: from the task file's folder).")
-    format: Literal["auto", "mc_csv", "mc_jsonl", "alpaca", "sharegpt", "messages", "text_label", "documents"] = Field(
+    format: Literal["auto", "mc_csv", "mc_jsonl", "alpaca", "sharegpt", "messages", "text_label", "documents",
+                    "conll"] = Field(
         "auto", description="auto: from the suffix (.csv: mc_csv) and the first record's keys.")
     prompt: Optional[str] = Field(None, description="multiple_choice: the question's template with {question} and "
                                   "{options} (one 'A. text' line each), default '{question}\\n{options}\\n答案：'; "
-                                  "classification: with {text} and {labels}, default '{text}\\n类别（{labels}）：'.")
+                                  "classification: with {text} and {labels}, default '{text}\\n类别（{labels}）：'; "
+                                  "extraction: with {text} and {types} (the answer lists 'TYPE：entity' lines).")
     scoring: list[Literal["loglikelihood", "generate"]] = Field(
         ["loglikelihood"], description="multiple_choice, classification: how the answer is chosen (both may be "
         "listed).")
@@ -70,7 +75,7 @@ class TaskConfig(StrictModel):
             raise ValueError("circular and few_shot apply to multiple_choice tasks only")
         if self.type not in ("multiple_choice", "classification") and self.scoring != ["loglikelihood"]:
             raise ValueError("scoring applies to multiple_choice and classification tasks only")
-        if self.prompt is not None and self.type not in ("multiple_choice", "classification"):
+        if self.prompt is not None and self.type not in ("multiple_choice", "classification", "extraction"):
             raise ValueError("prompt applies to multiple_choice and classification tasks (others use the records' "
                              "own turns)")
         if self.labels is not None and self.type != "classification":
@@ -80,7 +85,8 @@ class TaskConfig(StrictModel):
         if self.prompt is not None:
             import string
 
-            needed = {"question", "options"} if self.type == "multiple_choice" else {"text", "labels"}
+            needed = {"multiple_choice": {"question", "options"}, "classification": {"text", "labels"},
+                      "extraction": {"text", "types"}}[self.type]
             try:
                 fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None}
             except ValueError as exc:
@@ -93,7 +99,7 @@ class TaskConfig(StrictModel):
 
     @property
     def template(self) -> str:
-        return self.prompt or (CLASSIFY_PROMPT if self.type == "classification" else MC_PROMPT)
+        return self.prompt or {"classification": CLASSIFY_PROMPT, "extraction": EXTRACT_PROMPT}.get(self.type, MC_PROMPT)
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,15 @@ class Reference:
     messages: tuple[dict, ...]
     reference: str
     value: float | None = None
+
+
+@dataclass(frozen=True)
+class TaggedSentence:
+    """An extraction item: tokens and their gold BIO tags."""
+
+    id: str
+    tokens: tuple[str, ...]
+    tags: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -233,6 +248,24 @@ def _text_labels(path: Path) -> list[LabeledText]:
     return items
 
 
+def _conll(path: Path) -> list[TaggedSentence]:
+    sentences, tokens, tags, start = [], [], [], 1
+    lines = path.read_text(encoding="utf-8").splitlines() + [""]
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            if tokens:
+                sentences.append(TaggedSentence(str(start), tuple(tokens), tuple(tags)))
+            tokens, tags, start = [], [], number + 1
+            continue
+        parts = line.split()
+        tag = parts[-1]
+        if len(parts) < 2 or not (tag == "O" or tag[:2] in ("B-", "I-")):
+            raise UserError(f"{path}:{number}: expected 'token tag' with a BIO tag (O, B-TYPE, I-TYPE), got {line!r}")
+        tokens.append(parts[0])
+        tags.append(tag)
+    return sentences
+
+
 def _documents(path: Path) -> list[str]:
     if path.suffix.lower() == ".txt":
         blocks = path.read_text(encoding="utf-8").split("\n\n")
@@ -249,6 +282,8 @@ def _documents(path: Path) -> list[str]:
 def _detect(path: Path) -> str:
     if path.suffix.lower() == ".txt":
         return "documents"
+    if path.suffix.lower() in (".conll", ".bio", ".tsv"):
+        return "conll"
     if path.suffix.lower() == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as handle:
             header = {name.strip().lower() for name in next(csv.reader(handle), [])}
@@ -268,6 +303,7 @@ LAYOUTS = {
     "generate": ("alpaca", "sharegpt", "messages"),
     "numeric": ("alpaca", "sharegpt", "messages"),
     "classification": ("text_label",),
+    "extraction": ("conll",),
     "perplexity": ("documents",),
 }
 
@@ -288,6 +324,8 @@ def read_items(task: TaskConfig, path: Path | None = None) -> list:
         items = _text_labels(path)
     elif layout == "documents":
         items = _documents(path)
+    elif layout == "conll":
+        items = _conll(path)
     else:
         items = _references(path, layout)
     if not items:
