@@ -92,7 +92,7 @@ def _start_model_inputs(stage: str, recipe: Recipe, hashed: set[Path]) -> dict[s
     `model.path` (a changed checkpoint must rerun the stages built on it) and its chat template."""
     from lmsmith.models import start_model
 
-    if stage not in ("pretrain", "sft", "eval") or getattr(recipe, "model", None) is None:
+    if stage not in ("pretrain", "sft", "eval") or recipe.model is None:
         return {}
     inputs = {}
     ref = start_model(recipe, "pretrain" if stage == "pretrain" else "sft")
@@ -123,8 +123,7 @@ def external_inputs(config: Any) -> dict[str, Path]:
 
 def select_stages(recipe: Recipe, start: str | None, only: str | None, stages: list[str] | None = None) -> list[str]:
     """The stages to consider: those in the recipe (or of them, `stages`), from `start` on, or just `only`."""
-    in_recipe = [name for name in STAGE_NAMES if getattr(recipe, name, None) is not None
-                 and (stages is None or name in stages)]
+    in_recipe = [name for name in recipe.stages() if name in STAGE_NAMES and (stages is None or name in stages)]
     for flag, name in (("--from", start), ("--only", only)):
         if name is None:
             continue
@@ -141,7 +140,7 @@ def select_stages(recipe: Recipe, start: str | None, only: str | None, stages: l
 
 def check_requirements(recipe: Recipe, selected: list[str], run_dir: Path) -> None:
     """Refuse before anything runs when a stage reads one the recipe lacks or that never ran."""
-    in_recipe = {name for name in STAGE_NAMES if getattr(recipe, name, None) is not None}
+    in_recipe = set(recipe.stages())
     for spec in STAGES:
         if spec.name not in selected:
             continue

@@ -59,13 +59,11 @@ class Recipe(StrictModel):
     def _one_vocabulary(self) -> "Recipe":
         from lmsmith.models import start_model
 
-        if self.sft is not None:
-            try:
-                start_model(self, "sft")
-            except UserError as exc:
-                raise ValueError(str(exc)) from None
-        if self.model is not None:
+        try:
             starts = {stage: start_model(self, stage) for stage in ("pretrain", "sft") if getattr(self, stage) is not None}
+        except UserError as exc:  # sft with nothing to start from
+            raise ValueError(str(exc)) from None
+        if self.model is not None:
             if not any(ref is not None and ref.path == Path(self.model.path) for ref in starts.values()):
                 shown = "; ".join(f"{stage} starts from {ref.describe() if ref else 'scratch'}"
                                   for stage, ref in starts.items()) or "the recipe has no pretrain or sft block"
@@ -74,12 +72,10 @@ class Recipe(StrictModel):
         trains_vocabulary = self.tokenizer is not None and self.tokenizer.extend is None
         if not trains_vocabulary:
             return self
-        if self.pretrain is not None:
-            checkpoint = start_model(self, "pretrain")
-        elif self.sft is not None:
-            checkpoint = start_model(self, "sft")
-        else:
+        if not starts:
             return self  # a tokenizer-only run
+        # The first training stage decides: pretrain when there is one, else sft.
+        checkpoint = starts["pretrain"] if "pretrain" in starts else starts["sft"]
         if checkpoint is not None and checkpoint.path is not None:
             raise ValueError(
                 f"tokenizer: trains a new vocabulary, but training starts from the checkpoint {checkpoint.path}, "

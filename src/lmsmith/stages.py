@@ -50,7 +50,7 @@ def _eval_requires(recipe) -> tuple[str, ...]:
 
 
 def _report_requires(recipe) -> tuple[str, ...]:
-    return tuple(name for name in STAGE_NAMES if name != "report" and getattr(recipe, name) is not None)
+    return tuple(name for name in recipe.stages() if name != "report")
 
 
 STAGES: tuple[StageSpec, ...] = (

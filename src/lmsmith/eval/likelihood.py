@@ -69,6 +69,19 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], ba
     return scores
 
 
+def best_per_group(scores: Sequence[float], sizes: Sequence[int]) -> list[int]:
+    """The index of the highest score within each consecutive group of `sizes` scores (the options of one
+    question, the labels of one text)."""
+    picked, at = [], 0
+    for size in sizes:
+        group = scores[at: at + size]
+        picked.append(max(range(size), key=group.__getitem__))
+        at += size
+    if at != len(scores):
+        raise ValueError(f"{len(scores)} scores for groups of {sum(sizes)}")
+    return picked
+
+
 @dataclass(frozen=True)
 class LikelihoodScores:
     acc: float
@@ -87,16 +100,12 @@ def score_by_likelihood(model, tokenizer, items: Sequence[ChoiceItem], batch_siz
     """acc and acc_norm (0–100) with bootstrap standard errors over `items`."""
     pairs = [(item.prompt, option) for item in items for option in item.options]
     flat = continuation_logprobs(model, tokenizer, pairs, batch_size)
-    right, right_norm, predictions = [], [], []
-    at = 0
-    for item in items:
-        scores = flat[at: at + len(item.options)]
-        at += len(item.options)
-        per_byte = [score / max(1, len(option.encode("utf-8"))) for score, option in zip(scores, item.options)]
-        best = max(range(len(scores)), key=scores.__getitem__)
-        predictions.append(best)
-        right.append(100.0 * (best == item.gold))
-        right_norm.append(100.0 * (max(range(len(per_byte)), key=per_byte.__getitem__) == item.gold))
+    sizes = [len(item.options) for item in items]
+    options = [option for item in items for option in item.options]
+    per_byte = [score / max(1, len(option.encode("utf-8"))) for score, option in zip(flat, options)]
+    predictions = best_per_group(flat, sizes)
+    right = [100.0 * (best == item.gold) for best, item in zip(predictions, items)]
+    right_norm = [100.0 * (best == item.gold) for best, item in zip(best_per_group(per_byte, sizes), items)]
     n = len(items)
     return LikelihoodScores(
         acc=sum(right) / n if n else 0.0, acc_norm=sum(right_norm) / n if n else 0.0,

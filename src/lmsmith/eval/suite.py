@@ -179,15 +179,14 @@ def score_multiple_choice(task: TaskConfig, backend, items: list[ChoiceQuestion]
     prompts = [block + format_question(task, items[index].question, options) for index, options, _ in asked]
     scores: dict[str, Any] = {"items": len(items), "rotations": len(asked) // len(items)}
     if "loglikelihood" in task.scoring:
+        from lmsmith.eval.likelihood import best_per_group
+
         pairs = [(prompt, f" {letter}") for prompt, (_, options, _) in zip(prompts, asked)
                  for letter in letters_for(options)]
         flat = backend.loglikelihoods(pairs)
         right: dict[int, list[bool]] = {}
-        at = 0
-        for index, options, gold in asked:
-            option_scores = flat[at: at + len(options)]
-            at += len(options)
-            right.setdefault(index, []).append(max(range(len(options)), key=option_scores.__getitem__) == gold)
+        for (index, _, gold), best in zip(asked, best_per_group(flat, [len(options) for _, options, _ in asked])):
+            right.setdefault(index, []).append(best == gold)
         values = [100.0 * all(marks) for _, marks in sorted(right.items())]
         scores["acc"], scores["acc_stderr"] = _mean_with_stderr(values)
     if "generate" in task.scoring:
@@ -267,9 +266,10 @@ def score_classification(task: TaskConfig, backend, items: list[LabeledText]) ->
     gold = [item.label for item in items]
     scores: dict[str, Any] = {"items": len(items), "labels": labels}
     if "loglikelihood" in task.scoring:
+        from lmsmith.eval.likelihood import best_per_group
+
         flat = backend.loglikelihoods([(prompt, label) for prompt in prompts for label in labels])
-        picked = [labels[max(range(len(labels)), key=lambda k, row=row: flat[row * len(labels) + k])]
-                  for row in range(len(items))]
+        picked = [labels[best] for best in best_per_group(flat, [len(labels)] * len(items))]
         result = classification_scores(gold, picked, labels)
         scores.update({"acc": 100.0 * result["accuracy"], "macro_f1": 100.0 * result["macro_f1"],
                        "confusion": result["confusion"]})

@@ -71,7 +71,7 @@ class Upstream:
         self.missing: list[str] = []
         self.manifests: dict[str, Manifest] = {}
         # Only the recipe's stages: a folder left by an earlier recipe is not part of this run.
-        self.stages = [stage for stage in UPSTREAM if getattr(ctx.recipe, stage, None) is not None]
+        self.stages = [stage for stage in ctx.recipe.stages() if stage in UPSTREAM]
         for stage in self.stages:
             try:
                 self.manifests[stage] = ctx.manifest(stage)

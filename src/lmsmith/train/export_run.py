@@ -166,14 +166,13 @@ def export_run(config: ExportConfig) -> dict:
                                 "Export the merged model instead (--to hf), which vLLM serves as a plain model")
         _write(out, config.force, lambda target: _copy_adapter(adapter, target, base_model))
         record["adapter_hash"] = hash_path(out)
-        base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        record["base_model"] = base
+        written = json.loads((out / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base = record["base_model"] = written["base_model_name_or_path"]
         if config.to == "vllm":
-            rank = json.loads((out / ADAPTER_CONFIG).read_text()).get("r")
-            console.print(f"serve with: vllm serve {base} --enable-lora --max-lora-rank {rank} "
+            console.print(f"serve with: vllm serve {base} --enable-lora --max-lora-rank {written.get('r')} "
                           f"--lora-modules {config.run.resolve().name}={out}", soft_wrap=True)
-        elif vllm_problems(out):
-            console.print(f"[yellow]note[/] vLLM would not load this adapter: {'; '.join(vllm_problems(out))}")
+        elif problems := vllm_problems(out):
+            console.print(f"[yellow]note[/] vLLM would not load this adapter: {'; '.join(problems)}")
     (out / "export.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
     console.print(f"[green]exported[/] {config.to}: {out}", soft_wrap=True)
     return record

@@ -193,8 +193,6 @@ def load_causal_lm(path: str | Path, source: str | None = None, method=None, pre
     QLoRA bases are quantized to 4 bits while loading; other methods get `load_dtype`. Truncated or
     unreadable weights are a `UserError` naming the folder.
     """
-    import torch
-
     path = Path(path)
     where = source or str(path)
     if not (path / "config.json").exists():
