@@ -93,6 +93,21 @@ def build_tiny_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: in
     return model
 
 
+def train_tiny_model(tokenizer, texts: list[str], seed: int, steps: int, lr: float = 3e-3):
+    """A tiny model fitted to `texts` (full batch, AdamW), in eval mode."""
+    import torch
+
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model = build_tiny_model(tokenizer, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

@@ -313,3 +313,77 @@ def test_engine_config_defaults_depend_on_the_device():
     assert EngineConfig(max_model_len=4096).resolve("cpu", 512).max_model_len == 512  # never past the model
     with pytest.raises(ValueError, match="max_step_tokens must be at least max_slots"):
         EngineConfig(max_slots=8, max_step_tokens=4)
+
+
+# ----- logprobs -----
+
+def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log-softmax of transformers' logits over `ids` [len, vocab]."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def collect(engine: Engine, prompt: list[int], params: SamplingParams, lora: str | None = None):
+    return list(engine.stream_sync(prompt, params, lora))
+
+
+def test_prompt_logprobs_match_transformers_across_prefill_chunks(tiny_model_dir, hf, prompts):
+    model, _ = hf
+    # A prefill chunk of 16 splits the long prompts; a budget of 17 leaves single-token mid-prompt pieces.
+    engine = open_engine(tiny_model_dir, max_slots=4, max_step_tokens=17, prefill_chunk=16)
+    try:
+        for prompt in prompts[1:]:
+            chunks = collect(engine, prompt, SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=2))
+            assert [chunk.finish_reason for chunk in chunks] == ["length"] and chunks[0].completion_tokens == 0
+            got = chunks[0].prompt_logprobs
+            assert got is not None and len(got) == len(prompt) and got[0] is None
+            want = hf_logprobs(model, prompt)
+            for position, entry in enumerate(got[1:], start=1):
+                assert entry.token_id == prompt[position]
+                assert entry.logprob == pytest.approx(float(want[position - 1, prompt[position]]), abs=2e-4)
+                top_ids = [token for token, _ in entry.top]
+                assert len(top_ids) == 2 and top_ids[0] == int(want[position - 1].argmax())
+    finally:
+        engine.close()
+
+
+def test_sampled_token_logprobs_match_transformers(engine, hf, prompts):
+    model, _ = hf
+    prompt = prompts[2]
+    chunks = collect(engine, prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=3, prompt_logprobs=0))
+    entries = [entry for chunk in chunks for entry in chunk.logprobs]
+    answer = [entry.token_id for entry in entries]
+    assert answer == hf_greedy_ids(model, prompt, max_new_tokens=len(answer))
+    want = hf_logprobs(model, prompt + answer)
+    for index, entry in enumerate(entries):
+        row = want[len(prompt) - 1 + index]
+        assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=2e-4)
+        assert entry.top[0][0] == entry.token_id  # greedy: the chosen token is the most likely
+        assert len(entry.top) == 3
+    assert chunks[0].prompt_logprobs is not None and all(not e.top for e in chunks[0].prompt_logprobs[1:])
+
+
+def test_prompt_logprobs_under_an_adapter_match_the_merged_model(tiny_model_dir, adapters, prompts):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folders, _ = adapters
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folders["alpha"])
+    merged = merged.merge_and_unload().eval()
+    engine = open_engine(tiny_model_dir, max_slots=4)
+    try:
+        engine.add_lora("alpha", folders["alpha"])
+        prompt = prompts[4]
+        [chunk] = collect(engine, prompt, SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=0), "alpha")
+        want = hf_logprobs(merged, prompt)
+        got = [entry.logprob for entry in chunk.prompt_logprobs[1:]]
+        assert got == pytest.approx([float(want[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=2e-4)
+    finally:
+        engine.close()
+
+
+def test_logprob_counts_are_validated():
+    with pytest.raises(ValueError, match="logprobs must be between 0 and 20"):
+        SamplingParams(logprobs=21)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=-1)

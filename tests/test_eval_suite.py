@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, train_tiny_model
 from lmsmith.errors import UserError
 from lmsmith.eval import suite
 from lmsmith.eval.suite import LocalModel, rotations, score_multiple_choice
@@ -70,15 +70,7 @@ def test_rotations_move_the_gold_with_its_option():
 def trained_on_letters(tokenizer, task: TaskConfig, items) -> torch.nn.Module:
     """A tiny model taught each question's gold letter in the order the options were given."""
     texts = [suite.format_question(task, item.question, item.options) + " " + "ABCD"[item.gold] for item in items]
-    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    model = build_tiny_model(tokenizer, seed=5)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(80):
-        model(**batch, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
+    return train_tiny_model(tokenizer, texts, seed=5, steps=80)
 
 
 def test_loglikelihood_accuracy_and_circular_evaluation(tiny_tokenizer, ceval_csv):

@@ -236,9 +236,15 @@ def test_errors_use_openai_schema(client, server, tiny_model_dir):
     with pytest.raises(openai.NotFoundError) as unknown:
         client.completions.create(model="nope", prompt="x")
     assert unknown.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.BadRequestError) as two:
-        client.completions.create(model=tiny_model_dir.name, prompt=["a", "b"])
-    assert two.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.completions.create(model=tiny_model_dir.name, prompt="a", suffix="b")
+    assert unsupported.value.body["param"] == "suffix" and "not supported" in unsupported.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as nothing:
+        client.completions.create(model=tiny_model_dir.name, prompt="a", max_tokens=0)
+    assert nothing.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as bad_ids:
+        client.completions.create(model=tiny_model_dir.name, prompt=[[1, 2], []])
+    assert bad_ids.value.body["param"] == "prompt"
     bad_long_doc = httpx.post(f"{url}/v1/chat/completions", json={
         "model": tiny_model_dir.name, "messages": QUESTION, "long_doc": {"chunk_tokens": 32, "overlap": 32}})
     assert bad_long_doc.status_code == 400 and bad_long_doc.json()["error"]["param"] == "long_doc"

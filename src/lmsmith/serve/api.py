@@ -40,6 +40,7 @@ from lmsmith.serve.config import LongDocConfig, ServeConfig
 from lmsmith.serve.embeddings import Embedder, encode_vector
 from lmsmith.serve.engine import Chunk, Completion, Engine, EngineError
 from lmsmith.serve.frontend import Frontend
+from lmsmith.serve.logprobs import ChatLogprobs, CompletionLogprobs, join_completion_logprobs
 from lmsmith.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lmsmith.serve.metrics import ServeMetrics
 from lmsmith.serve.protocol import (
@@ -48,12 +49,15 @@ from lmsmith.serve.protocol import (
     CompletionRequest,
     EmbeddingRequest,
     GenerationFields,
+    Prompt,
+    chat_choice,
     chunk_body,
     completion_body,
     embeddings_body,
     error_body,
     model_card,
     new_completion_id,
+    text_choice,
     text_chunk_body,
     text_completion_body,
     usage_body,
@@ -100,7 +104,11 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
     param = _param_path(tuple(first.get("loc", ())))
     message = first["msg"].removeprefix("Value error, ")
-    if param is None:
+    if param is None and first.get("type") == "value_error":
+        # A check across fields (a model validator) names its field first: "max_tokens: ...".
+        named = message.split(":", 1)[0]
+        param = named if named.isidentifier() else None
+    elif param is None:
         message = "the request body must be a JSON object"
     else:
         message = f"{param}: {message}"
@@ -238,13 +246,25 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        generate = GenerateRequest(body.model, _sampling(body, default_max_tokens), messages=body.template_messages())
-        return await _answer(request, frontend, body, generate, ChatFormat(body.model))
+        generates = [
+            GenerateRequest(body.model, _sampling(body, default_max_tokens, choice), messages=body.template_messages())
+            for choice in range(body.n or 1)
+        ]
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return await _answer(request, frontend, body, generates, ChatFormat(body.model, client, top))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        generate = GenerateRequest(body.model, _sampling(body, default_max_tokens), prompt=body.prompt_text())
-        return await _answer(request, frontend, body, generate, TextFormat(body.model))
+        prompts = body.prompts()
+        generates = [
+            GenerateRequest(body.model, _sampling(body, default_max_tokens, choice),
+                            prompt=prompt if isinstance(prompt, str) else None,
+                            prompt_ids=prompt if isinstance(prompt, list) else None)
+            for prompt in prompts for choice in range(body.n or 1)
+        ]
+        shape = TextFormat(body.model, client, [prompt for prompt in prompts for _ in range(body.n or 1)],
+                           body.n or 1, body.echo, body.logprobs is not None)
+        return await _answer(request, frontend, body, generates, shape)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
@@ -305,16 +325,20 @@ def _require_ready(client: ModelClient) -> None:
         raise APIError(503, "the model is still loading; retry when /readyz answers 200", "server_error")
 
 
-def _sampling(body: GenerationFields, default_max_tokens: int) -> SamplingParams:
+def _sampling(body: GenerationFields, default_max_tokens: int, choice: int) -> SamplingParams:
     try:
-        return body.sampling_params(default_max_tokens)
+        return body.sampling_params(default_max_tokens, choice)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
 
 
-async def _answer(request: Request, frontend: Frontend, body: GenerationFields, generate: GenerateRequest,
+async def _answer(request: Request, frontend: Frontend, body: GenerationFields, generates: list[GenerateRequest],
                   shape: "ChatFormat | TextFormat") -> Any:
-    """Open the answer (errors become HTTP errors here), then send it as SSE or as one JSON body."""
+    """Open every answer (errors become HTTP errors here), then send them as SSE or as one JSON body.
+
+    One request can hold several answers (n per prompt, several prompts): each is its own engine request,
+    so they run batched, and choice i of the response is generates[i].
+    """
     try:
         long_doc = body.long_doc_settings(frontend.long_doc_defaults())
     except ValidationError as exc:
@@ -322,22 +346,35 @@ async def _answer(request: Request, frontend: Frontend, body: GenerationFields, 
         where = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         raise APIError(400, f"long_doc{'.' + where if where else ''}: {message}", param="long_doc") from None
-    opened = await _unless_disconnected(request, frontend.open(generate, long_doc, shape.endpoint))
+    opened = await _unless_disconnected(request, _open_all(frontend, generates, long_doc, shape.endpoint))
     if opened is None:
         return _client_left()
     if body.stream:
         events = _sse_events(opened, shape, body.include_usage)
-        # Closing the event generator (also after a disconnect) cancels the request in the engine.
+        # Closing the event generator (also after a disconnect) cancels the requests in the engine.
         return StreamingResponse(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             background=BackgroundTask(events.aclose),
         )
-    completion = await _unless_disconnected(request, _collect(opened))
-    if completion is None:
+    completions = await _unless_disconnected(request, _collect_all(opened))
+    if completions is None:
         return _client_left()
-    return shape.body(completion)
+    return shape.body(completions)
+
+
+async def _open_all(frontend: Frontend, generates: list[GenerateRequest], long_doc: Any,
+                    endpoint: str) -> list[AsyncIterator[Chunk]]:
+    opened: list[AsyncIterator[Chunk]] = []
+    try:
+        for generate in generates:
+            opened.append(await frontend.open(generate, long_doc, endpoint))
+    except BaseException:
+        for stream in opened:
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise
+    return opened
 
 
 def _client_left() -> JSONResponse:
@@ -346,15 +383,23 @@ def _client_left() -> JSONResponse:
 
 
 async def _collect(stream: AsyncIterator[Chunk]) -> Completion:
-    parts: list[str] = []
-    last: Chunk | None = None
     async with aclosing(stream):  # type: ignore[type-var]
-        async for chunk in stream:
-            parts.append(chunk.text)
-            last = chunk
-    if last is None or last.finish_reason is None:
-        raise EngineError("the engine ended the request without an answer")
-    return Completion("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return Completion.of([chunk async for chunk in stream])
+
+
+async def _collect_all(streams: list[AsyncIterator[Chunk]]) -> list[Completion]:
+    tasks = [asyncio.ensure_future(_collect(stream)) for stream in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _usage(answers: list[Completion] | list[Chunk], per_prompt: int) -> dict[str, int]:
+    """Prompt tokens once per prompt (its n answers share it), completion tokens of every answer."""
+    prompt_tokens = sum(answer.prompt_tokens for answer in answers[::per_prompt])
+    return usage_body(prompt_tokens, sum(answer.completion_tokens for answer in answers))
 
 
 class ChatFormat:
@@ -362,54 +407,107 @@ class ChatFormat:
 
     endpoint = "chat"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, client: ModelClient, top_logprobs: int | None):
         self.model = model
         self.id = new_completion_id("chatcmpl")
         self.created = int(time.time())
+        self.per_prompt = 1  # chat has one conversation; every choice answers it
+        self._logprobs = None if top_logprobs is None else ChatLogprobs(client.tokenizer, top_logprobs)
 
-    def body(self, completion: Completion) -> dict[str, Any]:
-        return completion_body(self.id, self.model, completion)
+    def _logprob_body(self, chunk_or_completion: Chunk | Completion) -> dict[str, Any] | None:
+        if self._logprobs is None:
+            return None
+        return {"content": self._logprobs.content(chunk_or_completion.logprobs)}
 
-    def opening(self, include_usage: bool) -> dict[str, Any] | None:
+    def body(self, completions: list[Completion]) -> dict[str, Any]:
+        choices = [chat_choice(index, completion, self._logprob_body(completion))
+                   for index, completion in enumerate(completions)]
+        return completion_body(self.id, self.model, choices, _usage(completions, len(completions)))
+
+    def opening(self, index: int, include_usage: bool) -> dict[str, Any] | None:
         return chunk_body(self.id, self.created, self.model, {"role": "assistant", "content": ""},
-                          with_usage_field=include_usage)
+                          with_usage_field=include_usage, index=index)
 
-    def piece(self, text: str, include_usage: bool) -> dict[str, Any]:
-        return chunk_body(self.id, self.created, self.model, {"content": text}, with_usage_field=include_usage)
+    def pieces(self, index: int, chunk: Chunk, include_usage: bool) -> list[dict[str, Any]]:
+        if not chunk.text and not chunk.logprobs:
+            return []
+        return [chunk_body(self.id, self.created, self.model, {"content": chunk.text}, with_usage_field=include_usage,
+                           index=index, logprobs=self._logprob_body(chunk))]
 
-    def finish(self, reason: str, include_usage: bool) -> dict[str, Any]:
-        return chunk_body(self.id, self.created, self.model, {}, reason, with_usage_field=include_usage)
+    def finish(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
+        return chunk_body(self.id, self.created, self.model, {}, reason, with_usage_field=include_usage, index=index)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return chunk_body(self.id, self.created, self.model, None, usage=usage_body(prompt_tokens, completion_tokens),
-                          with_usage_field=True)
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        return chunk_body(self.id, self.created, self.model, None, usage=usage, with_usage_field=True)
 
 
 class TextFormat:
-    """`text_completion` bodies and events (`/v1/completions`)."""
+    """`text_completion` bodies and events (`/v1/completions`); `prompts[i]` is choice i's prompt."""
 
     endpoint = "completion"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, client: ModelClient, prompts: list[Prompt], per_prompt: int, echo: bool,
+                 logprobs: bool):
         self.model = model
         self.id = new_completion_id("cmpl")
         self.created = int(time.time())
+        self.prompts = prompts
+        self.per_prompt = per_prompt
+        self.echo = echo
+        self._tokenizer = client.tokenizer if (logprobs or (echo and any(isinstance(p, list) for p in prompts))) else None
+        self._logprobs = CompletionLogprobs(self._tokenizer) if logprobs else None
+        self._echo_texts: dict[int, str] = {}
+        self._emitted: dict[int, int] = {}  # characters sent so far, per choice (stream offsets)
 
-    def body(self, completion: Completion) -> dict[str, Any]:
-        return text_completion_body(self.id, self.model, completion)
+    def echo_text(self, index: int) -> str:
+        if index not in self._echo_texts:
+            prompt = self.prompts[index]
+            self._echo_texts[index] = prompt if isinstance(prompt, str) else self._tokenizer.decode(
+                prompt, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._echo_texts[index]
 
-    def opening(self, include_usage: bool) -> dict[str, Any] | None:
+    def _prompt_logprobs(self, index: int, chunk: Chunk | Completion) -> dict[str, Any] | None:
+        if self._logprobs is None or not self.echo:
+            return None
+        entries = chunk.prompt_logprobs or ()
+        return self._logprobs.prompt(self.prompts[index], entries)
+
+    def body(self, completions: list[Completion]) -> dict[str, Any]:
+        choices = []
+        for index, completion in enumerate(completions):
+            prefix = self.echo_text(index) if self.echo else ""
+            logprobs = None
+            if self._logprobs is not None:
+                parts = [self._logprobs.generated(completion.logprobs, len(prefix))]
+                echoed = self._prompt_logprobs(index, completion)
+                logprobs = join_completion_logprobs(([echoed] if echoed else []) + parts)
+            choices.append(text_choice(index, prefix + completion.text, completion.finish_reason, logprobs))
+        return text_completion_body(self.id, self.model, choices, _usage(completions, self.per_prompt))
+
+    def opening(self, index: int, include_usage: bool) -> dict[str, Any] | None:
         return None
 
-    def piece(self, text: str, include_usage: bool) -> dict[str, Any]:
-        return text_chunk_body(self.id, self.created, self.model, text, with_usage_field=include_usage)
+    def pieces(self, index: int, chunk: Chunk, include_usage: bool) -> list[dict[str, Any]]:
+        events = []
+        if self.echo and index not in self._emitted:
+            text = self.echo_text(index)
+            events.append(text_chunk_body(self.id, self.created, self.model, text, with_usage_field=include_usage,
+                                          index=index, logprobs=self._prompt_logprobs(index, chunk)))
+            self._emitted[index] = len(text)
+        done = self._emitted.setdefault(index, 0)
+        if chunk.text or chunk.logprobs:
+            logprobs = None if self._logprobs is None else self._logprobs.generated(chunk.logprobs, done)
+            events.append(text_chunk_body(self.id, self.created, self.model, chunk.text,
+                                          with_usage_field=include_usage, index=index, logprobs=logprobs))
+            self._emitted[index] = done + len(chunk.text)
+        return events
 
-    def finish(self, reason: str, include_usage: bool) -> dict[str, Any]:
-        return text_chunk_body(self.id, self.created, self.model, "", reason, with_usage_field=include_usage)
+    def finish(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
+        return text_chunk_body(self.id, self.created, self.model, "", reason, with_usage_field=include_usage,
+                               index=index)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return text_chunk_body(self.id, self.created, self.model, None,
-                               usage=usage_body(prompt_tokens, completion_tokens), with_usage_field=True)
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        return text_chunk_body(self.id, self.created, self.model, None, usage=usage, with_usage_field=True)
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -417,26 +515,69 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse_events(stream: AsyncIterator[Chunk], shape: ChatFormat | TextFormat,
-                      include_usage: bool) -> AsyncIterator[str]:
-    opening = shape.opening(include_usage)
-    if opening is not None:
-        yield _sse(opening)
-    last: Chunk | None = None
-    try:
-        async with aclosing(stream):  # type: ignore[type-var]
-            async for piece in stream:
-                if piece.text:
-                    yield _sse(shape.piece(piece.text, include_usage))
-                last = piece
-    except (EngineError, ClientError) as exc:
-        yield _sse(error_body(str(exc), "server_error"))
-        yield _sse("[DONE]")
+async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk | BaseException | None]]:
+    """(choice, chunk) from every stream as chunks arrive; (choice, None) when it ends, (choice, error) if it fails."""
+    if len(streams) == 1:
+        try:
+            async with aclosing(streams[0]):  # type: ignore[type-var]
+                async for chunk in streams[0]:
+                    yield 0, chunk
+        except (EngineError, ClientError) as exc:
+            yield 0, exc
+            return
+        yield 0, None
         return
-    if last is not None and last.finish_reason is not None:
-        yield _sse(shape.finish(last.finish_reason, include_usage))
-        if include_usage:
-            yield _sse(shape.usage(last.prompt_tokens, last.completion_tokens))
+    arrivals: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async for chunk in stream:
+                await arrivals.put((index, chunk))
+            await arrivals.put((index, None))
+        except (EngineError, ClientError) as exc:
+            await arrivals.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    running = len(streams)
+    try:
+        while running:
+            index, item = await arrivals.get()
+            if not isinstance(item, Chunk):
+                running -= 1
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _sse_events(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | TextFormat,
+                      include_usage: bool) -> AsyncIterator[str]:
+    for index in range(len(streams)):
+        opening = shape.opening(index, include_usage)
+        if opening is not None:
+            yield _sse(opening)
+    last: dict[int, Chunk] = {}
+    ended = 0
+    async with aclosing(_merged(streams)) as arrivals:
+        async for index, item in arrivals:
+            if isinstance(item, BaseException):
+                yield _sse(error_body(str(item), "server_error"))
+                yield _sse("[DONE]")
+                return
+            if item is None:
+                ended += 1
+                if ended == len(streams):
+                    break
+                continue
+            for event in shape.pieces(index, item, include_usage):
+                yield _sse(event)
+            last[index] = item
+            if item.finish_reason is not None:
+                yield _sse(shape.finish(index, item.finish_reason, include_usage))
+    if include_usage and len(last) == len(streams):
+        yield _sse(shape.usage(_usage([last[index] for index in range(len(streams))], shape.per_prompt)))
     yield _sse("[DONE]")
 
 

@@ -41,6 +41,9 @@ class CachedAnswer:
 
 
 def is_deterministic(request: GenerateRequest) -> bool:
+    """Whether the answer can be replayed: the cache keeps text, so answers with logprobs are never cached."""
+    if request.wants_logprobs:
+        return False
     return request.params.temperature == 0 or request.params.seed is not None
 
 
@@ -51,6 +54,7 @@ def cache_key(request: GenerateRequest, long_doc: LongDocSettings | None = None)
         "kind": request.kind,
         "messages": request.messages,
         "prompt": request.prompt,
+        "prompt_ids": request.prompt_ids,
         "sampling": dataclasses.asdict(request.params),
         "long_doc": None if long_doc is None else long_doc.model_dump(),
     }

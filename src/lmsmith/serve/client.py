@@ -27,16 +27,21 @@ TOKENIZER_THREADS = 2
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One generation as the API understood it: chat `messages` or a text `prompt`, never both."""
+    """One generation as the API understood it: chat `messages`, a text `prompt` or `prompt_ids`, one of them."""
 
     model: str
     params: SamplingParams
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
+    prompt_ids: list[int] | None = None
 
     @property
     def kind(self) -> str:
         return "chat" if self.messages is not None else "completion"
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.params.logprobs is not None or self.params.prompt_logprobs is not None
 
 
 @dataclass
@@ -240,6 +245,11 @@ class LocalClient:
                 ids = await loop.run_in_executor(self._tokenizer_pool, engine.encode_chat, request.messages)
             except ValueError as exc:
                 raise ClientError(str(exc), "messages") from None
+        elif request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            vocab = engine.vocab_size
+            if max(ids) >= vocab:
+                raise ClientError(f"token id {max(ids)} is outside the model's vocabulary (0..{vocab - 1})", "prompt")
         else:
             ids = await loop.run_in_executor(self._tokenizer_pool, self._encode_text, request.prompt or "")
             if not ids:

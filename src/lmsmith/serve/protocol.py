@@ -2,8 +2,9 @@
 completions, embeddings and models.
 
 Only what the server can honour is declared; other OpenAI fields a client may send (`user`, `metadata`,
-...) are ignored, as an OpenAI-compatible server is expected to do. Two vLLM extensions (`top_k`,
-`repetition_penalty`) and lmsmith's `long_doc` ride in the request body as extra fields.
+...) are ignored, as an OpenAI-compatible server is expected to do, and fields it cannot honour
+(`best_of` above n, `suffix`) are refused. Two vLLM extensions (`top_k`, `repetition_penalty`) and
+lmsmith's `long_doc` ride in the request body as extra fields. Logprob bodies are built in `logprobs.py`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmsmith.serve.config import ADAPTER_NAME, LongDocSettings
 from lmsmith.serve.engine import Completion
-from lmsmith.serve.sampling import SamplingParams
+from lmsmith.serve.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16  # n: answers per prompt
+MAX_PROMPTS = 256  # prompts in one /v1/completions batch
 
 
 class TextPart(BaseModel):
@@ -79,7 +82,7 @@ class GenerationFields(BaseModel):
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10, description="vLLM's extension; 1: off.")
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
-    n: Optional[int] = Field(None, ge=1, le=1, description="Only one choice per request is supported.")
+    n: Optional[int] = Field(None, ge=1, le=MAX_CHOICES, description="Answers per prompt.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     long_doc: Union[bool, LongDocRequest, None] = None
@@ -94,14 +97,23 @@ class GenerationFields(BaseModel):
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) for the engine: top counts for generated and for prompt tokens."""
+        return None, None
+
+    def sampling_params(self, default_max_tokens: int, choice: int = 0) -> SamplingParams:
+        """The engine's settings for answer number `choice` (a seeded request's answers differ by seed + choice)."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        requested = self.requested_max_tokens()
+        logprobs, prompt_logprobs = self.logprob_counts()
         fields: dict[str, Any] = {
-            "max_tokens": self.requested_max_tokens() or default_max_tokens,
+            "max_tokens": default_max_tokens if requested is None else requested,
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
-            "seed": self.seed,
+            "seed": None if self.seed is None else self.seed + choice,
             "stop": tuple(stop for stop in stops if stop),
+            "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
         }
         # The engine's own defaults stand for the extensions a request leaves out.
         if self.top_k is not None:
@@ -126,36 +138,80 @@ class GenerationFields(BaseModel):
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: set logprobs to true to receive top_logprobs")
+        return self
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
     def template_messages(self) -> list[dict[str, str]]:
         return [message.as_template_message() for message in self.messages]
 
 
-class CompletionRequest(GenerationFields):
-    """`/v1/completions`: one text prompt, continued as it is (no chat template)."""
+Prompt = Union[str, list[int]]
 
-    prompt: Union[str, list[str]]
+
+class CompletionRequest(GenerationFields):
+    """`/v1/completions`: prompts continued as they are (no chat template).
+
+    A prompt is text or token ids; `prompt` may be one or a batch (choices are numbered prompt by prompt,
+    n per prompt). `echo` puts the prompt in front of the answer, with its tokens' logprobs when
+    `logprobs` asks (the first token has none); `max_tokens: 0` with echo only scores the prompt.
+    """
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(None, ge=0)
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Optional[int] = Field(None, ge=1)
+    suffix: Optional[str] = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_text_prompt(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
+    def _prompts_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one prompt")
+            if len(value) > MAX_PROMPTS and not isinstance(value[0], int):
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+            if any(isinstance(item, list) and not item for item in value):
+                raise ValueError("a token-id prompt must not be empty")
+            if any(isinstance(item, int) and item < 0 for item in value) or any(
+                    isinstance(item, list) and min(item) < 0 for item in value):
+                raise ValueError("token ids must be >= 0")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    @model_validator(mode="after")
+    def _honoured(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 generates nothing; it is only useful with echo: true")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of: ranking several samples server-side is not supported; use n")
+        if self.suffix:
+            raise ValueError("suffix: insertion (text after the completion) is not supported")
+        if self.stream and self.echo and self.max_tokens == 0:
+            raise ValueError("stream: an echo-only request (max_tokens 0) has nothing to stream")
+        return self
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
+
+    def prompts(self) -> list[Prompt]:
+        value = self.prompt
+        if isinstance(value, str):
+            return [value]
+        if value and isinstance(value[0], int):
+            return [list(value)]  # type: ignore[arg-type]
+        return list(value)  # type: ignore[arg-type]
 
 
 class EmbeddingRequest(BaseModel):
@@ -198,20 +254,16 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(completion_id: str, model: str, completion: Completion) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "logprobs": None,
-            "finish_reason": completion.finish_reason,
-        }],
-        "usage": usage_body(completion.prompt_tokens, completion.completion_tokens),
-    }
+def completion_body(completion_id: str, model: str, choices: list[dict[str, Any]],
+                    usage: dict[str, int]) -> dict[str, Any]:
+    """A `chat.completion`; each choice is `chat_choice(...)`."""
+    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage}
+
+
+def chat_choice(index: int, completion: Completion, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": completion.text}, "logprobs": logprobs,
+            "finish_reason": completion.finish_reason}
 
 
 def _stream_event(
@@ -223,7 +275,7 @@ def _stream_event(
         "object": object_,
         "created": created,
         "model": model,
-        "choices": [] if choice is None else [{"index": 0, **choice}],
+        "choices": [] if choice is None else [choice],
     }
     if with_usage_field:
         body["usage"] = usage
@@ -238,9 +290,12 @@ def chunk_body(
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
     with_usage_field: bool = False,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `chat.completion.chunk`; `delta=None` makes the usage-only chunk (no choices)."""
-    choice = None if delta is None else {"delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = None if delta is None else {"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish_reason}
     return _stream_event("chat.completion.chunk", completion_id, created, model, choice, usage, with_usage_field)
 
 
@@ -248,15 +303,16 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def text_completion_body(completion_id: str, model: str, completion: Completion) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": completion.text, "logprobs": None, "finish_reason": completion.finish_reason}],
-        "usage": usage_body(completion.prompt_tokens, completion.completion_tokens),
-    }
+def text_completion_body(completion_id: str, model: str, choices: list[dict[str, Any]],
+                         usage: dict[str, int]) -> dict[str, Any]:
+    """A `text_completion`; each choice is `text_choice(...)`."""
+    return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage}
+
+
+def text_choice(index: int, text: str, finish_reason: str | None,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def text_chunk_body(
@@ -267,9 +323,11 @@ def text_chunk_body(
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
     with_usage_field: bool = False,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed `text_completion` event; `text=None` makes the usage-only event (no choices)."""
-    choice = None if text is None else {"text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = None if text is None else text_choice(index, text, finish_reason, logprobs)
     return _stream_event("text_completion", completion_id, created, model, choice, usage, with_usage_field)
 
 

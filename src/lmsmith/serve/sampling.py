@@ -13,12 +13,17 @@ from typing import Sequence
 import torch
 
 
+MAX_TOP_LOGPROBS = 20  # as vLLM's default max_logprobs; OpenAI allows 5 for completions, 20 for chat
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What a request asks of generation; the OpenAI fields of the same names map onto these.
 
     top_k 0 keeps every token; repetition_penalty 1.0 is off (above 1 discourages tokens already in the
-    prompt or the answer, as transformers' `repetition_penalty` does).
+    prompt or the answer, as transformers' `repetition_penalty` does). max_tokens 0 computes the prompt
+    and generates nothing (to read its prompt logprobs). `logprobs` / `prompt_logprobs`: None reports
+    none; k >= 0 reports each generated / prompt token's logprob with the k most likely alternatives.
     """
 
     max_tokens: int = 256
@@ -28,10 +33,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     top_k: int = 0
     repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -106,3 +117,15 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
         if not row_params.plain_greedy:
             tokens[row] = sample_next_token(logits[row], row_params, generators[row], histories[row])
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each row's logprob of its token in `token_ids` and its `top` most likely (id, logprob), from raw logits."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=logits.device)
+    chosen = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
+    if top <= 0:
+        return [(value, []) for value in chosen]
+    values, indices = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+    return [(value, list(zip(row_ids, row_values)))
+            for value, row_ids, row_values in zip(chosen, indices.tolist(), values.tolist())]

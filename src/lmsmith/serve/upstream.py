@@ -176,6 +176,15 @@ class UpstreamClient:
             raise ModelNotFound(model, [card["id"] for card in self.model_cards()])
 
     async def prepare(self, request: GenerateRequest) -> Prepared:
+        # The proxy streams text from its upstreams; what it cannot pass through is refused, not dropped.
+        if request.wants_logprobs:
+            raise ClientError("logprobs are not relayed by a server fronting upstreams; ask an upstream directly",
+                              "logprobs")
+        if request.prompt_ids is not None:
+            raise ClientError("token-id prompts are not relayed by a server fronting upstreams (their "
+                              "tokenizers may differ); send text", "prompt")
+        if request.params.max_tokens == 0:
+            raise ClientError("max_tokens 0 is not relayed by a server fronting upstreams", "max_tokens")
         return Prepared(request)  # the upstream tokenizes
 
     def pick(self, model: str, tried: set[str]) -> Upstream | None:

@@ -38,12 +38,13 @@ from lmsmith.serve.engine.request import (
     Sequence,
     Sink,
     TokenDelta,
+    TokenLogprob,
     UnknownAdapterError,
 )
 from lmsmith.serve.engine.output import TextAssembler
 from lmsmith.serve.engine.runner import ModelRunner
 from lmsmith.serve.engine.scheduler import ScheduledChunk, Scheduler
-from lmsmith.serve.sampling import SamplingParams, sample_rows
+from lmsmith.serve.sampling import SamplingParams, sample_rows, token_logprobs
 
 log = logging.getLogger("lmsmith.serve")
 
@@ -134,6 +135,11 @@ class Engine:
         # document separator in their generation config already.
         return frozenset(int(token) for token in stop_token_ids(tokenizer, model, separator=False))
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: the rows of the embedding."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
     # ----- requests -----
 
     def encode_chat(self, messages: Messages) -> list[int]:
@@ -206,14 +212,7 @@ class Engine:
         return chunk
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> Completion:
-        parts: list[str] = []
-        last: Chunk | None = None
-        async for chunk in self.stream(prompt_ids, params, lora):
-            parts.append(chunk.text)
-            last = chunk
-        if last is None:
-            raise EngineError("the engine ended the request without an answer")
-        return Completion("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return Completion.of([chunk async for chunk in self.stream(prompt_ids, params, lora)])
 
     def _cancel(self, sequence: Sequence) -> None:
         if not sequence.finished:
@@ -328,40 +327,70 @@ class Engine:
 
     def _step(self, chunks: list[ScheduledChunk]) -> None:
         started = time.perf_counter()
-        sampling, logits = self._runner.execute(chunks)
+        step = self._runner.execute(chunks)
         for chunk in chunks:
             chunk.seq.num_computed = chunk.start + chunk.count
-        if sampling:
-            seqs = [chunk.seq for chunk in sampling]
+        row = len(step.sampling)
+        for chunk, count in step.prompt:
+            self._record_prompt_logprobs(chunk, step.logits[row:row + count])
+            row += count
+        if step.sampling:
+            logits = step.logits[:len(step.sampling)]
+            seqs = [chunk.seq for chunk in step.sampling]
             tokens = sample_rows(
                 logits, [seq.params for seq in seqs], [seq.generator for seq in seqs],
                 [seq.token_ids if seq.params.repetition_penalty != 1.0 else () for seq in seqs],
             )
-            for seq, token in zip(seqs, tokens):
-                self._advance(seq, token)
+            for index, (seq, token) in enumerate(zip(seqs, tokens)):
+                if seq.params.max_tokens == 0:  # the prompt is computed; nothing to generate
+                    self._finish(seq, "length")
+                    continue
+                logprob = None
+                if seq.params.logprobs is not None:
+                    [(value, top)] = token_logprobs(logits[index:index + 1], [token], seq.params.logprobs)
+                    logprob = TokenLogprob(token, value, tuple(top))
+                self._advance(seq, token, logprob)
         with self._stats_lock:
             self._stats["steps"] += 1
             self._stats["last_batch_size"] = len(chunks)
             self._stats["last_step_tokens"] = sum(chunk.count for chunk in chunks)
             self._stats["last_step_ms"] = round((time.perf_counter() - started) * 1000, 3)
 
-    def _advance(self, seq: Sequence, token: int) -> None:
+    @staticmethod
+    def _record_prompt_logprobs(chunk: ScheduledChunk, logits: torch.Tensor) -> None:
+        seq = chunk.seq
+        assert seq.prompt_logprobs is not None and seq.params.prompt_logprobs is not None
+        targets = seq.token_ids[chunk.start + 1:chunk.start + 1 + logits.shape[0]]
+        for token, (value, top) in zip(targets, token_logprobs(logits, targets, seq.params.prompt_logprobs)):
+            seq.prompt_logprobs.append(TokenLogprob(token, value, tuple(top)))
+
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.token_ids.append(token)
         if token in self._eos_ids:
-            self._finish(seq, "stop", token)
+            self._finish(seq, "stop", token, logprob)
         elif seq.num_output >= seq.params.max_tokens or seq.length >= self.max_context:
-            self._finish(seq, "length", token)
+            self._finish(seq, "length", token, logprob)
         else:
-            self._deliver(seq, TokenDelta(token, seq.num_prompt, seq.num_output))
+            self._deliver(seq, TokenDelta(token, seq.num_prompt, seq.num_output, logprob=logprob,
+                                          prompt_logprobs=self._take_prompt_logprobs(seq)))
 
-    def _finish(self, seq: Sequence, reason: str, token: int | None = None) -> None:
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> tuple[TokenLogprob | None, ...] | None:
+        """The prompt's logprobs, once (with the request's first delta)."""
+        if seq.prompt_logprobs is None or seq.prompt_logprobs_sent:
+            return None
+        seq.prompt_logprobs_sent = True
+        return tuple(seq.prompt_logprobs)
+
+    def _finish(self, seq: Sequence, reason: str, token: int | None = None, logprob: TokenLogprob | None = None) -> None:
         seq.finish_reason = reason
         self._scheduler.release(seq)  # the KV slot is free before the caller hears the request ended
         with self._stats_lock:
             self._stats["cancelled" if reason == "cancelled" else "completed"] += 1
             self._stats["prompt_tokens"] += seq.num_prompt
             self._stats["completion_tokens"] += seq.num_output
-        self._deliver(seq, TokenDelta(token, seq.num_prompt, seq.num_output, reason))
+        self._deliver(seq, TokenDelta(token, seq.num_prompt, seq.num_output, reason, logprob,
+                                      self._take_prompt_logprobs(seq)))
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         seq.finish_reason = "error"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -17,13 +17,36 @@ from lmsmith.serve.sampling import SamplingParams, make_generator
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the `top` most likely tokens at its position.
+
+    Log-probabilities are of the model's own distribution (log-softmax of the raw logits), before
+    temperature, top-k/top-p or the repetition penalty reshape it, as vLLM reports them by default.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+PromptLogprobs = tuple[Optional[TokenLogprob], ...]  # one per prompt token; the first is None (nothing before it)
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """A piece of an answer as it is generated; the last one carries the finish reason."""
+    """A piece of an answer as it is generated; the last one carries the finish reason.
+
+    `logprobs`: one per token generated since the previous chunk, when the request asked for them (a
+    token whose text is still held back, an unfinished character or a possible stop string, is reported
+    with the chunk that releases it). `prompt_logprobs`: on the first chunk, when the request asked.
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None  # "stop" (eos or stop string), "length", "cancelled"
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,8 @@ class TokenDelta:
     # "stop": the token is an end-of-sequence token (never text); "length"; "cancelled"; or a reason the
     # consumer asked for when it ended the request itself (a stop string)
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None  # of `token_id`, when the request asked for logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # with the request's first delta, when it asked
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,18 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @classmethod
+    def of(cls, chunks: "list[Chunk]") -> "Completion":
+        """The answer that `chunks` (the last with the finish reason) spell out."""
+        if not chunks or chunks[-1].finish_reason is None:
+            raise EngineError("the engine ended the request without an answer")
+        last = chunks[-1]
+        prompt_logprobs = next((chunk.prompt_logprobs for chunk in chunks if chunk.prompt_logprobs is not None), None)
+        return cls("".join(chunk.text for chunk in chunks), last.finish_reason, last.prompt_tokens,
+                   last.completion_tokens, tuple(lp for chunk in chunks for lp in chunk.logprobs), prompt_logprobs)
 
 
 class EngineError(RuntimeError):
@@ -81,6 +118,9 @@ class Sequence:
         self.slot: int | None = None  # KV slot, assigned by the scheduler on admission
         self.generator = make_generator(params, device)
         self.finish_reason: str | None = None
+        # filled while the prompt is computed, when params.prompt_logprobs asks; delivered with the first delta
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
         self.cancel_reason = "cancelled"
         self._cancelled = threading.Event()
 

@@ -70,6 +70,15 @@ class StepBatch:
     sample_lora_rows: list[int] | None = None  # adapter bank row of each sampled row (eager steps with adapters)
 
 
+@dataclass
+class StepLogits:
+    """A step's logits [rows, vocab]: one row per sampling chunk, in order, then each `prompt` chunk's rows."""
+
+    sampling: list[ScheduledChunk]
+    logits: torch.Tensor
+    prompt: list[tuple[ScheduledChunk, int]] = field(default_factory=list)  # (chunk, rows), after the sampling rows
+
+
 def check_supported(model) -> None:
     config = model.config
     model_type = getattr(config, "model_type", None)
@@ -158,14 +167,15 @@ class ModelRunner:
     # ----- one step -----
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
-        """Run the step; returns the chunks that sample, in order, and their logits [n, vocab] (float32)."""
+    def execute(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        """Run the step: logits (float32) of the chunks that sample, and of the prompt rows asked for."""
         # By slot: a contiguous run of slots is read in place by the decode attention.
         decodes = sorted((chunk for chunk in chunks if chunk.count == 1), key=lambda chunk: chunk.seq.slot)
         pieces = [chunk for chunk in chunks if chunk.count > 1]
         if (self.graphs is not None and not pieces and len(decodes) <= self.graphs.max_batch
+                and all(chunk.samples for chunk in decodes)
                 and not self.lora.tokens.uses({chunk.seq.lora_index for chunk in decodes})):
-            return decodes, self._run_bucketed(decodes)
+            return StepLogits(decodes, self._run_bucketed(decodes))
         ordered = decodes + pieces
         token_ids: list[int] = []
         positions: list[int] = []
@@ -184,24 +194,34 @@ class ModelRunner:
             decode_slot_start=_contiguous_start([chunk.seq.slot for chunk in decodes]),
             lora=self.lora.plan(lora_rows, self.device) if self.lora.active else None,
         )
-        sampling = list(decodes)
-        sample_rows = list(range(len(decodes)))
-        offset = len(decodes)
-        for chunk in pieces:
-            mask = None
-            if chunk.start > 0:
-                queries = self._positions[chunk.start:chunk.start + chunk.count]
-                mask = self._positions[:chunk.start + chunk.count].unsqueeze(0) <= queries.unsqueeze(1)
-            batch.pieces.append(PromptPiece(offset, chunk.count, chunk.seq.slot, chunk.start, mask))
-            offset += chunk.count
+        # Rows that need logits: each sampling chunk's last row, then the prompt rows whose logprobs a
+        # request asked for (row p predicts the prompt's token p + 1).
+        sampling: list[ScheduledChunk] = []
+        sample_rows: list[int] = []
+        prompt: list[tuple[ScheduledChunk, int]] = []
+        prompt_rows: list[int] = []
+        offset = 0
+        for chunk in ordered:
+            if chunk.count > 1:
+                mask = None
+                if chunk.start > 0:
+                    queries = self._positions[chunk.start:chunk.start + chunk.count]
+                    mask = self._positions[:chunk.start + chunk.count].unsqueeze(0) <= queries.unsqueeze(1)
+                batch.pieces.append(PromptPiece(offset, chunk.count, chunk.seq.slot, chunk.start, mask))
             if chunk.samples:
                 sampling.append(chunk)
-                sample_rows.append(offset - 1)
-        if len(sample_rows) < offset:
-            batch.sample_rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+                sample_rows.append(offset + chunk.count - 1)
+            wanted = chunk.prompt_rows_wanted
+            if wanted:
+                prompt.append((chunk, wanted))
+                prompt_rows.extend(range(offset, offset + wanted))
+            offset += chunk.count
+        rows = sample_rows + prompt_rows
+        if rows != list(range(offset)):
+            batch.sample_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         if batch.lora is not None:
-            batch.sample_lora_rows = [chunk.seq.lora_index for chunk in sampling]
-        return sampling, self.forward(batch)
+            batch.sample_lora_rows = [lora_rows[row] for row in rows]
+        return StepLogits(sampling, self.forward(batch), prompt)
 
     def _run_bucketed(self, decodes: list[ScheduledChunk]) -> torch.Tensor:
         assert self.graphs is not None

@@ -31,6 +31,13 @@ class ScheduledChunk:
     def samples(self) -> bool:
         return self.start + self.count == self.seq.length
 
+    @property
+    def prompt_rows_wanted(self) -> int:
+        """How many of this chunk's rows (from its first) predict a prompt token whose logprob is asked for."""
+        if self.seq.prompt_logprobs is None:
+            return 0
+        return max(0, min(self.start + self.count, self.seq.num_prompt - 1) - self.start)
+
 
 @dataclass
 class StepPlan:
