@@ -260,41 +260,69 @@ def save_model(folder: Path, model, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def test_eval_stage_writes_base_and_tuned_table(tmp_path, tiny_tokenizer, tiny_model_dir):
+def test_eval_stage_compares_base_tuned_and_int8_on_the_held_out_split(tmp_path, tiny_tokenizer, tiny_model_dir):
     from lmsmith.eval.config import EvalConfig
     from lmsmith.eval.stage import run
+    from lmsmith.generation import quantize_dynamic_int8, save_quantized
     from lmsmith.pipeline import StageContext
     from lmsmith.recipe import Recipe
 
     run_dir = tmp_path / "run"
     fabricate_data(run_dir)
     write_manifest(run_dir, "pretrain", {"model": str(tiny_model_dir)})  # an absolute path joins as is
-    save_model(run_dir / "sft" / "merged", perturbed_model(tiny_tokenizer, std=0.05), tiny_tokenizer)
-    write_manifest(run_dir, "sft", {"model": "merged"})
+    tuned = perturbed_model(tiny_tokenizer, std=0.05)
+    save_model(run_dir / "sft" / "merged", tuned, tiny_tokenizer)
+    write_manifest(run_dir, "sft", {"model": "merged"}, {"trainable_params": 1234})
+    save_quantized(quantize_dynamic_int8(tuned), tiny_tokenizer, run_dir / "compress" / "int8")
+    write_manifest(run_dir, "compress", {"model": "int8"})
     stage_dir = run_dir / "eval"
     stage_dir.mkdir()
 
-    config = EvalConfig(max_new_tokens=6, max_samples=3, ppl_max_docs=2, batch_size=2)
-    result = run(config, StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=Recipe(pretrain={}, sft={})))
+    config = EvalConfig(tasks=["held-out"], max_items=3, max_new_tokens=6, batch_size=2, speed_requests=2)
+    recipe = Recipe(pretrain={}, sft={}, compress={})
+    result = run(config, StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=recipe))
 
-    assert result.outputs == {"results": "results.json", "table": "table.md", "samples": "samples.jsonl"}
-    table = (stage_dir / "table.md").read_text()
-    header = next(line for line in table.splitlines() if line.startswith("| metric"))
-    assert [cell.strip() for cell in header.strip("|").split("|")] == ["metric", "base", "tuned", "Δ (tuned − base)"]
-    assert "perplexity" in table and "BLEU-4" in table and "yoy · numeric accuracy %" in table
-
+    assert set(result.outputs) == {"results", "table", "html", "plots", "tasks"}
     results = json.loads((stage_dir / "results.json").read_text())
-    assert results["samples"] == 3 and results["ppl_documents"] == 2
-    assert set(results["tuned"]["per_task"]) == {"yoy", "summary"}
-    assert results["base"]["perplexity"] > 1 and results["tuned"]["perplexity"] > 1
-    assert results["base"]["perplexity"] != results["tuned"]["perplexity"]
-    assert result.metrics["delta_perplexity"] == pytest.approx(
-        results["tuned"]["perplexity"] - results["base"]["perplexity"], abs=1e-3)
+    assert list(results["models"]) == ["base", "tuned", "int8"]
+    assert results["models"]["tuned"]["trainable_params"] == 1234 and results["models"]["base"]["trainable_params"] is None
+    assert results["models"]["int8"]["size_bytes"] < results["models"]["tuned"]["size_bytes"]
+    assert results["models"]["int8"]["params"] == results["models"]["tuned"]["params"]
+    assert {name: info["items"] for name, info in results["tasks"].items()} == {
+        "held-out-answers": 3, "held-out-numeric": 2, "held-out-perplexity": 3}
+    perplexity = {label: results["tasks"]["held-out-perplexity"]["scores"][label]["perplexity"]
+                  for label in ("base", "tuned", "int8")}
+    assert perplexity["base"] != perplexity["tuned"] and perplexity["tuned"] == pytest.approx(perplexity["int8"], rel=0.05)
+    assert result.metrics["tuned.held-out-perplexity.perplexity"] == pytest.approx(perplexity["tuned"], abs=1e-3)
+    assert set(results["tuned_beats_base"]) >= {"held-out-answers rougeL", "held-out-numeric numeric_acc"}
+    table = (stage_dir / "table.md").read_text()
+    assert "| model | held-out-answers rougeL |" in table and "| int8 |" in table and "1,234" in table
+    assert (stage_dir / "plots" / "scores.png").is_file() and (stage_dir / "report.html").is_file()
 
-    samples = [json.loads(line) for line in (stage_dir / "samples.jsonl").read_text().splitlines()]
-    assert [s["id"] for s in samples] == ["s1", "y1", "s2"]  # round robin over sorted tasks
-    assert {"question", "reference", "base", "tuned"} <= set(samples[0])
-    assert samples[1]["expected_value"] == 15.2 and "tuned_correct" in samples[1]
+
+def test_eval_stage_writes_the_finance_suite_held_out_of_the_runs_companies(tmp_path, tiny_tokenizer, tiny_model_dir):
+    from lmsmith.eval.config import EvalConfig
+    from lmsmith.eval.stage import task_files
+    from lmsmith.eval.tasks import load_task, read_items
+    from lmsmith.pipeline import StageContext
+    from lmsmith.recipe import Recipe
+
+    run_dir = tmp_path / "run"
+    fabricate_data(run_dir)
+    recipe = Recipe(data={"embedded": {"seed": 3, "companies": 40}}, sft={"base_model": str(tiny_model_dir)})
+    ctx = StageContext(run_dir=run_dir, stage_dir=run_dir / "eval", recipe=recipe)
+    paths = task_files(EvalConfig(tasks=["finance-suite"], max_items=5), ctx, tmp_path / "tasks")
+    tasks = [load_task(path) for path in paths]
+    assert [task.name for task in tasks] == ["finance-mc", "finance-yoy", "finance-entities", "finance-report",
+                                             "finance-news"]
+    assert all(task.limit == 5 for task in tasks)
+    suite_text = "".join((tmp_path / "tasks" / "finance-suite").glob("*.jsonl").__next__().read_text()
+                         for _ in range(1))
+    from lmsmith.datasets.finance import generate
+
+    trained = generate(3, 40, 5).companies
+    assert not any(company.name in suite_text for company in trained)
+    assert len(read_items(tasks[0])) >= 300  # the limit applies when scoring, not to the file
 
 
 def test_tokenizer_loaded_from_a_model_folder_keeps_its_trained_ids(tiny_model_dir, tiny_tokenizer):

@@ -129,11 +129,21 @@ def test_lmsmith_eval_writes_results_and_table(tmp_path, tiny_model_dir, ceval_c
                  "--model", f"run:{run}#sft", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["tasks"]) == {"ratios", "answers"}
-    assert results["tasks"]["ratios"][str(tiny_model_dir)]["items"] == 4
-    assert set(results["tasks"]["answers"][f"run:{run}#sft"]) >= {"bleu4", "bleu4_stderr", "rougeL", "chrf",
-                                                                  "exact_match", "edit_rate", "edit_rate_stderr"}
+    assert results["tasks"]["ratios"]["items"] == 4
+    assert results["tasks"]["ratios"]["scores"][str(tiny_model_dir)]["items"] == 4
+    assert set(results["tasks"]["answers"]["scores"][f"run:{run}#sft"]) >= {
+        "bleu4", "bleu4_stderr", "rougeL", "chrf", "exact_match", "edit_rate", "edit_rate_stderr"}
+    facts = results["models"][str(tiny_model_dir)]
+    from transformers import AutoModelForCausalLM
+
+    assert facts["params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert facts["size_bytes"] == (tiny_model_dir / "model.safetensors").stat().st_size
+    assert facts["speed"]["tok_s_b1"] > 0 and facts["speed"]["latency_p99_ms"] >= facts["speed"]["latency_p50_ms"]
     table = (out / "table.md").read_text()
-    assert "| model | ratios acc | answers bleu4 |" in table and " ± " in table
+    assert "| model | ratios acc | answers rougeL | answers chrf | answers edit_rate | size MB | params |" in table
+    assert " ± " in table and "![headline scores" in table
+    assert (out / "plots" / "scores.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (out / "report.html").read_text()
     capsys.readouterr()
     assert main(["eval", "--task", str(mc), "--model", f"run:{run}#pretrain"]) == 2
     assert "holds no finished stage" in capsys.readouterr().err
@@ -222,7 +232,11 @@ class StubServer:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append(request)
                 if self.path.endswith("/chat/completions"):
-                    self._send({"choices": [{"message": {"role": "assistant", "content": answer}}]})
+                    choice = {"message": {"role": "assistant", "content": answer}}
+                    if request.get("logprobs") and stub.mode == "chat_only":
+                        choice["logprobs"] = {"content": [{"token": " ", "logprob": -9.0,
+                                                           "top_logprobs": stub.letter_tops(request)}]}
+                    self._send({"choices": [choice]})
                 else:
                     self._send({"choices": [{"text": request["prompt"], "logprobs": stub.logprobs(request["prompt"])}]})
 
@@ -231,8 +245,17 @@ class StubServer:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def letter_tops(self, request):
+        """The chat fallback's top tokens: each letter scored as the local model scores " A" after the prompt."""
+        from lmsmith.eval.likelihood import continuation_logprobs
+
+        prompt = request["messages"][0]["content"]
+        values = continuation_logprobs(self.model, self.tokenizer, [(prompt, f" {letter}") for letter in "ABCD"])
+        return [{"token": f" {letter}", "logprob": value} for letter, value in zip("ABCD", values)] + [
+            {"token": "答", "logprob": -0.01}]  # a likelier token that is no option
+
     def logprobs(self, text: str):
-        if self.mode == "dropped":
+        if self.mode in ("dropped", "chat_only"):
             return None
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoded["input_ids"]
@@ -268,10 +291,20 @@ def test_an_endpoint_scores_like_the_local_model_and_refuses_missing_logprobs(ti
         assert all(r.get("model") == "stub-model" for r in stub.requests)
     finally:
         stub.close()
+    # Without prompt logprobs but with chat top_logprobs: multiple choice falls back to the first chat token.
+    stub = StubServer(model, tiny_tokenizer, logprobs="chat_only")
+    try:
+        fallback = score_multiple_choice(task.model_copy(update={"scoring": ["loglikelihood"]}),
+                                         RemoteModel(EndpointModel.from_spec(stub.url)), items, [])
+        assert fallback["acc_route"] == "chat_top_logprobs" and fallback["acc"] == local["acc"]
+        assert fallback["unscored_rate"] == 0.0
+        assert all(r["max_tokens"] == 1 and r["top_logprobs"] == 20 for r in stub.requests if "messages" in r)
+    finally:
+        stub.close()
     for mode, message in (("dropped", "returns no prompt logprobs"), ("constant", "returns the same logprob")):
         stub = StubServer(model, tiny_tokenizer, logprobs=mode)
         try:
-            with pytest.raises(UserError, match=message + ".*score by generation"):
+            with pytest.raises(UserError, match=message + ".*score by generation.*no top_logprobs either"):
                 score_multiple_choice(task, RemoteModel(EndpointModel.from_spec(stub.url + "#named")), items, [])
             task_file = write(tmp_path / f"{mode}.yaml", f"name: c\ntype: multiple_choice\ndataset: {ceval_csv}\n")
             capsys.readouterr()
@@ -284,8 +317,12 @@ def test_an_endpoint_scores_like_the_local_model_and_refuses_missing_logprobs(ti
 def test_a_prompt_template_must_hold_exactly_its_fields(ceval_csv):
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match=r"takes exactly \{options\} and \{question\}; it has \{question\}"):
+    with pytest.raises(ValidationError, match=r"takes \{options\} and \{question\}; it has \{question\}"):
         TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, prompt="{question} 答案：")
+    with pytest.raises(ValidationError, match=r"takes \{text\}, and may hold \{types\}; it has \{text\}, \{type\}"):
+        TaskConfig(name="e", type="extraction", dataset=ceval_csv, prompt="{text} {type}")
+    # The types (or labels) may be named in the template's own words.
+    TaskConfig(name="e", type="extraction", dataset=ceval_csv, prompt="抽取公司实体：{text}")
     with pytest.raises(ValidationError, match="literal braces"):
         TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, prompt="{question} {options} {")
     task = TaskConfig(name="c", type="multiple_choice", dataset=ceval_csv, prompt='{{"q": "{question}"}}\n{options}')
@@ -298,6 +335,9 @@ def test_extraction_maps_listed_entities_onto_the_gold_tokens(tmp_path, tiny_tok
     tokens = list("星辰科技营收12.5亿元")
     types = ["AMOUNT", "COMPANY"]
     answer = "COMPANY：星辰科技\nAMOUNT: 12.5亿元\nMETRIC：营收\nCOMPANY：不存在的公司"  # METRIC is no type here
+    as_json = json.dumps({"entities": [{"type": "COMPANY", "text": "星辰科技"}, {"type": "AMOUNT", "text": "12.5亿元"},
+                                       {"type": "METRIC", "text": "营收"}]}, ensure_ascii=False)
+    assert tags_from_answer(as_json, tokens, types) == tags_from_answer(answer, tokens, types)
     assert tags_from_answer(answer, tokens, types) == (["B-COMPANY"] + ["I-COMPANY"] * 3 + ["O", "O"]
                                                        + ["B-AMOUNT"] + ["I-AMOUNT"] * 5)
     words = ["Revenue", "of", "Acme", "Corp", "rose"]

@@ -14,10 +14,8 @@ from lmsmith.report.tables import Table, format_number
 from test_eval import write_jsonl, write_manifest
 
 EVAL_TABLE = {
-    "columns": ["metric", "base", "tuned", "Δ (tuned − base)"],
-    "rows": [["perplexity, held-out corpus (lower is better)", "48.21", "17.93", "-30.28"],
-             ["BLEU-4", "3.14", "27.18", "+24.04"],
-             ["yoy · numeric accuracy %", "0.00", "66.67", "+66.67"]],
+    "columns": ["model", "finance-yoy numeric_acc", "finance-report rougeL", "size MB"],
+    "rows": [["base", "0.00 ± 0.00", "3.14 ± 0.52", "48.21"], ["tuned", "66.67 ± 2.10", "27.18 ± 1.20", "17.93"]],
 }
 COMPRESS_TABLE = {
     "columns": ["metric", "fp32", "int8", "change"],
@@ -34,13 +32,14 @@ def fabricate_finished_run(run_dir: Path, with_serve: bool) -> None:
         rows[steps // 2]["val_loss"] = 2.5
         write_jsonl(run_dir / stage / "metrics.jsonl", rows)
         write_manifest(run_dir, stage, {"metrics": "metrics.jsonl"}, {"final_loss": rows[-1]["loss"]}, wall_time_s=42.5)
-    (run_dir / "eval").mkdir()
-    (run_dir / "eval" / "results.json").write_text(json.dumps({"samples": 60, "ppl_documents": 200, "table": EVAL_TABLE}))
-    write_jsonl(run_dir / "eval" / "samples.jsonl", [
-        {"question": "同比增长率?", "reference": "15.2%", "base": "<script>alert(1)</script>", "tuned": "同比增长15.2%"},
-    ])
-    write_manifest(run_dir, "eval", {"results": "results.json", "samples": "samples.jsonl"},
-                   {"tuned_bleu4": 27.18, "base_bleu4": 3.14})
+    (run_dir / "eval" / "plots").mkdir(parents=True)
+    (run_dir / "eval" / "results.json").write_text(json.dumps({
+        "tasks": {"finance-yoy": {"type": "numeric", "items": 200}, "finance-report": {"type": "generate", "items": 60}},
+        "table": EVAL_TABLE,
+        "tuned_beats_base": {"finance-yoy numeric_acc": True, "finance-report <script>": False}}))
+    (run_dir / "eval" / "plots" / "scores.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    write_manifest(run_dir, "eval", {"results": "results.json", "plots": "plots"},
+                   {"tuned_beats_base": 1, "tuned_beats_base_of": 2})
     (run_dir / "compress").mkdir()
     (run_dir / "compress" / "results.json").write_text(json.dumps(
         {"method": "dynamic_int8", "bench": {"prompts": 4, "new_tokens": 64}, "threads": 2, "samples": 30,
@@ -64,7 +63,6 @@ def every_stage():
 
 def run_report(run_dir: Path):
     from lmsmith.pipeline import StageContext
-    from lmsmith.recipe import Recipe
     from lmsmith.report.config import ReportConfig
     from lmsmith.report.stage import run
 
@@ -81,11 +79,12 @@ def test_report_html_is_self_contained_and_shows_every_stage(tmp_path):
 
     assert result.outputs == {"md": "report.md", "html": "report.html"}
     page = (stage_dir / "report.html").read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == 2  # pretrain and sft loss curves
+    assert page.count("data:image/png;base64,") == 3  # pretrain and sft loss curves, eval scores
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.IGNORECASE)
     assert "<link" not in page and "<script>" not in page  # inline CSS only; sample text is escaped
     assert "&lt;script&gt;" in page
-    for number in ("48.21", "17.93", "+24.04", "66.67", "3.33× smaller", "2.46×", "0.42"):
+    for number in ("48.21", "17.93", "66.67 ± 2.10", "3.33× smaller", "2.46×", "0.42", "finance-yoy (200 items)",
+                   "ahead of base beyond both standard errors on 1 of 2: finance-yoy numeric_acc"):
         assert number in page
     for text in ("Finance run", "corpus.read", "271", "chars_per_token", "华信银行的资产负债率是多少?"):
         assert text in page
@@ -95,7 +94,7 @@ def test_report_html_is_self_contained_and_shows_every_stage(tmp_path):
     assert "![pretrain: train and validation loss by step](loss_pretrain.png)" in markdown
     assert (stage_dir / "loss_pretrain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (stage_dir / "loss_sft.png").is_file()
-    assert "| BLEU-4 | 3.14 | 27.18 | +24.04 |" in markdown
+    assert "| tuned | 66.67 ± 2.10 | 27.18 ± 1.20 | 17.93 |" in markdown
     # The training table reads the curves: 30 logged steps, last val loss 1.2345, best of (2.5, 1.2345).
     assert "| pretrain | 30 |" in markdown and "1.23 | 1.23 | 2,500.0 |" in markdown
 
@@ -111,7 +110,7 @@ def test_report_lists_missing_pieces_instead_of_failing(tmp_path):
     assert "- stage serve has not run" in markdown
     assert "sft loss curve" in result.metrics["missing_pieces"]
     assert "| serve | missing |" in markdown
-    assert (stage_dir / "report.html").read_text().count("data:image/png;base64,") == 1
+    assert (stage_dir / "report.html").read_text().count("data:image/png;base64,") == 2
 
 
 def test_flatten_nested_metrics():

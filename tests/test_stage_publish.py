@@ -18,7 +18,7 @@ TINY_DEMO = [
     "pretrain.model={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}",
     "pretrain.max_steps=3", "pretrain.seq_len=64", "pretrain.batch_size=4",
     "sft.max_steps=3", "sft.batch_size=4", "sft.val_generations=0",
-    "eval.max_samples=2", "eval.max_new_tokens=4", "eval.ppl_max_docs=2",
+    "eval.max_items=2", "eval.max_new_tokens=4", "eval.speed_requests=1",
     "compress.max_samples=2", "compress.max_new_tokens=4", "compress.bench_prompts=1", "compress.bench_new_tokens=2",
     "compress.bench_repeats=1", "compress.ppl_docs=1", "serve.smoke_questions=1", "serve.max_new_tokens=4",
 ]

@@ -38,7 +38,7 @@ class ModelConfig(StrictModel):
 
 
 class Recipe(StrictModel):
-    """A whole run: data → tokenizer → pretrain → sft → eval → compress → serve → report.
+    """A whole run: data → tokenizer → pretrain → sft → compress → eval → serve → report.
 
     A stage runs only when its block is in the recipe (`pretrain: {}` runs it with defaults).
     """

@@ -45,8 +45,9 @@ def _sft_requires(recipe) -> tuple[str, ...]:
 
 
 def _eval_requires(recipe) -> tuple[str, ...]:
-    # The base row of the comparison is whatever sft started from.
-    return (*_sft_requires(recipe), "sft")
+    # The base row of the comparison is whatever sft started from; the compressed variants are rows too.
+    compressed = ("compress",) if "compress" in recipe.stages() else ()
+    return (*_sft_requires(recipe), "sft", *compressed)
 
 
 def _report_requires(recipe) -> tuple[str, ...]:
@@ -58,8 +59,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("tokenizer", "lmsmith.tokenizer.stage", ("data",)),
     StageSpec("pretrain", "lmsmith.train.pretrain", _pretrain_requires),
     StageSpec("sft", "lmsmith.train.sft", _sft_requires),
-    StageSpec("eval", "lmsmith.eval.stage", _eval_requires),
     StageSpec("compress", "lmsmith.compress.stage", ("data", "sft")),
+    StageSpec("eval", "lmsmith.eval.stage", _eval_requires),
     StageSpec("serve", "lmsmith.serve.stage", ("data", "sft")),
     StageSpec("report", "lmsmith.report.stage", _report_requires),
 )

@@ -28,7 +28,7 @@ import html
 import re
 import unicodedata
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import Field, ValidationError
 
@@ -355,6 +355,19 @@ def build_op(spec: dict[str, Any]) -> Op:
 
 def build_ops(specs: list[dict[str, Any]]) -> list[Op]:
     return [build_op(validate_op_spec(spec)) for spec in specs]
+
+
+def rewriter(specs: list[dict[str, Any]], kind: Literal["corpus", "instructions"]) -> Callable[[str], str]:
+    """The rewriting operators (mappers) of `specs` that apply to `kind`, as one text-to-text function:
+    what eval items go through so they read the way the training text did."""
+    mappers = [op for op in build_ops(specs) if isinstance(op, Mapper) and op.applies_to(kind)]
+
+    def rewrite(text: str) -> str:
+        for op in mappers:
+            text = op.map(text)
+        return text
+
+    return rewrite
 
 
 def describe_ops() -> dict[str, str]:

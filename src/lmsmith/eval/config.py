@@ -8,10 +8,15 @@ from lmsmith.schema import StrictModel
 
 
 class EvalConfig(StrictModel):
-    """Perplexity, BLEU-4, ROUGE-L and numeric accuracy: base model against tuned model."""
+    """Every model the run made (base, tuned, each compressed variant) on the same eval tasks, one table."""
 
-    max_new_tokens: int = Field(96, ge=1)
-    max_samples: Optional[int] = Field(60, ge=1, description="Cap on held-out instructions generated.")
-    ppl_max_docs: Optional[int] = Field(200, ge=1, description="Cap on held-out documents for perplexity.")
-    batch_size: int = Field(16, ge=1)
-    numeric_rel_tol: float = Field(0.01, ge=0, description="Relative tolerance for numeric accuracy.")
+    tasks: list[str] = Field(
+        ["held-out", "finance-suite"],
+        description="held-out: the run's own test split (answers scored against references, numeric truths, "
+        "perplexity of the test corpus); finance-suite: the embedded finance tasks about companies held "
+        "out of the embedded training data; or a task YAML path (`lmsmith eval`'s schema).")
+    max_items: Optional[int] = Field(None, ge=1, description="Score at most this many items per task (quick runs).")
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="Cap on every task's answer length.")
+    numeric_rel_tol: float = Field(0.01, ge=0, description="held-out numeric answers: relative tolerance.")
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
+    speed_requests: int = Field(8, ge=0, description="Requests timed per model for tok/s and latency (0: no timing).")

@@ -7,6 +7,10 @@
 - **Probe first.** Before any log-likelihood scoring the server is asked once; if it returns no prompt
   logprobs, or the same value for every token (llama.cpp's server drops them and lm-eval then reports
   chance without a word), log-likelihood scoring is refused with a message instead of a fake score.
+- **Chat fallback** (multiple choice only): a server without prompt logprobs whose chat API gives
+  `top_logprobs` (hosted APIs) is asked each question through chat for one token, and each option
+  letter scores the best logprob among the top tokens that spell it (" B", "(B"); a letter outside the
+  top 20 scores -inf. The scores say which route they took (`acc_route`).
 
 The server's tokenizer is its own business: offsets are characters of the text sent, so nothing here
 needs to tokenize like the server does.
@@ -35,6 +39,7 @@ class EndpointModel:
     timeout_s: float = 120.0
     concurrency: int = 8
     _checked_logprobs: bool = field(default=False, repr=False)
+    _choice_route: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_spec(cls, spec: str) -> "EndpointModel":
@@ -84,18 +89,21 @@ class EndpointModel:
 
     # ----- generation
 
+    def chat_with_usage(self, messages: Sequence[dict], max_new_tokens: int) -> tuple[str, int]:
+        """One greedy answer and the completion tokens the server says it generated."""
+        body = {"model": self.model, "messages": list(messages), "max_tokens": max_new_tokens, "temperature": 0}
+        answer = self._post("/chat/completions", body)
+        try:
+            text = (answer["choices"][0]["message"].get("content") or "").strip()
+        except (KeyError, IndexError, TypeError):
+            raise UserError(f"{self.base_url}/chat/completions: no choices[0].message in the answer") from None
+        usage = answer.get("usage") or {}
+        return text, int(usage.get("completion_tokens") or 0)
+
     def chat(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int) -> list[str]:
         """Greedy answers, in order, with `concurrency` requests in flight."""
-        def ask(messages):
-            body = {"model": self.model, "messages": list(messages), "max_tokens": max_new_tokens, "temperature": 0}
-            answer = self._post("/chat/completions", body)
-            try:
-                return (answer["choices"][0]["message"].get("content") or "").strip()
-            except (KeyError, IndexError, TypeError):
-                raise UserError(f"{self.base_url}/chat/completions: no choices[0].message in the answer") from None
-
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(ask, conversations))
+            return [text for text, _ in pool.map(lambda c: self.chat_with_usage(c, max_new_tokens), conversations)]
 
     # ----- log-likelihood
 
@@ -126,6 +134,54 @@ class EndpointModel:
             raise UserError(f"{where} returns the same logprob ({known[0]}) for every prompt token, so "
                             "log-likelihood scores would be chance; score by generation instead")
         self._checked_logprobs = True
+
+    def chat_top_logprobs(self, prompt: str, top: int = 20) -> dict[str, float]:
+        """{token: logprob} of the first answer token to `prompt` asked through chat ({} if none are returned)."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
+                "temperature": 0, "logprobs": True, "top_logprobs": top}
+        answer = self._post("/chat/completions", body)
+        try:
+            content = (answer["choices"][0].get("logprobs") or {}).get("content") or []
+        except (KeyError, IndexError, TypeError, AttributeError):
+            content = []
+        entries = content[0].get("top_logprobs") or [] if content else []
+        found: dict[str, float] = {}
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("logprob"), (int, float)):
+                token = str(entry.get("token", ""))
+                found[token] = max(float(entry["logprob"]), found.get(token, -math.inf))
+        return found
+
+    def choice_route(self) -> str:
+        """How multiple choice is scored here: "completions" (echoed prompt logprobs) or "chat_top_logprobs"."""
+        if self._choice_route is None:
+            try:
+                self.check_prompt_logprobs()
+                self._choice_route = "completions"
+            except UserError as refused:
+                try:
+                    probe = self.chat_top_logprobs(PROBE_PROMPT + "\n这句话里的增长率是多少？")
+                except UserError:
+                    probe = {}
+                if len(set(probe.values())) < 2:
+                    raise UserError(f"{refused} (its chat API gives no top_logprobs either)") from None
+                self._choice_route = "chat_top_logprobs"
+        return self._choice_route
+
+    def letter_logprobs(self, prompts: Sequence[str], letter_sets: Sequence[str]) -> list[list[float]]:
+        """Per question, each option letter's best logprob among the first chat token's top logprobs."""
+        def score(job: tuple[str, str]) -> list[float]:
+            prompt, letters = job
+            top = self.chat_top_logprobs(prompt)
+            best = {letter: -math.inf for letter in letters}
+            for token, value in top.items():
+                letter = token.strip().lstrip("(（[【").upper()
+                if letter in best:
+                    best[letter] = max(best[letter], value)
+            return [best[letter] for letter in letters]
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(score, zip(prompts, letter_sets)))
 
     def continuation_logprobs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Summed logprob of each continuation's tokens (those starting inside it) after its context."""

@@ -1,12 +1,11 @@
 """Scoring one model's answers to held-out instructions, overall and per task.
 
 The metrics themselves live in `lmsmith.eval.metrics` (sacrebleu, rouge-score); this module groups
-them the way the eval and compress stages report them.
+them the way the compress stage reports them.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Sequence
 
 from lmsmith.eval.data import Instruction
@@ -29,17 +28,3 @@ def score_group(rows: Sequence[Instruction], answers: Sequence[str], rel_tol: fl
         "numeric_acc": 100.0 * sum(numeric) / len(numeric) if numeric else None,
         "numeric_samples": len(numeric),
     }
-
-
-def score_answers(rows: Sequence[Instruction], answers: Sequence[str], rel_tol: float) -> dict[str, Any]:
-    """`{"overall": scores, "per_task": {task: scores}}` for one model's answers."""
-    if len(rows) != len(answers):
-        raise ValueError(f"{len(rows)} instructions but {len(answers)} answers")
-    by_task: dict[str, list[int]] = defaultdict(list)
-    for index, row in enumerate(rows):
-        by_task[row.task].append(index)
-    per_task = {
-        task: score_group([rows[i] for i in indices], [answers[i] for i in indices], rel_tol)
-        for task, indices in sorted(by_task.items())
-    }
-    return {"overall": score_group(rows, answers, rel_tol), "per_task": per_task}

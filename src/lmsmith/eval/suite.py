@@ -47,11 +47,13 @@ LETTERS = "ABCDEFGH"
 class SuiteConfig(StrictModel):
     """What `lmsmith eval` runs and where it writes."""
 
-    task: list[Path] = Field(..., description="Task YAML file.")
+    task: list[str] = Field(..., description="Task YAML file, or finance-suite (the embedded finance tasks, "
+                            "about companies held out of the embedded training data).")
     model: list[str] = Field(..., description="Model: an HF folder, a run folder (its tuned model), "
                              "run:RUN#STAGE[/OUTPUT], or an OpenAI-compatible URL http://HOST/v1[#MODEL].")
     out: Path = Field(Path("eval-results"), description="Folder for results.json and table.md.")
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
+    speed_requests: int = Field(8, ge=0, description="Requests timed per model for tok/s and latency (0: no timing).")
 
 
 def resolve_model_spec(spec: str) -> Path:
@@ -86,6 +88,9 @@ class LocalModel:
 
         return continuation_logprobs(self.model, self.tokenizer, pairs, self.batch_size)
 
+    def choice_scores(self, prompts: Sequence[str], letter_sets: Sequence[str]) -> tuple[list[list[float]], str]:
+        return _letters_by_likelihood(self, prompts, letter_sets), "loglikelihood"
+
     def answers(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int, progress: str) -> list[str]:
         from lmsmith.generation import generate_chat
 
@@ -110,6 +115,12 @@ class RemoteModel:
     def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         return self.endpoint.continuation_logprobs(pairs)
 
+    def choice_scores(self, prompts: Sequence[str], letter_sets: Sequence[str]) -> tuple[list[list[float]], str]:
+        route = self.endpoint.choice_route()
+        if route == "completions":
+            return _letters_by_likelihood(self, prompts, letter_sets), "loglikelihood"
+        return self.endpoint.letter_logprobs(prompts, letter_sets), route
+
     def answers(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int, progress: str) -> list[str]:
         return self.endpoint.chat(conversations, max_new_tokens)
 
@@ -123,6 +134,17 @@ class RemoteModel:
             scored = [value for value in values[1:] if value is not None]
             total, count = total - sum(scored), count + len(scored)
         return {"perplexity": math.exp(total / count) if count else None, "tokens": count}
+
+
+def _letters_by_likelihood(backend, prompts: Sequence[str], letter_sets: Sequence[str]) -> list[list[float]]:
+    """Each option letter's log-likelihood as the continuation " A", " B", ... of its question's prompt."""
+    flat = backend.loglikelihoods([(prompt, f" {letter}") for prompt, letters in zip(prompts, letter_sets)
+                                   for letter in letters])
+    grouped, at = [], 0
+    for letters in letter_sets:
+        grouped.append(flat[at: at + len(letters)])
+        at += len(letters)
+    return grouped
 
 
 def letters_for(options: Sequence[str]) -> str:
@@ -181,12 +203,21 @@ def score_multiple_choice(task: TaskConfig, backend, items: list[ChoiceQuestion]
     if "loglikelihood" in task.scoring:
         from lmsmith.eval.likelihood import best_per_group
 
-        pairs = [(prompt, f" {letter}") for prompt, (_, options, _) in zip(prompts, asked)
-                 for letter in letters_for(options)]
-        flat = backend.loglikelihoods(pairs)
+        grouped, route = backend.choice_scores(prompts, [letters_for(options) for _, options, _ in asked])
+        flat = [score for group in grouped for score in group]
         right: dict[int, list[bool]] = {}
-        for (index, _, gold), best in zip(asked, best_per_group(flat, [len(options) for _, options, _ in asked])):
-            right.setdefault(index, []).append(best == gold)
+        unscored = 0  # no option letter among the chat fallback's top tokens: wrong, never a guess of "A"
+        best_options = best_per_group(flat, [len(options) for _, options, _ in asked])
+        for (index, _, gold), best, group in zip(asked, best_options, grouped):
+            missing = all(score == float("-inf") for score in group)
+            unscored += missing
+            right.setdefault(index, []).append(best == gold and not missing)
+        scores["acc_route"] = route
+        # A model that always picks one letter shows as such (tiny models often do).
+        picked = [letters_for(options)[best] for (_, options, _), best in zip(asked, best_options)]
+        scores["ll_letter_distribution"] = {letter: picked.count(letter) for letter in sorted(set(picked))}
+        if route != "loglikelihood":
+            scores["unscored_rate"] = 100.0 * unscored / len(asked)
         values = [100.0 * all(marks) for _, marks in sorted(right.items())]
         scores["acc"], scores["acc_stderr"] = _mean_with_stderr(values)
     if "generate" in task.scoring:
@@ -297,19 +328,37 @@ def sentence_text(tokens: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
     return joiner.join(tokens), spans
 
 
-def tags_from_answer(answer: str, tokens: Sequence[str], types: Sequence[str]) -> list[str]:
-    """BIO tags for the `TYPE：entity` lines of an answer: each entity marks its first occurrence in the
-    sentence not already taken, when it starts and ends on token boundaries; anything else is dropped."""
+def listed_entities(answer: str) -> list[tuple[str, str]]:
+    """(type, entity) pairs an answer lists: JSON `{"entities": [{"type", "text"}]}` (or the bare list),
+    else `TYPE：entity` lines."""
     import unicodedata
 
+    try:
+        parsed = json.loads(answer.strip())
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        parsed = parsed.get("entities")
+    if isinstance(parsed, list):
+        return [(str(entry["type"]).strip(), str(entry["text"]).strip()) for entry in parsed
+                if isinstance(entry, dict) and "type" in entry and "text" in entry]
+    pairs = []
+    for line in unicodedata.normalize("NFKC", answer).splitlines():
+        kind, sep, entity = line.partition(":")
+        if sep:
+            pairs.append((kind.strip().lstrip("-*• ").strip(), entity.strip()))
+    return pairs
+
+
+def tags_from_answer(answer: str, tokens: Sequence[str], types: Sequence[str]) -> list[str]:
+    """BIO tags for the entities an answer lists (`listed_entities`): each marks its first occurrence in
+    the sentence not already taken, when it starts and ends on token boundaries; anything else is dropped."""
     text, spans = sentence_text(tokens)
     starts = {start: index for index, (start, _) in enumerate(spans)}
     ends = {end: index for index, (_, end) in enumerate(spans)}
     tags = ["O"] * len(tokens)
-    for line in unicodedata.normalize("NFKC", answer).splitlines():
-        kind, sep, entity = line.partition(":")
-        kind, entity = kind.strip().lstrip("-*• ").strip(), entity.strip()
-        if not sep or kind not in types or not entity:
+    for kind, entity in listed_entities(answer):
+        if kind not in types or not entity:
             continue
         at = text.find(entity)
         while at != -1:
@@ -356,54 +405,103 @@ def evaluate_task(task: TaskConfig, backend) -> dict[str, Any]:
     return scorer(task, backend, items)
 
 
-SHOWN = ("acc", "gen_acc", "macro_f1", "gen_macro_f1", "extraction_failure_rate", "numeric_acc", "entity_f1",
-         "bleu4", "rougeL", "chrf", "exact_match", "edit_rate", "perplexity")
+def expand_tasks(names: Sequence[str | Path], folder: Path, seed: int = 0,
+                 train_companies: int | None = 60, years: int = 5, ops: list[dict] | None = None) -> list[Path]:
+    """Task files for `names`: a YAML path as it is, `finance-suite` written into `folder/finance-suite`
+    (companies held out of the embedded dataset `seed`/`train_companies`/`years`; its texts rewritten by
+    the cleaning operators `ops`, the data stage's defaults unless given)."""
+    from lmsmith.data.ops import DEFAULT_OPS, rewriter
+    from lmsmith.datasets.finance_suite import SUITE_NAME, write_suite
+
+    paths: list[Path] = []
+    for name in names:
+        if str(name) == SUITE_NAME:
+            rewrite = rewriter([dict(spec) for spec in (DEFAULT_OPS if ops is None else ops)], "instructions")
+            paths += write_suite(folder / SUITE_NAME, seed=seed, train_companies=train_companies, years=years,
+                                 rewrite=rewrite)
+        else:
+            paths.append(Path(name))
+    return paths
 
 
-def _table(results: dict[str, Any]) -> str:
-    columns = [(task, metric) for task, by_model in results["tasks"].items()
-               for metric in SHOWN if any(metric in scores for scores in by_model.values())]
-    header = "| model | " + " | ".join(f"{task} {metric}" for task, metric in columns) + " |"
-    lines = [header, "| --- |" + " ---: |" * len(columns)]
-    for name in results["models"]:
-        cells = []
-        for task, metric in columns:
-            scores = results["tasks"][task].get(name, {})
-            value, error = scores.get(metric), scores.get(f"{metric}_stderr")
-            cells.append("–" if value is None else f"{value:.2f}" + (f" ± {error:.2f}" if error is not None else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _first_generation_item(tasks: Sequence[TaskConfig]) -> tuple[list[dict] | None, int]:
+    """The conversation and length cap of the first generation task's first item (the 'report' timed)."""
+    for task in tasks:
+        if task.type == "generate":
+            item = read_items(task)[0]
+            return list(item.messages), task.max_new_tokens
+    return None, 0
 
 
-def run_suite(config: SuiteConfig) -> dict[str, Any]:
-    """Evaluate every task on every model; write results.json and table.md into `config.out`."""
+def speed_conversations(tasks: Sequence[TaskConfig], count: int) -> list[list[dict]]:
+    """Prompts for timing: the generation tasks' first items, else a fixed question."""
+    conversations: list[list[dict]] = []
+    for task in tasks:
+        if task.type in ("generate", "numeric"):
+            conversations += [list(item.messages) for item in read_items(task)[:count]]
+    return (conversations or [[{"role": "user", "content": "请简要分析一家上市公司的年度财务表现。"}]] * count)[:count]
+
+
+def evaluate_models(entries: Sequence[Any], task_paths: Sequence[Path], out: Path, batch_size: int = 16,
+                    speed: Any = None, tokenizer_path: Path | None = None, title: str = "lmsmith eval") -> dict[str, Any]:
+    """Every task on every model (`compare.ModelEntry`), their facts and speed; writes the comparison into `out`.
+
+    `tokenizer_path` prompts every local model through one tokenizer (a run's base through the tuned
+    model's chat template); by default each model's own.
+    """
+    from lmsmith.eval.compare import measure_endpoint_speed, measure_local_speed, parameter_count, size_on_disk
+    from lmsmith.eval.compare import write_outputs
     from lmsmith.generation import load_causal_lm, load_tokenizer
 
-    tasks = [load_task(path) for path in config.task]
+    tasks = [load_task(path) for path in task_paths]
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise UserError(f"--task: two tasks share a name ({', '.join(names)})")
-    remote = {spec for spec in config.model if spec.startswith(("http://", "https://"))}
-    folders = {spec: resolve_model_spec(spec) for spec in config.model if spec not in remote}
-    results: dict[str, Any] = {"models": {spec: str(folders.get(spec, spec.partition("#")[0])) for spec in config.model},
-                               "tasks": {task.name: {} for task in tasks}}
-    for spec in config.model:
-        if spec in remote:
+    results: dict[str, Any] = {"models": {}, "tasks": {}}
+    for task in tasks:
+        shots, items = split_shots(task, read_items(task))
+        results["tasks"][task.name] = {"type": task.type, "items": len(items), "dataset": str(task.dataset),
+                                       "scores": {}}
+    report, report_tokens = _first_generation_item(tasks)
+    timing_prompts = speed_conversations(tasks, speed.requests) if speed is not None else []
+    for entry in entries:
+        facts: dict[str, Any] = {"describe": entry.describe, "trainable_params": entry.trainable_params}
+        if entry.path is None:
             from lmsmith.eval.endpoint import EndpointModel
 
-            backend, model = RemoteModel(EndpointModel.from_spec(spec)), None
+            endpoint = EndpointModel.from_spec(entry.describe)
+            backend, model = RemoteModel(endpoint), None
+            facts |= {"size_bytes": None, "params": None}
         else:
-            model = load_causal_lm(folders[spec])
-            backend = LocalModel(model, load_tokenizer(folders[spec]), config.batch_size)
+            model = load_causal_lm(entry.path)
+            tokenizer = load_tokenizer(tokenizer_path or entry.path)
+            backend = LocalModel(model, tokenizer, batch_size)
+            facts |= {"path": str(entry.path), "size_bytes": size_on_disk(entry.path),
+                      "params": parameter_count(entry.path)}
         for task in tasks:
-            console.print(f"[bold]{task.name}[/] on {spec}")
-            results["tasks"][task.name][spec] = evaluate_task(task, backend)
+            console.print(f"[bold]{task.name}[/] on {entry.label}")
+            results["tasks"][task.name]["scores"][entry.label] = evaluate_task(task, backend)
+        if speed is not None:
+            console.print(f"timing {entry.label}")
+            facts["speed"] = (measure_local_speed(model, backend.tokenizer, timing_prompts, report, report_tokens, speed)
+                              if model is not None else
+                              measure_endpoint_speed(backend.endpoint, timing_prompts, report, report_tokens, speed))
+        results["models"][entry.label] = facts
         del backend, model
         gc.collect()
-    out = config.out.expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-    table = _table(results)
-    (out / "table.md").write_text(table, encoding="utf-8")
-    console.print(table, markup=False)
+    table = write_outputs(results, out.expanduser(), title)
+    console.print(table.to_markdown(), markup=False)
     return results
+
+
+def run_suite(config: SuiteConfig) -> dict[str, Any]:
+    """`lmsmith eval`: every task on every model; the comparison into `config.out`."""
+    from lmsmith.eval.compare import ModelEntry, SpeedConfig
+
+    out = config.out.expanduser()
+    entries = []
+    for spec in config.model:
+        remote = spec.startswith(("http://", "https://"))
+        entries.append(ModelEntry(spec, spec, None if remote else resolve_model_spec(spec)))
+    speed = SpeedConfig(requests=config.speed_requests) if config.speed_requests else None
+    return evaluate_models(entries, expand_tasks(config.task, out / "tasks"), out, config.batch_size, speed)

@@ -55,7 +55,8 @@ class TaskConfig(StrictModel):
     prompt: Optional[str] = Field(None, description="multiple_choice: the question's template with {question} and "
                                   "{options} (one 'A. text' line each), default '{question}\\n{options}\\n答案：'; "
                                   "classification: with {text} and {labels}, default '{text}\\n类别（{labels}）：'; "
-                                  "extraction: with {text} and {types} (the answer lists 'TYPE：entity' lines).")
+                                  "extraction: with {text} and {types} (the answer lists 'TYPE：entity' lines, or JSON {\"entities\": "
+                                  "[{\"type\", \"text\"}]}); {labels} and {types} may be left out.")
     scoring: list[Literal["loglikelihood", "generate"]] = Field(
         ["loglikelihood"], description="multiple_choice, classification: how the answer is chosen (both may be "
         "listed).")
@@ -85,15 +86,19 @@ class TaskConfig(StrictModel):
         if self.prompt is not None:
             import string
 
-            needed = {"multiple_choice": {"question", "options"}, "classification": {"text", "labels"},
-                      "extraction": {"text", "types"}}[self.type]
+            # A template may name the labels or entity types in its own words instead of {labels}/{types}.
+            needed, optional = {"multiple_choice": ({"question", "options"}, set()),
+                                "classification": ({"text"}, {"labels"}),
+                                "extraction": ({"text"}, {"types"})}[self.type]
             try:
                 fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None}
             except ValueError as exc:
                 raise ValueError(f"prompt: {exc} (write literal braces as {{{{ and }}}})") from None
-            if fields != needed:
-                raise ValueError(f"prompt: a {self.type} template takes exactly "
-                                 f"{' and '.join('{' + name + '}' for name in sorted(needed))}; it has "
+            if not needed <= fields <= needed | optional:
+                wanted = " and ".join("{" + name + "}" for name in sorted(needed))
+                if optional:
+                    wanted += ", and may hold " + " and ".join("{" + name + "}" for name in sorted(optional))
+                raise ValueError(f"prompt: a {self.type} template takes {wanted}; it has "
                                  f"{', '.join('{' + name + '}' for name in sorted(fields)) or 'none'}")
         return self
 

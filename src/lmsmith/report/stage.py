@@ -13,7 +13,6 @@ from typing import Any
 
 from lmsmith.artifacts import Manifest
 from lmsmith.errors import UserError
-from lmsmith.eval.data import read_jsonl
 from lmsmith.pipeline import StageContext, StageResult
 from lmsmith.report.config import ReportConfig
 from lmsmith.report.document import Bullets, Document, Image, Paragraph
@@ -24,11 +23,10 @@ from lmsmith.stages import STAGE_NAMES
 UPSTREAM = tuple(name for name in STAGE_NAMES if name != "report")
 # Metrics shown first in the summary when a stage has them; other stages show their first few.
 KEY_METRICS = {
-    "eval": ("tuned_perplexity", "tuned_bleu4", "tuned_rougeL", "tuned_numeric_acc"),
+    "eval": ("tuned_beats_base", "tuned_beats_base_of"),
     "compress": ("size_ratio", "speedup_b1", "speedup_bn", "delta_rougeL"),
 }
 SUMMARY_METRICS = 4
-SAMPLES_SHOWN = 3
 TEXT_CELL_LIMIT = 300
 
 
@@ -147,25 +145,32 @@ def training_section(doc: Document, upstream: Upstream, stage_dir: Path) -> None
 
 
 def eval_section(doc: Document, upstream: Upstream) -> None:
-    section = doc.section("Evaluation: base vs tuned")
+    section = doc.section("Evaluation: every model of the run on the same tasks")
     results = upstream.json("eval", "results", "eval results")
     if results is None:
         section.blocks.append(Paragraph("The eval results are missing."))
         return
+    tasks = results.get("tasks", {})
     section.blocks.append(Paragraph(
-        f"{results.get('samples', '?')} held-out instructions, {results.get('ppl_documents', '?')} held-out "
-        "documents. BLEU-4, ROUGE-L and accuracy are on a 0–100 scale."
+        "One row per model; each task's headline scores are 0–100 with a bootstrap standard error, then size, "
+        "parameters, trainable parameters, greedy tok/s at batch 1 and 8, request latency and the time to "
+        "write one report. Tasks: " + ", ".join(f"{name} ({info.get('items', '?')} items)"
+                                               for name, info in tasks.items()) + "."
     ))
     section.blocks.append(Table.from_json(results["table"]))
-    samples_path = upstream.artifact("eval", "samples", "eval samples")
-    if samples_path is None:
-        return
-    samples = Table(["question", "reference", "base", "tuned"], numeric=False)
-    for _, row in read_jsonl(samples_path)[:SAMPLES_SHOWN]:
-        samples.add(*(_cell(row.get(key, "")) for key in ("question", "reference", "base", "tuned")))
-    if samples.rows:
-        section.blocks.append(Paragraph(f"Sample answers (the first {len(samples.rows)} of samples.jsonl):"))
-        section.blocks.append(samples)
+    verdict = results.get("tuned_beats_base")
+    if verdict:
+        ahead = [name for name, won in verdict.items() if won]
+        behind = [name for name, won in verdict.items() if not won]
+        section.blocks.append(Bullets([
+            f"tuned ahead of base beyond both standard errors on {len(ahead)} of {len(verdict)}: "
+            + (", ".join(ahead) or "none"),
+            "not ahead beyond the standard errors: " + (", ".join(behind) or "none"),
+        ]))
+    plots = upstream.artifact("eval", "plots", "eval plots")
+    if plots is not None:
+        for png in sorted(plots.glob("*.png")):
+            section.blocks.append(Image(f"eval-{png.name}", png.stem, png.read_bytes()))
 
 
 def compress_section(doc: Document, upstream: Upstream) -> None:
