@@ -301,7 +301,6 @@ def test_eval_stage_compares_base_tuned_and_int8_on_the_held_out_split(tmp_path,
 
 
 def test_eval_stage_writes_the_finance_suite_held_out_of_the_runs_companies(tmp_path, tiny_tokenizer, tiny_model_dir):
-    from lmsmith.eval.config import EvalConfig
     from lmsmith.eval.stage import task_files
     from lmsmith.eval.tasks import load_task, read_items
     from lmsmith.pipeline import StageContext
@@ -311,7 +310,7 @@ def test_eval_stage_writes_the_finance_suite_held_out_of_the_runs_companies(tmp_
     fabricate_data(run_dir)
     recipe = Recipe(data={"embedded": {"seed": 3, "companies": 40}}, sft={"base_model": str(tiny_model_dir)})
     ctx = StageContext(run_dir=run_dir, stage_dir=run_dir / "eval", recipe=recipe)
-    paths = task_files(EvalConfig(tasks=["finance-suite"], max_items=5), ctx, tmp_path / "tasks")
+    paths = task_files(["finance-suite"], ctx, tmp_path / "tasks", max_items=5)
     tasks = [load_task(path) for path in paths]
     assert [task.name for task in tasks] == ["finance-mc", "finance-yoy", "finance-entities", "finance-report",
                                              "finance-news"]

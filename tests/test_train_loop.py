@@ -13,6 +13,7 @@ from conftest import build_tiny_model
 from lmsmith.recipe import load_recipe
 from lmsmith.train.config import EarlyStoppingConfig, MonitorConfig, OptimConfig, TrainingSchedule
 from lmsmith.train.data import Example, StepPlan, chat_example, eval_batches, oversample
+from lmsmith.eval.tasks import TaskConfig, read_items
 from lmsmith.train.loop import GenerationProbe, evaluate, loss_sum, train
 from test_packing import CONVERSATIONS
 
@@ -81,7 +82,7 @@ def test_generation_probe_scores_rouge_l_at_each_val_check(tmp_path, tiny_tokeni
     probe = GenerationProbe(tokenizer=tiny_tokenizer, prompts=[c[:-1] for c in CONVERSATIONS[:2]],
                             references=[c[-1]["content"] for c in CONVERSATIONS[:2]], max_new_tokens=8)
     model.train()
-    score = probe.score(model)
+    score = probe.scores(model)["val_rouge_l"]
     assert 0.0 <= score <= 100.0
     assert model.training  # generation ran in eval mode and handed the model back in train mode
     # A reference scored against itself through a probe whose "model" parrots it gets 100.
@@ -89,10 +90,54 @@ def test_generation_probe_scores_rouge_l_at_each_val_check(tmp_path, tiny_tokeni
 
     assert rouge_l(probe.references, probe.references) == pytest.approx(100.0)
     plan = StepPlan(examples, pad_id=tiny_tokenizer.pad_token_id, batch_size=2, epochs=2, max_steps=4)
-    summary = train(model, plan, plan.total_steps, schedule(val_every=2, max_steps=4), tmp_path, probe=probe)
+    summary = train(model, plan, plan.total_steps, schedule(val_every=2, max_steps=4), tmp_path, probes=[probe])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "val_rouge_l" in row] == [2, 4]
     assert summary.extra["val_rouge_l"] == rows[-1]["val_rouge_l"]
+
+
+def letter_task(tmp_path: Path) -> tuple[TaskConfig, list[Example]]:
+    """A 16-question multiple-choice task, and training examples that state each question's gold letter."""
+    from lmsmith.eval.suite import format_question
+
+    rows = ["question,A,B,C,D,answer"] + [f"第{i}题：毛利率？,毛利/营收{i},净利/营收,营收/资产,负债/资产,{'ABCD'[i % 4]}"
+                                          for i in range(16)]
+    (tmp_path / "mc.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    task = TaskConfig(name="mc", type="multiple_choice", dataset=tmp_path / "mc.csv")
+    return task, [format_question(task, item.question, item.options) + " " + "ABCD"[item.gold]
+                  for item in read_items(task)]
+
+
+def test_val_tasks_are_scored_at_each_check_and_early_stopping_can_watch_them(tmp_path, tiny_tokenizer):
+    from lmsmith.eval.probe import TaskProbe
+
+    task, texts = letter_task(tmp_path)
+    examples = [Example(input_ids=ids, labels=ids) for ids in tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    probe = TaskProbe([task], tiny_tokenizer, batch_size=8)
+    assert probe.metric_names() == ["val.mc.acc"]
+    plan = StepPlan(examples, pad_id=tiny_tokenizer.pad_token_id, batch_size=16, epochs=80, max_steps=80)
+    config = schedule(max_steps=80, val_every=8, batch_size=16, optim=OptimConfig(lr=3e-3, warmup_ratio=0.0),
+                      early_stopping=EarlyStoppingConfig(metric="val.mc.acc", patience=3))
+    model = build_tiny_model(tiny_tokenizer, seed=5)
+    summary = train(model, plan, plan.total_steps, config, tmp_path / "run", probes=[probe])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    curve = [(row["step"], row["val.mc.acc"]) for row in rows if "val.mc.acc" in row]
+    assert [step for step, _ in curve][:3] == [8, 16, 24]
+    assert max(acc for _, acc in curve) >= 75.0 > curve[0][1]  # learning the letters shows in the probe
+    best_step, best = max(curve, key=lambda point: (point[1], -point[0]))
+    if best_step != summary.steps:  # the best check's weights were restored
+        assert summary.extra["best_val.mc.acc"] == best and summary.extra["best_step"] == best_step
+    assert summary.extra["val.mc.acc"] == best  # what is handed back is the best check's model
+    if "stopped_early_at" in summary.extra:  # it stops after two checks without a new best
+        assert summary.extra["stopped_early_at"] == curve[-1][0] and len(curve) >= 3
+
+
+def test_lower_is_better_for_loss_perplexity_and_edit_rate():
+    from lmsmith.train.loop import higher_is_better
+
+    assert not higher_is_better("val_loss") and higher_is_better("val_rouge_l")
+    assert higher_is_better("val.finance-yoy.numeric_acc") and not higher_is_better("val.docs.perplexity")
+    assert not higher_is_better("val.report.edit_rate")
 
 
 def test_the_objective_hook_replaces_the_loss(tmp_path):
@@ -233,3 +278,29 @@ def test_contradictory_sft_settings_are_refused():
     ):
         with pytest.raises(ValidationError, match=message):
             SFTConfig(**settings)
+
+
+def test_sft_val_tasks_are_checked_before_training(tmp_path, tiny_tokenizer):
+    from pydantic import ValidationError
+
+    from lmsmith.errors import UserError
+    from lmsmith.pipeline import StageContext
+    from lmsmith.recipe import Recipe
+    from lmsmith.train.config import SFTConfig
+    from lmsmith.train.sft import val_probes
+
+    with pytest.raises(ValidationError, match="list it in val_tasks"):
+        SFTConfig(early_stopping={"metric": "val.mc.acc"})
+    with pytest.raises(ValidationError, match="held-out is the run's test split"):
+        SFTConfig(val_tasks=["held-out"])
+    with pytest.raises(ValidationError, match="early_stopping.metric"):
+        SFTConfig(val_tasks=["x.yaml"], early_stopping={"metric": "val.mc acc"})
+    task, _ = letter_task(tmp_path)
+    (tmp_path / "mc.yaml").write_text(f"name: mc\ntype: multiple_choice\ndataset: {task.dataset}\n", encoding="utf-8")
+    ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "sft", recipe=Recipe(pretrain={}, sft={}))
+    config = SFTConfig(val_tasks=[str(tmp_path / "mc.yaml")], val_task_items=5, val_generations=0,
+                       early_stopping={"metric": "val.mc.gen_acc"})
+    with pytest.raises(UserError, match=r"val.mc.gen_acc is not measured; the val tasks give val.mc.acc"):
+        val_probes(config, tiny_tokenizer, [], ctx)
+    [probe] = val_probes(config.model_copy(update={"early_stopping": None}), tiny_tokenizer, [], ctx)
+    assert [task.limit for task in probe.tasks] == [5]

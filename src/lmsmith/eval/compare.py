@@ -29,6 +29,17 @@ HEADLINES = {
     "perplexity": ("perplexity",),
 }
 LOWER_IS_BETTER = {"perplexity", "edit_rate", "extraction_failure_rate"}
+
+
+def produced_headlines(task) -> tuple[str, ...]:
+    """The headline metrics a task (`TaskConfig`) yields, given how it scores."""
+    if task.type in ("multiple_choice", "classification"):
+        by_likelihood = {"multiple_choice": ("acc",), "classification": ("acc", "macro_f1")}[task.type]
+        by_generation = {"multiple_choice": ("gen_acc", "extraction_failure_rate"),
+                         "classification": ("gen_acc",)}[task.type]
+        return (by_likelihood if "loglikelihood" in task.scoring else ()) + (
+            by_generation if "generate" in task.scoring else ())
+    return HEADLINES[task.type]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 STDERR_TARGET = 3.0  # points on a 0–100 scale: items enough that a score is this precise
 

@@ -24,7 +24,7 @@ from lmsmith.pipeline import StageContext, StageResult
 HELD_OUT = "held-out"
 
 
-def held_out_tasks(ctx: StageContext, folder: Path, config: EvalConfig) -> list[Path]:
+def held_out_tasks(ctx: StageContext, folder: Path, numeric_rel_tol: float) -> list[Path]:
     """Task files over the run's test split: answers, numeric truths (records that carry one), perplexity."""
     import yaml
 
@@ -44,7 +44,7 @@ def held_out_tasks(ctx: StageContext, folder: Path, config: EvalConfig) -> list[
         path = folder / "held-out-numeric.jsonl"
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in numeric), encoding="utf-8")
         specs.append({"name": "held-out-numeric", "type": "numeric", "dataset": path.name, "format": "messages",
-                      "rel_tol": config.numeric_rel_tol, "max_new_tokens": 96})
+                      "rel_tol": numeric_rel_tol, "max_new_tokens": 96})
     specs.append({"name": "held-out-perplexity", "type": "perplexity",
                   "dataset": beside(ctx.artifact("data", "corpus_test")), "format": "documents"})
     paths = []
@@ -55,7 +55,10 @@ def held_out_tasks(ctx: StageContext, folder: Path, config: EvalConfig) -> list[
     return paths
 
 
-def task_files(config: EvalConfig, ctx: StageContext, folder: Path) -> list[Path]:
+def task_files(names: list[str], ctx: StageContext, folder: Path, max_items: int | None = None,
+               max_new_tokens: int | None = None, numeric_rel_tol: float = 0.01) -> list[Path]:
+    """Task files for `names` (held-out, finance-suite, or task YAML paths), capped when asked; the
+    sft stage's val tasks come from here too."""
     from lmsmith.eval.suite import expand_tasks
     from lmsmith.eval.tasks import load_task
 
@@ -65,26 +68,26 @@ def task_files(config: EvalConfig, ctx: StageContext, folder: Path) -> list[Path
     # the run trained on the user's own data).
     train = data.embedded if data is not None else None
     paths: list[Path] = []
-    for name in config.tasks:
+    for name in names:
         if name == HELD_OUT:
-            paths += held_out_tasks(ctx, folder / HELD_OUT, config)
+            paths += held_out_tasks(ctx, folder / HELD_OUT, numeric_rel_tol)
         else:
             paths += expand_tasks([name], folder, seed=train.seed if train else 0,
                                   train_companies=train.companies if embedded and train else None,
                                   years=train.years if train else 5, ops=data.ops if data is not None else None)
-    if config.max_items is None and config.max_new_tokens is None:
+    if max_items is None and max_new_tokens is None:
         return paths
+    import yaml
+
     capped = []
     for path in paths:  # a capped copy beside each task file: the run's tasks stay inspectable
         task = load_task(path)
         update: dict[str, Any] = {"dataset": os.path.relpath(Path(task.dataset).resolve(), path.parent.resolve())}
-        if config.max_items is not None:
-            update["limit"] = min(task.limit or config.max_items, config.max_items)
-        if config.max_new_tokens is not None:
-            update["max_new_tokens"] = min(task.max_new_tokens, config.max_new_tokens)
+        if max_items is not None:
+            update["limit"] = min(task.limit or max_items, max_items)
+        if max_new_tokens is not None:
+            update["max_new_tokens"] = min(task.max_new_tokens, max_new_tokens)
         capped_path = path.with_name(path.stem + ".capped.yaml")
-        import yaml
-
         data_out = task.model_dump(mode="json", exclude_defaults=True) | update
         capped_path.write_text(yaml.safe_dump(data_out, allow_unicode=True, sort_keys=False), encoding="utf-8")
         capped.append(capped_path)
@@ -114,7 +117,8 @@ def run(config: EvalConfig, ctx: StageContext) -> StageResult:
         raise UserError("eval.tasks: name at least one task (held-out, finance-suite or a task file)")
     out = ctx.stage_dir
     entries = run_models(ctx)
-    tasks = task_files(config, ctx, out / "tasks")
+    tasks = task_files(config.tasks, ctx, out / "tasks", config.max_items, config.max_new_tokens,
+                       config.numeric_rel_tol)
     speed = SpeedConfig(requests=config.speed_requests) if config.speed_requests else None
     tuned = next(entry for entry in entries if entry.label == "tuned")
     results = evaluate_models(entries, tasks, out, config.batch_size, speed, tokenizer_path=tuned.path,

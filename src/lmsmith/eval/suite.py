@@ -80,8 +80,9 @@ def resolve_model_spec(spec: str) -> Path:
 class LocalModel:
     """A model loaded here: log-likelihoods from its forward passes, answers from `generate_chat`."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, quiet: bool = False):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.quiet = quiet  # no progress bars (inside a training loop's own)
 
     def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         from lmsmith.eval.likelihood import continuation_logprobs
@@ -97,12 +98,14 @@ class LocalModel:
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"{progress}: answers are asked through the chat template, and this tokenizer has none")
         return generate_chat(self.model, self.tokenizer, [list(c) for c in conversations],
-                             max_new_tokens=max_new_tokens, batch_size=self.batch_size, progress=progress).texts
+                             max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                             progress=None if self.quiet else progress).texts
 
     def perplexity(self, documents: Sequence[str], progress: str) -> dict[str, Any]:
         from lmsmith.eval.metrics import perplexity
 
-        result = perplexity(self.model, self.tokenizer, documents, batch_size=self.batch_size, progress=progress)
+        result = perplexity(self.model, self.tokenizer, documents, batch_size=self.batch_size,
+                            progress=None if self.quiet else progress)
         return {"perplexity": result.perplexity, "tokens": result.tokens}
 
 

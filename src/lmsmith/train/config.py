@@ -52,8 +52,11 @@ class OptimConfig(StrictModel):
 class EarlyStoppingConfig(StrictModel):
     """Stop when a validation figure has not improved for `patience` val checks; keep the best weights."""
 
-    metric: Literal["val_loss", "val_rouge_l"] = Field(
-        "val_loss", description="val_loss (lower is better) or val_rouge_l (sft only, higher is better)."
+    metric: str = Field(
+        "val_loss", pattern=r"^(val_loss|val_rouge_l|val\.[^.\s]+\.[A-Za-z0-9_]+)$",
+        description="val_loss (lower is better), val_rouge_l (sft only, higher is better), or an sft val task's "
+        "metric as val.TASK.METRIC, e.g. val.finance-yoy.numeric_acc (higher is better except perplexity, "
+        "edit_rate and extraction_failure_rate).",
     )
     patience: int = Field(3, ge=1, description="Val checks without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smaller changes do not count as an improvement.")
@@ -231,6 +234,11 @@ class SFTConfig(TrainingSchedule):
         4, ge=0, description="Val conversations answered greedily at each val check and scored by ROUGE-L (0: off)."
     )
     val_max_new_tokens: int = Field(48, ge=1, description="Token budget of those answers.")
+    val_tasks: list[str] = Field(
+        default_factory=list,
+        description="Eval tasks scored at each val check (`lmsmith eval` task files, or finance-suite): their "
+        "headline metrics go to metrics.jsonl and TensorBoard as val.TASK.METRIC, and early stopping can watch them.")
+    val_task_items: int = Field(32, ge=1, description="Items of each val task scored at a val check.")
     distill: Optional[DistillationConfig] = Field(None, description="Distil from a teacher (KL + CE) instead of plain CE.")
     privacy: Optional[PrivacyConfig] = Field(
         None, description="Train with DP-SGD (opacus) and report ε at the given δ; no packing, resume or accumulation."
@@ -252,6 +260,12 @@ class SFTConfig(TrainingSchedule):
     def _compatible(self) -> "SFTConfig":
         if self.early_stopping is not None and self.early_stopping.metric == "val_rouge_l" and not self.val_generations:
             raise ValueError("early_stopping.metric val_rouge_l needs val_generations > 0")
+        if self.early_stopping is not None and self.early_stopping.metric.startswith("val.") and not self.val_tasks:
+            raise ValueError(f"early_stopping.metric {self.early_stopping.metric} watches a val task; list it in "
+                             "val_tasks")
+        if "held-out" in self.val_tasks:
+            raise ValueError("val_tasks: held-out is the run's test split, which training must not see; the val "
+                             "split is scored by val_loss and val_rouge_l")
         if self.privacy is not None:
             # opacus samples its own batches and clips per example: none of these fit its accounting.
             clashes = [name for name, on in (("efficiency.packing", self.efficiency.packing), ("resume", self.resume),

@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +185,7 @@ class GenerationProbe:
     references: list[str]
     max_new_tokens: int = 48
 
-    def score(self, model) -> float:
+    def scores(self, model) -> dict[str, float]:
         from lmsmith.eval.metrics import rouge_l
         from lmsmith.generation import generate_chat
 
@@ -196,7 +196,20 @@ class GenerationProbe:
                                        batch_size=len(self.prompts))
         finally:
             model.train(was_training)
-        return rouge_l(generation.texts, self.references)
+        return {"val_rouge_l": round(rouge_l(generation.texts, self.references), 3)}
+
+
+class Probe(Protocol):
+    """Something measured on the model at each val check: `scores(model)` gives metrics.jsonl keys."""
+
+    def scores(self, model) -> dict[str, float]: ...
+
+
+def higher_is_better(metric: str) -> bool:
+    """val_loss and the eval tasks' lower-is-better metrics (perplexity, edit rate, ...) fall as a model improves."""
+    from lmsmith.eval.compare import LOWER_IS_BETTER
+
+    return metric != "val_loss" and metric.rsplit(".", 1)[-1] not in LOWER_IS_BETTER
 
 
 def build_optimizer(model, optim: OptimConfig) -> torch.optim.AdamW:
@@ -337,7 +350,7 @@ def train(
     *,
     checkpoint_dir: Path | None = None,
     val_batches: Sequence[Batch] = (),
-    probe: GenerationProbe | None = None,
+    probes: Sequence[Probe] = (),
     objective: Objective | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     accelerator=None,
@@ -425,11 +438,11 @@ def train(
                  monitor=config.monitor, params=config.model_dump(mode="json"),
                  tracker_state=loop_state.get("trackers") if loop_state else None)
     alerts = AlertMonitor(config.monitor, device)
-    check_at = val_steps(total_steps, config.val_every) if (val_batches or probe) else set()
+    check_at = val_steps(total_steps, config.val_every) if (val_batches or probes) else set()
     stopper = None
     if config.early_stopping is not None:
         rule = config.early_stopping
-        stopper = _EarlyStopping(rule.metric, rule.metric != "val_loss", rule.patience, rule.min_delta)
+        stopper = _EarlyStopping(rule.metric, higher_is_better(rule.metric), rule.patience, rule.min_delta)
     history: list[dict] = []
     interval = _Interval()
     total_tokens, train_seconds, val_loss, last_loss, stopped_at = 0, 0.0, None, float("nan"), None
@@ -479,7 +492,7 @@ def train(
                         row["mfu"] = round(mfu(row["tokens_per_s"], flops_per_token, peak), 5)
                     row["peak_mem_mb"] = round(peak_memory_mb(device), 1)
                     if step in check_at:
-                        row.update(_validate(model, val_batches, probe, objective, device))
+                        row.update(_validate(model, val_batches, probes, objective, device))
                         val_loss = row.get("val_loss", val_loss)
                         if stopper is not None:
                             stop = stopper.update(step, row.get(stopper.metric), model)
@@ -517,8 +530,7 @@ def train(
         extra.update({"best_step": stopper.best_step, f"best_{stopper.metric}": stopper.best})
     if stopped_at is not None:
         extra["stopped_early_at"] = stopped_at
-    if "val_rouge_l" in reported:
-        extra["val_rouge_l"] = reported["val_rouge_l"]
+    extra.update({key: value for key, value in reported.items() if key == "val_rouge_l" or key.startswith("val.")})
     extra["peak_mem_mb"] = round(peak_memory_mb(device), 1)
     # The last logged interval's mean is a steadier figure than the final step's loss alone.
     final_loss = history[-1]["loss"] if history else last_loss
@@ -538,14 +550,14 @@ def train(
     return summary
 
 
-def _validate(model, val_batches, probe, objective, device) -> dict[str, float]:
+def _validate(model, val_batches, probes: Sequence[Probe], objective, device) -> dict[str, float]:
     row: dict[str, float] = {}
     if val_batches:
         loss = evaluate(model, val_batches, objective, device)
         if loss is not None:
             row["val_loss"] = round(loss, 5)
-    if probe is not None:
-        row["val_rouge_l"] = round(probe.score(model), 3)
+    for probe in probes:
+        row.update(probe.scores(model))
     return row
 
 
@@ -562,7 +574,7 @@ def train_private(
     stage_dir: Path,
     *,
     val_batches: Sequence[Batch] = (),
-    probe: GenerationProbe | None = None,
+    probes: Sequence[Probe] = (),
     description: str = "train (DP-SGD)",
 ) -> TrainSummary:
     """DP-SGD with opacus (`lmsmith.train.privacy.PrivateTraining`): its Poisson-sampled batches,
@@ -581,7 +593,7 @@ def train_private(
     log = RunLog(stage_dir / "metrics.jsonl", stage_dir / "tensorboard" if config.monitor.tensorboard else None,
                  monitor=config.monitor, params=config.model_dump(mode="json"))
     alerts = AlertMonitor(config.monitor)
-    check_at = val_steps(total_steps, config.val_every) if (val_batches or probe) else set()
+    check_at = val_steps(total_steps, config.val_every) if (val_batches or probes) else set()
     history: list[dict] = []
     losses: list[float] = []
     tokens = total_tokens = 0
@@ -609,7 +621,7 @@ def train_private(
                        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
                        "dp_epsilon": round(private.epsilon(), 4)}
                 if step in check_at:
-                    row.update(_validate(model, val_batches, probe, None, None))
+                    row.update(_validate(model, val_batches, probes, None, None))
                     val_loss = row.get("val_loss", val_loss)
                     model.train()
                 log.metrics(row)

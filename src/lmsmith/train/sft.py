@@ -62,14 +62,28 @@ def load_base(config: SFTConfig, ctx: StageContext, precision: str):
     return model, tokenizer, folder, template
 
 
-def generation_probe(config: SFTConfig, tokenizer, conversations) -> GenerationProbe | None:
-    """The first `val_generations` val conversations, asked without their answers, for ROUGE-L."""
+def val_probes(config: SFTConfig, tokenizer, conversations, ctx: StageContext) -> list:
+    """What each val check measures besides val loss: ROUGE-L of the first `val_generations` val
+    conversations, and a capped sample of each of `val_tasks` (`lmsmith.eval.probe`)."""
+    probes: list = []
     chosen = conversations[: config.val_generations]
-    if not chosen:
-        return None
-    return GenerationProbe(tokenizer=tokenizer, prompts=[messages[:-1] for messages in chosen],
-                           references=[messages[-1]["content"] for messages in chosen],
-                           max_new_tokens=config.val_max_new_tokens)
+    if chosen:
+        probes.append(GenerationProbe(tokenizer=tokenizer, prompts=[messages[:-1] for messages in chosen],
+                                      references=[messages[-1]["content"] for messages in chosen],
+                                      max_new_tokens=config.val_max_new_tokens))
+    if config.val_tasks:
+        from lmsmith.eval.probe import TaskProbe
+        from lmsmith.eval.stage import task_files
+        from lmsmith.eval.tasks import load_task
+
+        paths = task_files(config.val_tasks, ctx, ctx.stage_dir / "val_tasks", max_items=config.val_task_items)
+        task_probe = TaskProbe([load_task(path) for path in paths], tokenizer, config.batch_size)
+        watched = config.early_stopping.metric if config.early_stopping is not None else None
+        if watched is not None and watched.startswith("val.") and watched not in task_probe.metric_names():
+            raise UserError(f"sft.early_stopping.metric: {watched} is not measured; the val tasks give "
+                            f"{', '.join(task_probe.metric_names())}")
+        probes.append(task_probe)
+    return probes
 
 
 def weigh_by_task(examples: list[Example], tasks: list[str], ctx: StageContext) -> list[Example]:
@@ -151,7 +165,7 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
     model, params = apply_method(model, config.method, used_token_ids)
     optimizer = build_optimizer(model, config.method, config.optim)
     val = eval_batches(val_examples, tokenizer.pad_token_id, config.batch_size)
-    probe = generation_probe(config, tokenizer, [val_conversations[i] for i in val_kept])
+    probes = val_probes(config, tokenizer, [val_conversations[i] for i in val_kept], ctx)
 
     plan = StepPlan.for_schedule(train_examples, tokenizer.pad_token_id, config, accelerator.num_processes, ctx.seed)
     private = None
@@ -160,7 +174,7 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
 
         private = make_private(model, optimizer, train_examples, tokenizer.pad_token_id, config.batch_size,
                                plan.total_steps, config.privacy, method_name=config.method.name)
-        summary = train_private(private, config, ctx.stage_dir, val_batches=val, probe=probe,
+        summary = train_private(private, config, ctx.stage_dir, val_batches=val, probes=probes,
                                 description=f"sft ({config.method.name}, DP-SGD)")
     else:
         summary = train(
@@ -171,7 +185,7 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
             ctx.stage_dir,
             checkpoint_dir=checkpoint_root(ctx.run_dir, "sft"),
             val_batches=val,
-            probe=probe,
+            probes=probes,
             objective=objective_for(config, model, accelerator.device),
             optimizer=optimizer,
             accelerator=accelerator,
