@@ -81,6 +81,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_curve(args: argparse.Namespace) -> int:
+    from lmsmith.cli_options import config_from_arguments
+    from lmsmith.eval.curve import CurveConfig, run_curve
+
+    run_curve(config_from_arguments(args, CurveConfig, "lmsmith eval curve", positional=("run",)))
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from lmsmith.serve.chat import chat_loop
 
@@ -158,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(evaluate, SuiteConfig)
     evaluate.set_defaults(func=_cmd_eval)
 
+    from lmsmith.eval.curve import CurveConfig
+
+    # `lmsmith eval curve ...` is routed here by `main` (eval's own options leave no room for a subcommand).
+    curve = sub.add_parser("eval-curve", help="lmsmith eval curve RUN: train sft on 10/25/50/100%% of "
+                           "the run's data with a fixed step budget; plot every metric against the data size.",
+                           description=CurveConfig.__doc__, prog="lmsmith eval curve")
+    add_config_arguments(curve, CurveConfig, positional=("run",))
+    curve.set_defaults(func=_cmd_eval_curve)
+
     chat = sub.add_parser("chat", help="Chat with a run folder's or model folder's model in the terminal.")
     chat.add_argument("path")
     chat.add_argument("--max-new-tokens", type=int, default=256)
@@ -175,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "curve"]:
+        argv = ["eval-curve", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

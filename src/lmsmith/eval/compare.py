@@ -225,12 +225,25 @@ def headline_plot(results: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def _drawable(label: str) -> bool:
+    # matplotlib's bundled DejaVu Sans has no CJK glyphs, and the machines carry no CJK font.
+    return all(ord(char) < 0x2E80 for char in label)
+
+
+def confusion_labels(matrices: dict[str, dict[str, dict[str, int]]]) -> dict[str, str]:
+    """What each label is called in the plot: itself, or #N when the font cannot draw it (the caption maps it)."""
+    labels = list(dict.fromkeys(label for matrix in matrices.values() for row, counts in matrix.items()
+                                for label in (row, *counts)))
+    return {label: label if _drawable(label) else f"#{index}" for index, label in enumerate(labels, start=1)}
+
+
 def confusion_plot(task: str, matrices: dict[str, dict[str, dict[str, int]]]) -> bytes:
     """One confusion matrix `{gold: {predicted: count}}` per model, side by side (rows: truth)."""
     import io
 
     from matplotlib.figure import Figure
 
+    shown = confusion_labels(matrices)
     figure = Figure(figsize=(3.4 * len(matrices), 3.4), dpi=100)
     axes_list = figure.subplots(1, len(matrices), squeeze=False)[0]
     for axes, (model, matrix) in zip(axes_list, matrices.items()):
@@ -241,8 +254,8 @@ def confusion_plot(task: str, matrices: dict[str, dict[str, dict[str, int]]]) ->
         for r, line in enumerate(values):
             for c, value in enumerate(line):
                 axes.text(c, r, str(value), ha="center", va="center", fontsize=8)
-        axes.set_xticks(range(len(columns)), columns, fontsize=7)
-        axes.set_yticks(range(len(rows)), rows, fontsize=7)
+        axes.set_xticks(range(len(columns)), [shown[column] for column in columns], fontsize=7)
+        axes.set_yticks(range(len(rows)), [shown[row] for row in rows], fontsize=7)
         axes.set_title(model, fontsize=9)
         axes.set_xlabel("predicted", fontsize=8)
     figure.suptitle(task, fontsize=10)
@@ -252,7 +265,7 @@ def confusion_plot(task: str, matrices: dict[str, dict[str, dict[str, int]]]) ->
     return buffer.getvalue()
 
 
-def build_document(results: dict[str, Any], title: str):
+def build_document(results: dict[str, Any], title: str, extra_images: Sequence[Any] = ()):
     """The comparison as a `Document`: table, notes, plots (rendered to markdown and HTML)."""
     from lmsmith.report.document import Bullets, Document, Image, Paragraph
 
@@ -267,20 +280,22 @@ def build_document(results: dict[str, Any], title: str):
         "Scores are 0–100 with a bootstrap standard error; every headline score is within ± "
         f"{STDERR_TARGET:g} points." if not imprecise else
         f"Standard errors above {STDERR_TARGET:g} points (more items would tighten them): " + "; ".join(imprecise)))
+    section.blocks.extend(extra_images)
     section.blocks.append(Image("plots/scores.png", "headline scores (± standard error)", headline_plot(results)))
     for task, info in results["tasks"].items():
         matrices = {label: scores.get("confusion") or scores["gen_confusion"]
                     for label, scores in info["scores"].items() if "confusion" in scores or "gen_confusion" in scores}
         if matrices:
-            section.blocks.append(Image(f"plots/{task}-confusion.png", f"{task}: confusion matrices (rows: truth)",
-                                        confusion_plot(task, matrices)))
+            renamed = [f"{short} = {label}" for label, short in confusion_labels(matrices).items() if short != label]
+            caption = f"{task}: confusion matrices (rows: truth)" + (f"; {', '.join(renamed)}" if renamed else "")
+            section.blocks.append(Image(f"plots/{task}-confusion.png", caption, confusion_plot(task, matrices)))
     return doc
 
 
-def write_outputs(results: dict[str, Any], out: Path, title: str) -> Table:
+def write_outputs(results: dict[str, Any], out: Path, title: str, extra_images: Sequence[Any] = ()) -> Table:
     """results.json, table.md, report.html and plots/*.png in `out`; returns the comparison table."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = build_document(results, title)
+    doc = build_document(results, title, extra_images)
     (out / "plots").mkdir(exist_ok=True)
     for image in doc.images:
         (out / image.filename).write_bytes(image.png)

@@ -446,8 +446,10 @@ def speed_conversations(tasks: Sequence[TaskConfig], count: int) -> list[list[di
 
 
 def evaluate_models(entries: Sequence[Any], task_paths: Sequence[Path], out: Path, batch_size: int = 16,
-                    speed: Any = None, tokenizer_path: Path | None = None, title: str = "lmsmith eval") -> dict[str, Any]:
-    """Every task on every model (`compare.ModelEntry`), their facts and speed; writes the comparison into `out`.
+                    speed: Any = None, tokenizer_path: Path | None = None, title: str = "lmsmith eval",
+                    write: bool = True) -> dict[str, Any]:
+    """Every task on every model (`compare.ModelEntry`), their facts and speed; writes the comparison into
+    `out` (unless `write` is False: the caller adds to it first).
 
     `tokenizer_path` prompts every local model through one tokenizer (a run's base through the tuned
     model's chat template); by default each model's own.
@@ -492,6 +494,8 @@ def evaluate_models(entries: Sequence[Any], task_paths: Sequence[Path], out: Pat
         results["models"][entry.label] = facts
         del backend, model
         gc.collect()
+    if not write:
+        return results
     table = write_outputs(results, out.expanduser(), title)
     console.print(table.to_markdown(), markup=False)
     return results
