@@ -353,3 +353,29 @@ def test_extraction_maps_listed_entities_onto_the_gold_tokens(tmp_path, tiny_tok
     write(data, "星 B-COMPANY\n辰 X-COMPANY\n")
     with pytest.raises(UserError, match=r"ner\.conll:2: expected 'token tag' with a BIO tag"):
         evaluate_task(TaskConfig(name="ner", type="extraction", dataset=data), LocalModel(None, tiny_tokenizer))
+
+
+def test_a_peft_adapter_is_scored_on_its_base(tmp_path, tiny_model_dir, tiny_tokenizer, ceval_csv):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmsmith.cli import main
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    tiny_tokenizer.save_pretrained(adapter)
+    lora_params = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
+    task = write(tmp_path / "mc.yaml", f"name: mc\ntype: multiple_choice\ndataset: {ceval_csv}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--task", str(task), "--model", str(adapter), "--model", f"{tiny_model_dir}+{adapter}",
+                 "--speed-requests", "0", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = list(results["models"].values())
+    assert [row["trainable_params"] for row in rows] == [lora_params, lora_params]
+    scores = results["tasks"]["mc"]["scores"]
+    assert scores[str(adapter)]["acc"] == scores[f"{tiny_model_dir}+{adapter}"]["acc"]
+    with pytest.raises(UserError, match="not a peft adapter folder"):
+        suite.adapter_spec(f"{tiny_model_dir}+{tiny_model_dir}")

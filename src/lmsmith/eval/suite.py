@@ -4,6 +4,8 @@ Models are named as `lmsmith serve` names them, plus one form for any stage outp
 - an HF model folder, or a compress-stage int8 folder;
 - a run folder: its tuned (sft) model;
 - `run:RUN#STAGE` or `run:RUN#STAGE/OUTPUT` (output `model` by default): `run:runs/demo#pretrain`;
+- a peft adapter folder on the base its config names, or `BASE+ADAPTER`: merged into the base first
+  (`lmsmith.train.export.merge_adapter`), its trainable parameters counted from the adapter's weights;
 - an OpenAI-compatible URL, `http://host:8000/v1[#MODEL]` (`lmsmith.eval.endpoint`; the key comes from
   OPENAI_API_KEY): answers through chat completions, log-likelihoods through echoed prompt logprobs
   after a probe that refuses servers which do not return them.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,7 +53,8 @@ class SuiteConfig(StrictModel):
     task: list[str] = Field(..., description="Task YAML file, or finance-suite (the embedded finance tasks, "
                             "about companies held out of the embedded training data).")
     model: list[str] = Field(..., description="Model: an HF folder, a run folder (its tuned model), "
-                             "run:RUN#STAGE[/OUTPUT], or an OpenAI-compatible URL http://HOST/v1[#MODEL].")
+                             "run:RUN#STAGE[/OUTPUT], a peft adapter folder (on the base it names) or "
+                             "BASE+ADAPTER, or an OpenAI-compatible URL http://HOST/v1[#MODEL].")
     out: Path = Field(Path("eval-results"), description="Folder for results.json and table.md.")
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
     speed_requests: int = Field(8, ge=0, description="Requests timed per model for tok/s and latency (0: no timing).")
@@ -501,14 +505,54 @@ def evaluate_models(entries: Sequence[Any], task_paths: Sequence[Path], out: Pat
     return results
 
 
+def adapter_spec(spec: str) -> tuple[Path, Path | None] | None:
+    """(adapter folder, base folder or None: the adapter's own base) when `spec` names a peft adapter, as
+    ADAPTER or BASE+ADAPTER; None otherwise."""
+    if Path(spec).expanduser().exists():
+        base, adapter = None, Path(spec).expanduser()
+    elif "+" in spec:
+        base_text, _, adapter_text = spec.rpartition("+")
+        base, adapter = Path(base_text).expanduser(), Path(adapter_text).expanduser()
+        if not base.is_dir():
+            raise UserError(f"--model {spec}: {base} is not a model folder")
+    else:
+        return None
+    if not (adapter / "adapter_config.json").is_file():
+        if base is not None:
+            raise UserError(f"--model {spec}: {adapter} is not a peft adapter folder (no adapter_config.json)")
+        return None
+    return adapter, base
+
+
+def adapter_entry(spec: str, adapter: Path, base: Path | None, folder: Path):
+    """A model entry for base + adapter: the adapter merged into its base (`lmsmith.train.export`) in
+    `folder`; its trainable parameters are the adapter's."""
+    from safetensors import safe_open
+
+    from lmsmith.eval.compare import ModelEntry
+    from lmsmith.train.export import merge_adapter
+
+    merged = merge_adapter(adapter, folder, base)
+    trainable = None
+    weights = adapter / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as handle:
+            trainable = sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return ModelEntry(spec, f"{base or 'its base'} + adapter {adapter}", merged, trainable)
+
+
 def run_suite(config: SuiteConfig) -> dict[str, Any]:
     """`lmsmith eval`: every task on every model; the comparison into `config.out`."""
     from lmsmith.eval.compare import ModelEntry, SpeedConfig
 
     out = config.out.expanduser()
     entries = []
-    for spec in config.model:
+    for index, spec in enumerate(config.model):
         remote = spec.startswith(("http://", "https://"))
-        entries.append(ModelEntry(spec, spec, None if remote else resolve_model_spec(spec)))
+        adapter = None if remote else adapter_spec(spec)
+        if adapter is not None:
+            entries.append(adapter_entry(spec, adapter[0], adapter[1], out / "merged" / f"model-{index}"))
+        else:
+            entries.append(ModelEntry(spec, spec, None if remote else resolve_model_spec(spec)))
     speed = SpeedConfig(requests=config.speed_requests) if config.speed_requests else None
     return evaluate_models(entries, expand_tasks(config.task, out / "tasks"), out, config.batch_size, speed)
