@@ -33,6 +33,23 @@ doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer)}}}}"
 metric_list:
   - metric: acc
 """
+LM_EVAL_GENERATION = """\
+task: lmsmith_crosscheck_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["。"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
 
 
 def half_trained_model(tokenizer, task: TaskConfig, items, folder: Path) -> Path:
@@ -62,6 +79,8 @@ def test_lm_eval_harness_against_lmsmith_serve_matches_lmsmith_eval(tmp_path, ti
     folder = half_trained_model(tiny_tokenizer, task, items, tmp_path / "model")
     (tmp_path / "lm_eval_tasks").mkdir()
     (tmp_path / "lm_eval_tasks" / "crosscheck.yaml").write_text(LM_EVAL_TASK.format(data=data), encoding="utf-8")
+    (tmp_path / "lm_eval_tasks" / "crosscheck_gen.yaml").write_text(LM_EVAL_GENERATION.format(data=data),
+                                                                   encoding="utf-8")
 
     from transformers import AutoModelForCausalLM
 
@@ -79,10 +98,20 @@ def test_lm_eval_harness_against_lmsmith_serve_matches_lmsmith_eval(tmp_path, ti
                 model="local-completions",
                 model_args=f"model=tiny,base_url={url}/v1/completions,tokenizer={folder},"
                            "tokenizer_backend=huggingface,num_concurrent=2,max_retries=1,batch_size=4",
-                tasks=["lmsmith_crosscheck"],
+                tasks=["lmsmith_crosscheck", "lmsmith_crosscheck_gen"],
                 task_manager=TaskManager(include_path=str(tmp_path / "lm_eval_tasks")),
                 log_samples=True,
             )
+            # Generation in lm-eval's default tokenized mode (token-id prompts in batches, stop strings)
+            # gives what a plain text request gives.
+            import httpx
+
+            for sample in harness["samples"]["lmsmith_crosscheck_gen"][:6]:
+                question = rows[sample["doc_id"]]["question"]
+                direct = httpx.post(f"{url}/v1/completions", json={
+                    "model": "tiny", "prompt": question, "max_tokens": 8, "temperature": 0, "stop": ["。"]},
+                    timeout=60).json()["choices"][0]["text"]
+                assert sample["resps"][0][0] == direct
     finally:
         engine.close()
 
