@@ -1,4 +1,4 @@
-"""`lmsmith export RUN --to hf|adapter|vllm`: one command over the export code the sft stage itself uses.
+"""`lmsmith export RUN --to hf|adapter|vllm|gguf`: one command over the export code the sft stage itself uses.
 
 - `hf`: the tuned model as a plain HF folder. An adapter is merged onto the base it was trained on
   (a QLoRA base loaded in 4 bits and dequantized) and, unless `--no-verify`, the merged model's logits
@@ -6,6 +6,9 @@
 - `adapter`: the peft adapter folder, its base stored as an absolute path, with its tokenizer.
 - `vllm`: the adapter, only when vLLM's `--lora-modules` would load it; otherwise the reasons, and
   `--to hf` as the way out (a merged folder serves in vLLM as a plain model).
+- `gguf`: the tuned model (an adapter merged first) as one GGUF file at `--quant` (f32, f16, bf16, q8_0,
+  q4_0), written by `lmsmith.compress.gguf_file` with the `gguf` package alone (no compiled llama.cpp),
+  then read back and its logits checked against the source model's.
 
 Every export is written beside its destination and renamed into place when complete, with an
 `export.json` saying what it came from. peft and transformers do the loading and merging.
@@ -35,13 +38,17 @@ class ExportConfig(StrictModel):
     """What `lmsmith export` writes and where."""
 
     run: Path = Field(..., description="A run folder (its sft stage is exported) or a peft adapter folder.")
-    to: Literal["hf", "adapter", "vllm"] = Field(..., description="hf: merged model folder; adapter: peft "
-                                                 "adapter; vllm: an adapter vLLM's --lora-modules loads.")
+    to: Literal["hf", "adapter", "vllm", "gguf"] = Field(
+        ..., description="hf: merged model folder; adapter: peft adapter; vllm: an adapter vLLM's --lora-modules "
+        "loads; gguf: one GGUF file for llama.cpp (no compiled llama.cpp needed).")
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = Field("q8_0", description="gguf: the weights' type "
+                                                                   "(norms and biases stay f32).")
     out: Optional[Path] = Field(None, description="Destination folder (default: RUN/exports/<to>; for an adapter "
                                 "folder ADAPTER-<to> beside it).")
     base_model: Optional[Path] = Field(None, description="Base model folder, when the adapter's recorded one "
                                        "has moved (it must be the same weights: the check below cannot tell).")
-    verify: bool = Field(True, description="hf: compare the merged model's logits with the adapter model's.")
+    verify: bool = Field(True, description="hf: compare the merged model's logits with the adapter model's; gguf: "
+                         "the GGUF's (read back, dequantized) with the source model's.")
     force: bool = Field(False, description="Replace an existing destination folder.")
 
 
@@ -114,6 +121,37 @@ def _write(out: Path, force: bool, build) -> None:
     replace_folder(staging, out)
 
 
+def _export_gguf(adapter: Path | None, model: Path | None, out: Path, config: ExportConfig,
+                 base_model: Path | None) -> dict:
+    """The tuned model as `out/<name>-<quant>.gguf`, checked against its source before it replaces `out`."""
+    import tempfile
+
+    from lmsmith.compress.gguf_file import verify_gguf, write_gguf
+
+    record: dict = {"quant": config.quant}
+
+    def build(target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".merge-") as scratch:
+            source = model
+            if adapter is not None and _mergeable(adapter):
+                source = merge_adapter(adapter, Path(scratch) / "merged", base_model)
+                record["adapter"] = str(adapter)
+            if source is None:
+                raise UserError(f"{config.run}: a prompt-learning adapter has no merged form to write as GGUF")
+            name = config.run.expanduser().resolve().name
+            written = write_gguf(source, target / f"{name}-{config.quant}.gguf", config.quant)
+            record.update({"file": written.path.name, "bytes": written.bytes, "tensors": written.tensors,
+                           "kept_higher": written.kept_higher})
+            if config.verify:
+                record["verify"] = verify_gguf(source, written.path, config.quant)
+                console.print(f"verified: GGUF logits within {record['verify']['relative_logit_diff']:.2g} of the "
+                              f"largest source logit, argmax agreement {record['verify']['argmax_agreement']:.3f}")
+
+    _write(out, config.force, build)
+    return record
+
+
 def _copy_adapter(adapter: Path, target: Path, base_model: Path | None) -> None:
     shutil.copytree(adapter, target)
     config_path = target / ADAPTER_CONFIG
@@ -156,6 +194,8 @@ def export_run(config: ExportConfig) -> dict:
             _write(out, config.force, lambda target: shutil.copytree(model, target))
         else:
             raise UserError(f"{config.run}: a prompt-learning adapter has no merged form; use --to adapter")
+    elif config.to == "gguf":
+        record.update(_export_gguf(adapter, model, out, config, base_model))
     else:
         if adapter is None:
             raise UserError(f"{config.run}: the run trained no adapter (full or freeze method); use --to hf")
