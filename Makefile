@@ -20,6 +20,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lmsmith run recipes/finance-demo.yaml --out runs/finance-demo
+	HF_HUB_OFFLINE=1 $(BIN)/lmsmith export runs/finance-demo --to gguf --quant q8_0 --force
 
 # Redis (Debian's redis-server) backs the response-cache tests; the tests start their own instance.
 test: $(STAMP)

@@ -294,13 +294,10 @@ def verify_gguf(source_dir: Path, gguf_path: Path, quant: str) -> dict[str, floa
 
     from lmsmith.train.model import load_causal_lm
 
+    from lmsmith.train.export import probe_ids
+
     source, tokenizer = load_causal_lm(source_dir, source=str(source_dir))
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "2023年营业收入同比增长多少?"}],
-                                             tokenize=False, add_generation_prompt=True)
-    except Exception:  # no chat template: plain text probes the weights as well
-        text = "2023年营业收入同比增长15.2%。Revenue grew 15.2% in 2023."
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    ids = probe_ids(tokenizer)
     with torch.no_grad():
         expected = source.float().eval()(input_ids=ids).logits
         got = read_gguf_model(gguf_path)(input_ids=ids).logits

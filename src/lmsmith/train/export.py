@@ -47,6 +47,18 @@ def save_adapter(model, out_dir: str | Path, base_model: str | Path, method=None
     return out_dir
 
 
+def probe_ids(tokenizer):
+    """A short chat turn (or plain text without a template) as input ids: what exports are checked on."""
+    import torch
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "2023年营业收入同比增长多少?"}],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # no chat template: plain text probes the weights just as well
+        text = "2023年营业收入同比增长15.2%。Revenue grew 15.2% in 2023."
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
 def read_method(adapter_dir: str | Path):
     """The lmsmith method recorded with an adapter, or None for an adapter from elsewhere."""
     path = Path(adapter_dir) / METHOD_FILE

@@ -28,7 +28,7 @@ from lmsmith.console import console
 from lmsmith.errors import UserError
 from lmsmith.hashing import hash_path
 from lmsmith.schema import StrictModel
-from lmsmith.train.export import ADAPTER_CONFIG, merge_adapter, read_method, vllm_problems
+from lmsmith.train.export import ADAPTER_CONFIG, merge_adapter, probe_ids, read_method, vllm_problems
 
 PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 VERIFY_TOLERANCE = 1e-3  # max |logit difference|: fp32 merging rounds at about 1e-5 on ordinary logits
@@ -73,17 +73,6 @@ def _mergeable(adapter: Path) -> bool:
     return peft_type not in PROMPT_LEARNING
 
 
-def _probe_ids(tokenizer):
-    import torch
-
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "2023年营业收入同比增长多少?"}],
-                                             tokenize=False, add_generation_prompt=True)
-    except Exception:  # no chat template: plain text probes the weights just as well
-        text = "2023年营业收入同比增长15.2%。Revenue grew 15.2% in 2023."
-    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-
-
 def verify_merge(adapter_dir: Path, merged_dir: Path, base_model: Path | None) -> float:
     """Max |logit difference| between the adapter on its base (loaded as trained) and the merged folder."""
     import torch
@@ -94,7 +83,7 @@ def verify_merge(adapter_dir: Path, merged_dir: Path, base_model: Path | None) -
     if base_model is None:
         base_model = Path(json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
     merged, tokenizer = load_causal_lm(merged_dir, source=str(merged_dir))
-    ids = _probe_ids(tokenizer)
+    ids = probe_ids(tokenizer)
     with torch.no_grad():
         expected = merged.eval()(input_ids=ids).logits
         del merged
