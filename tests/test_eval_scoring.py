@@ -175,3 +175,29 @@ def test_entity_scores_by_hand():
     assert scores["per_type"]["COMPANY"]["f1"] == 1.0
     with pytest.raises(ValueError, match="sequence 1: 2 gold tags but 1 predicted"):
         entity_scores(gold, [predicted[0], ["O"]])
+
+
+def test_corpus_score_bootstraps_from_summed_statistics_equal_the_recomputed_ones():
+    from lmsmith.eval.labels import entity_scores, span_counts
+    from lmsmith.eval.metrics import bleu4, chrf, corpus_statistics
+    from lmsmith.eval.stats import bootstrap_stderr, bootstrap_stderr_of_sums
+
+    hypotheses = ["营业收入12.5亿元，同比增长15.2%", "归母净利润3.1亿元", "毛利率为42.3%", "资产负债率61.2%", "EPS 0.95元"]
+    references = ["营业收入为12.5亿元，同比增长15.2%。", "归母净利润为3.1亿元。", "毛利率42.3%。", "资产负债率为61.2%。",
+                  "基本每股收益0.95元。"]
+    pairs = list(zip(hypotheses, references))
+    for name, metric in (("bleu4", bleu4), ("chrf", chrf)):
+        stats, from_sums = corpus_statistics(name, hypotheses, references)
+        assert from_sums(stats.sum(axis=0)) == pytest.approx(metric(hypotheses, references))
+        slow = bootstrap_stderr(pairs, lambda sample, m=metric: m([h for h, _ in sample], [r for _, r in sample]),
+                                resamples=60)
+        assert bootstrap_stderr_of_sums(stats, from_sums, resamples=60) == pytest.approx(slow, rel=1e-9)
+    gold = [["B-ORG", "I-ORG", "O", "B-NUM"], ["O", "B-ORG", "O", "O"], ["B-NUM", "I-NUM", "O", "B-ORG"]]
+    predicted = [["B-ORG", "I-ORG", "O", "O"], ["O", "B-ORG", "I-ORG", "O"], ["B-NUM", "I-NUM", "O", "B-ORG"]]
+    counts = span_counts(gold, predicted)
+    assert counts.tolist() == [[1, 1, 2], [0, 1, 1], [2, 2, 2]]
+    f1 = lambda sums: 2 * sums[0] / (sums[1] + sums[2]) if sums[1] + sums[2] else 0.0  # noqa: E731
+    assert f1(counts.sum(axis=0)) == pytest.approx(entity_scores(gold, predicted)["f1"], abs=1e-4)
+    slow = bootstrap_stderr(list(zip(gold, predicted)), lambda sample: entity_scores(
+        [g for g, _ in sample], [p for _, p in sample])["f1"], resamples=60)
+    assert bootstrap_stderr_of_sums(counts, f1, resamples=60) == pytest.approx(slow, abs=2e-4)  # seqeval rounds to 4 places

@@ -37,7 +37,7 @@ def test_task_files_are_strict_and_name_the_file(tmp_path, ceval_csv):
     with pytest.raises(UserError, match=r"t\.yaml: shots: unknown field"):
         load_task(task)
     write(task, f"name: r\ntype: generate\ndataset: {ceval_csv.name}\ncircular: true\n")
-    with pytest.raises(UserError, match="circular and few_shot apply to multiple_choice tasks only"):
+    with pytest.raises(UserError, match="circular, few_shot and target_delimiter apply to multiple_choice tasks only"):
         load_task(task)
 
 

@@ -246,8 +246,9 @@ def write_suite(folder: str | Path, seed: int = 0, train_companies: Optional[int
     from lmsmith.eval.tasks import CLASSIFY_PROMPT, MC_PROMPT
 
     specs = [
+        # "\n" + letter: every letter the same token shape in any byte-level BPE (" B" may be one token, " A" two)
         {"name": "finance-mc", "type": "multiple_choice", "dataset": "finance-mc.jsonl", "format": "mc_jsonl",
-         "prompt": rewrite(MC_PROMPT)},
+         "prompt": rewrite(MC_PROMPT), "target_delimiter": "\n"},
         {"name": "finance-yoy", "type": "numeric", "dataset": "finance-yoy.jsonl", "format": "messages",
          "rel_tol": 0.01, "max_new_tokens": 96},
         {"name": "finance-entities", "type": "extraction", "dataset": "finance-entities.conll", "format": "conll",

@@ -36,6 +36,19 @@ def entity_scores(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[st
     }
 
 
+def span_counts(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]):
+    """Per sentence [true positives, predicted spans, gold spans] under the same CoNLL rules (seqeval's
+    span reader): micro F1 = 2·TP / (predicted + gold) over any set of sentences, for the bootstrap."""
+    import numpy as np
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rows = []
+    for g, p in zip(gold, predicted):
+        gold_spans, predicted_spans = set(get_entities(list(g))), set(get_entities(list(p)))
+        rows.append([len(gold_spans & predicted_spans), len(predicted_spans), len(gold_spans)])
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+
+
 def classification_scores(gold: Sequence[str], predicted: Sequence[str | None],
                           labels: Sequence[str] | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1 over the labels, per-label precision/recall/F1/support and the confusion matrix

@@ -42,30 +42,51 @@ def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], l
 
 @torch.inference_mode()
 def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[float]:
-    """Summed log-probability of each continuation given its context, batched with right padding."""
+    """Summed log-probability of each continuation given its context, batched with right padding.
+
+    A one-token continuation (an option letter, a short label) needs only the distribution after its
+    context, so the options of one question share a single forward pass; only the positions that
+    predict continuation tokens go through the log-softmax.
+    """
     encoded = [split_pair(tokenizer, context, continuation) for context, continuation in pairs]
+    rows: list[list[int]] = []
+    row_of: dict[tuple[int, ...], int] = {}
+    needs: list[tuple[int, list[tuple[int, int]]]] = []  # per pair: (row, [(position, target token)])
+    for (head, tail), (_, continuation) in zip(encoded, pairs):
+        if not tail:
+            raise ValueError(f"option {continuation!r} adds no token to its prompt")
+        row = head if (head and len(tail) == 1) else head + tail
+        index = row_of.setdefault(tuple(row), len(rows))
+        if index == len(rows):
+            rows.append(row)
+        # Position t predicts token t + 1; with no context the first continuation token has no prediction.
+        first = max(len(head) - 1, 0)
+        targets = [(first + j, (head + tail)[first + j + 1]) for j in range(len(tail)) if first + j + 1 < len(head + tail)]
+        needs.append((index, targets))
+    by_row: dict[int, list[int]] = {}
+    for pair, (index, _) in enumerate(needs):
+        by_row.setdefault(index, []).append(pair)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start: start + batch_size]
-        rows = [head + tail for head, tail in chunk]
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
+    scores = [0.0] * len(pairs)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        width = max(len(row) for row in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = F.log_softmax(logits[:, :-1], dim=-1)
-        targets = ids[:, 1:].to(device)
-        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        for i, (head, tail) in enumerate(chunk):
-            if not tail:
-                raise ValueError(f"option {pairs[start + i][1]!r} adds no token to its prompt")
-            # Position t predicts token t + 1: the continuation's tokens are predicted from len(head) - 1 on.
-            first = max(len(head) - 1, 0)
-            scores.append(float(picked[i, first: first + len(tail)].sum()))
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for i in range(len(chunk)):
+            for pair in by_row[start + i]:
+                targets = needs[pair][1]
+                if not targets:
+                    continue
+                positions = torch.tensor([position for position, _ in targets], device=logits.device)
+                logprobs = F.log_softmax(logits[i, positions].float(), dim=-1)
+                tokens = torch.tensor([token for _, token in targets], device=logits.device)
+                scores[pair] = float(logprobs.gather(-1, tokens.unsqueeze(-1)).sum())
     return scores
 
 

@@ -61,6 +61,17 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
 
 
+def corpus_statistics(name: str, hypotheses: Sequence[str], references: Sequence[str]):
+    """Per-answer sufficient statistics of corpus BLEU-4 or chrF, and the function from their sums to the
+    score: what a bootstrap of the corpus score resamples (sacrebleu computes both halves)."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU, CHRF
+
+    metric = BLEU(tokenize="zh") if name == "bleu4" else CHRF()
+    stats = np.asarray(metric._extract_corpus_statistics(list(hypotheses), [list(references)]), dtype=np.float64)
+    return stats, lambda sums: float(metric._compute_score_from_stats([int(round(v)) for v in sums]).score)
+
+
 def _plain_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split())
 

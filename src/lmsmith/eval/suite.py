@@ -93,8 +93,15 @@ class LocalModel:
 
         return continuation_logprobs(self.model, self.tokenizer, pairs, self.batch_size)
 
-    def choice_scores(self, prompts: Sequence[str], letter_sets: Sequence[str]) -> tuple[list[list[float]], str]:
-        return _letters_by_likelihood(self, prompts, letter_sets), "loglikelihood"
+    def choice_scores(self, prompts: Sequence[str], letter_sets: Sequence[str],
+                      delimiter: str = " ") -> tuple[list[list[float]], str]:
+        return _letters_by_likelihood(self, prompts, letter_sets, delimiter), "loglikelihood"
+
+    def uneven_letters(self, prompt: str, letters: str, delimiter: str = " ") -> bool:
+        """Whether the letters' continuations take different numbers of tokens after `prompt`."""
+        from lmsmith.eval.likelihood import split_pair
+
+        return len({len(split_pair(self.tokenizer, prompt, f"{delimiter}{letter}")[1]) for letter in letters}) > 1
 
     def answers(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int, progress: str) -> list[str]:
         from lmsmith.generation import generate_chat
@@ -122,11 +129,15 @@ class RemoteModel:
     def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         return self.endpoint.continuation_logprobs(pairs)
 
-    def choice_scores(self, prompts: Sequence[str], letter_sets: Sequence[str]) -> tuple[list[list[float]], str]:
+    def choice_scores(self, prompts: Sequence[str], letter_sets: Sequence[str],
+                      delimiter: str = " ") -> tuple[list[list[float]], str]:
         route = self.endpoint.choice_route()
         if route == "completions":
-            return _letters_by_likelihood(self, prompts, letter_sets), "loglikelihood"
+            return _letters_by_likelihood(self, prompts, letter_sets, delimiter), "loglikelihood"
         return self.endpoint.letter_logprobs(prompts, letter_sets), route
+
+    def uneven_letters(self, prompt: str, letters: str, delimiter: str = " ") -> bool:
+        return False  # the server's tokenizer is its own business
 
     def answers(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int, progress: str) -> list[str]:
         return self.endpoint.chat(conversations, max_new_tokens)
@@ -143,9 +154,11 @@ class RemoteModel:
         return {"perplexity": math.exp(total / count) if count else None, "tokens": count}
 
 
-def _letters_by_likelihood(backend, prompts: Sequence[str], letter_sets: Sequence[str]) -> list[list[float]]:
-    """Each option letter's log-likelihood as the continuation " A", " B", ... of its question's prompt."""
-    flat = backend.loglikelihoods([(prompt, f" {letter}") for prompt, letters in zip(prompts, letter_sets)
+def _letters_by_likelihood(backend, prompts: Sequence[str], letter_sets: Sequence[str],
+                           delimiter: str = " ") -> list[list[float]]:
+    """Each option letter's log-likelihood as the continuation " A", " B", ... (`delimiter` + letter) of its
+    question's prompt."""
+    flat = backend.loglikelihoods([(prompt, f"{delimiter}{letter}") for prompt, letters in zip(prompts, letter_sets)
                                    for letter in letters])
     grouped, at = [], 0
     for letters in letter_sets:
@@ -210,7 +223,10 @@ def score_multiple_choice(task: TaskConfig, backend, items: list[ChoiceQuestion]
     if "loglikelihood" in task.scoring:
         from lmsmith.eval.likelihood import best_per_group
 
-        grouped, route = backend.choice_scores(prompts, [letters_for(options) for _, options, _ in asked])
+        grouped, route = backend.choice_scores(prompts, [letters_for(options) for _, options, _ in asked],
+                                               task.target_delimiter)
+        if backend.uneven_letters(prompts[0], letters_for(asked[0][1]), task.target_delimiter):
+            scores["ll_uneven_letters"] = True  # see TaskConfig.target_delimiter
         flat = [score for group in grouped for score in group]
         right: dict[int, list[bool]] = {}
         unscored = 0  # no option letter among the chat fallback's top tokens: wrong, never a guess of "A"
@@ -245,20 +261,19 @@ def score_multiple_choice(task: TaskConfig, backend, items: list[ChoiceQuestion]
 
 
 def score_generation(task: TaskConfig, backend, items: list[Reference]) -> dict[str, Any]:
-    from lmsmith.eval.metrics import bleu4, chrf, edit_rates, exact_match, rouge_l_scores
-    from lmsmith.eval.stats import bootstrap_stderr
+    from lmsmith.eval.metrics import bleu4, chrf, corpus_statistics, edit_rates, exact_match, rouge_l_scores
+    from lmsmith.eval.stats import bootstrap_stderr_of_sums
 
     answers = backend.answers([item.messages for item in items], task.max_new_tokens, f"{task.name}: answers")
     references = [item.reference for item in items]
-    pairs = list(zip(answers, references))
     scores: dict[str, Any] = {"items": len(items)}
     for name, values in (("rougeL", rouge_l_scores(answers, references)), ("exact_match", exact_match(answers, references)),
                          ("edit_rate", edit_rates(answers, references))):
         scores[name], scores[f"{name}_stderr"] = _mean_with_stderr(values)
     for name, corpus_metric in (("bleu4", bleu4), ("chrf", chrf)):
         scores[name] = corpus_metric(answers, references)
-        scores[f"{name}_stderr"] = bootstrap_stderr(pairs, lambda sample, m=corpus_metric: m(
-            [a for a, _ in sample], [r for _, r in sample]), resamples=200)
+        stats, from_sums = corpus_statistics(name, answers, references)
+        scores[f"{name}_stderr"] = bootstrap_stderr_of_sums(stats, from_sums)
     scores["samples"] = [{"id": item.id, "answer": answer, "reference": item.reference}
                          for item, answer in zip(items[:5], answers)]
     return scores
@@ -378,8 +393,8 @@ def tags_from_answer(answer: str, tokens: Sequence[str], types: Sequence[str]) -
 
 
 def score_extraction(task: TaskConfig, backend, items: list[TaggedSentence]) -> dict[str, Any]:
-    from lmsmith.eval.labels import entity_scores
-    from lmsmith.eval.stats import bootstrap_stderr
+    from lmsmith.eval.labels import entity_scores, span_counts
+    from lmsmith.eval.stats import bootstrap_stderr_of_sums
 
     types = sorted({tag[2:] for item in items for tag in item.tags if tag != "O"})
     if not types:
@@ -390,9 +405,8 @@ def score_extraction(task: TaskConfig, backend, items: list[TaggedSentence]) -> 
     gold = [list(item.tags) for item in items]
     predicted = [tags_from_answer(text, item.tokens, types) for text, item in zip(texts, items)]
     result = entity_scores(gold, predicted)
-    pairs = list(zip(gold, predicted))
-    f1_stderr = bootstrap_stderr(pairs, lambda sample: 100.0 * entity_scores([g for g, _ in sample],
-                                                                             [p for _, p in sample])["f1"], resamples=200)
+    f1_stderr = bootstrap_stderr_of_sums(span_counts(gold, predicted), lambda sums: 100.0 * (
+        2 * sums[0] / (sums[1] + sums[2]) if sums[1] + sums[2] else 0.0))
     return {"items": len(items), "entity_precision": 100.0 * result["precision"],
             "entity_recall": 100.0 * result["recall"], "entity_f1": 100.0 * result["f1"],
             "entity_f1_stderr": f1_stderr, "per_type": result["per_type"]}

@@ -62,6 +62,10 @@ class TaskConfig(StrictModel):
         "listed).")
     labels: Optional[list[str]] = Field(None, description="classification: the label set (default: those in the data).")
     rel_tol: float = Field(0.01, ge=0, description="numeric: relative tolerance of a right answer.")
+    target_delimiter: str = Field(
+        " ", description="multiple_choice by log-likelihood: what joins the prompt and the option letter (lm-eval's "
+        "default ' '). A tokenizer that has ' B' as one token but ' A' as two favours B; '\\n' gives every letter "
+        "the same shape in byte-level BPE (the scores flag uneven letters as ll_uneven_letters).")
     circular: bool = Field(False, description="multiple_choice: ask every rotation of the options; an item counts "
                            "only when it is right under all of them.")
     few_shot: int = Field(0, ge=0, description="Solved examples before each question, taken from few_shot_file "
@@ -72,8 +76,8 @@ class TaskConfig(StrictModel):
 
     @model_validator(mode="after")
     def _fits_type(self) -> "TaskConfig":
-        if self.type != "multiple_choice" and (self.circular or self.few_shot):
-            raise ValueError("circular and few_shot apply to multiple_choice tasks only")
+        if self.type != "multiple_choice" and (self.circular or self.few_shot or self.target_delimiter != " "):
+            raise ValueError("circular, few_shot and target_delimiter apply to multiple_choice tasks only")
         if self.type not in ("multiple_choice", "classification") and self.scoring != ["loglikelihood"]:
             raise ValueError("scoring applies to multiple_choice and classification tasks only")
         if self.prompt is not None and self.type not in ("multiple_choice", "classification", "extraction"):
