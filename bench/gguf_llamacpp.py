@@ -11,7 +11,8 @@ For each quantization the model folder is written as GGUF, then llama.cpp
   id for id with the HF tokenizer;
 - computes the logits of each chat prompt, compared with transformers' (max |difference| over the
   largest logit, argmax agreement);
-- continues each prompt greedily, compared token for token with transformers' greedy decode;
+- continues each prompt greedily, compared token for token with transformers' greedy decode (to its end
+  of sequence; tokens up to the first difference count as matching);
 and the same prompts' greedy decode is timed in llama.cpp and in transformers (tok/s, batch 1).
 """
 
@@ -65,8 +66,7 @@ def hf_greedy(model, prompt_ids: list[int], tokens: int) -> tuple[list[int], flo
 
     started = time.perf_counter()
     with torch.no_grad():
-        output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, min_new_tokens=tokens,
-                                do_sample=False)
+        output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False)
     return output[0, len(prompt_ids):].tolist(), time.perf_counter() - started
 
 
@@ -122,16 +122,18 @@ def main() -> None:
                     want = model(input_ids=torch.tensor([list(prompt)])).logits[0].numpy()
                 worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
                 agreement.append(float((got.argmax(-1) == want.argmax(-1)).mean()))
-            greedy = [llama_greedy(llama, list(p), args.tokens) for p in prompts]
-            matched = [next((i for i, (a, b) in enumerate(zip(ids, hf_ids)) if a != b), min(len(ids), len(hf_ids)))
+            # llama.cpp continues as long as asked; transformers stops at end of sequence (its last token).
+            greedy = [llama_greedy(llama, list(p), len(hf_ids)) for p, (hf_ids, _) in zip(prompts, hf_runs)]
+            matched = [next((i for i, (a, b) in enumerate(zip(ids, hf_ids)) if a != b), len(hf_ids))
                        for (ids, _), (hf_ids, _) in zip(greedy, hf_runs)]
             llama_seconds = sum(seconds for _, seconds in greedy)
+            generated = sum(len(hf_ids) for hf_ids, _ in hf_runs)
             rows.append({
                 "quant": quant, "bytes": written.bytes, "tokenizer_same_ids": f"{same_ids}/{len(TEXTS)}",
                 "relative_logit_diff": round(worst, 5), "argmax_agreement": round(sum(agreement) / len(agreement), 4),
-                "greedy_tokens_matching_hf": f"{sum(matched)}/{args.tokens * len(prompts)}",
-                "llama_cpp_tok_s": round(args.tokens * len(prompts) / llama_seconds, 1),
-                "transformers_tok_s": round(args.tokens * len(prompts) / hf_seconds, 1),
+                "greedy_tokens_matching_hf": f"{sum(matched)}/{generated}",
+                "llama_cpp_tok_s": round(generated / llama_seconds, 1),
+                "transformers_tok_s": round(generated / hf_seconds, 1),
             })
             del llama
     for row in rows:
