@@ -163,10 +163,25 @@ def test_lmsmith_export_adapter_and_vllm(base_dir, tiny_tokenizer, tmp_path, cap
 
     from lmsmith.cli import main
 
-    rows, _ = fabricated_run(tmp_path / "rows", base_dir, LoraMethod(r=4, train_tokens="all"), tiny_tokenizer)
-    assert main(["export", str(rows), "--to", "vllm"]) == 2
-    err = capsys.readouterr().err
-    assert "trainable_token_indices" in err and "--to hf" in err
+    method = LoraMethod(r=4, train_tokens="all")
+    rows, with_rows = fabricated_run(tmp_path / "rows", base_dir, method, tiny_tokenizer)
+    with torch.no_grad():  # trained token rows that matter
+        for name, param in with_rows.named_parameters():
+            if "trainable_tokens" in name:
+                param.add_(0.3)
+    save_adapter(with_rows, rows / "sft" / "adapter", base_model=base_dir, method=method, tokenizer=tiny_tokenizer)
+    assert main(["export", str(rows), "--to", "vllm"]) == 0
+    split = rows / "exports" / "vllm"
+    assert "--lora-modules" in capsys.readouterr().out
+    assert vllm_problems(split / "adapter") == [] and (split / "base" / "config.json").is_file()
+    assert json.loads((split / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(split / "base")
+    assert json.loads((split / "export.json").read_text())["verify_max_abs_logit_diff"] < 1e-4
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(split / "base"), split / "adapter")
+    ids = torch.tensor([tiny_tokenizer(SAMPLE_TEXTS[1], add_special_tokens=False)["input_ids"]])
+    torch.testing.assert_close(logits(served, ids), logits(with_rows, ids), atol=1e-4, rtol=0)
+    dora, _ = fabricated_run(tmp_path / "dora", base_dir, DoraMethod(r=4, train_tokens="none"), tiny_tokenizer)
+    assert main(["export", str(dora), "--to", "vllm"]) == 2
+    assert "use_dora" in capsys.readouterr().err
 
     plain, _ = fabricated_run(tmp_path / "plain", base_dir, LoraMethod(r=4, train_tokens="none"), tiny_tokenizer)
     out = tmp_path / "for-vllm"

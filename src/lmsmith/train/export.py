@@ -10,6 +10,7 @@ trained against.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from lmsmith.errors import UserError
@@ -83,7 +84,8 @@ def vllm_problems(adapter_dir: str | Path) -> list[str]:
     if config.get("use_dora"):
         problems.append("use_dora: vLLM does not serve DoRA adapters; merge it instead")
     if config.get("trainable_token_indices"):
-        problems.append("trainable_token_indices: vLLM ignores trained embedding rows; use train_tokens: none or merge")
+        problems.append("trainable_token_indices: vLLM ignores trained embedding rows; `lmsmith export --to vllm` "
+                        "merges them into a copy of the base, or train with train_tokens: none")
     if config.get("modules_to_save"):
         problems.append(f"modules_to_save {config['modules_to_save']}: whole modules beside the adapter")
     if not config.get("base_model_name_or_path"):
@@ -95,20 +97,14 @@ def vllm_problems(adapter_dir: str | Path) -> list[str]:
     return problems
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | Path | None = None) -> Path:
-    """Load the base as the adapter was trained on it, apply the adapter, fold it in and save a plain
-    fp32 HF folder with the adapter's tokenizer (its chat template included).
-
-    `base_model` defaults to the adapter's `base_model_name_or_path`. A QLoRA adapter's base is loaded
-    in 4 bits exactly as training loaded it and dequantized, so the adapter lands on the weights it was
-    trained against; any other base is loaded in fp32.
-    """
+def load_adapted(adapter_dir: Path, base_model: str | Path | None):
+    """(the base with the adapter applied, loaded as the adapter was trained: QLoRA in 4 bits, then
+    dequantized; the tokenizer, the adapter's own when it carries one)."""
     from peft import PeftModel
 
     from lmsmith.train.methods import dequantize_linear_layers
-    from lmsmith.train.model import load_causal_lm, load_tokenizer, save_causal_lm, set_generation_tokens
+    from lmsmith.train.model import load_causal_lm, load_tokenizer
 
-    adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).exists():
         raise UserError(f"{adapter_dir}: not a peft adapter folder (no {ADAPTER_CONFIG})")
     if base_model is None:
@@ -123,8 +119,59 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
         dequantize_linear_layers(base)
     if (adapter_dir / "tokenizer_config.json").exists() or (adapter_dir / "tokenizer.json").exists():
         tokenizer = load_tokenizer(adapter_dir, source=str(adapter_dir))
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return PeftModel.from_pretrained(base, adapter_dir), tokenizer
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | Path | None = None) -> Path:
+    """Load the base as the adapter was trained on it, apply the adapter, fold it in and save a plain
+    fp32 HF folder with the adapter's tokenizer (its chat template included).
+
+    `base_model` defaults to the adapter's `base_model_name_or_path`. A QLoRA adapter's base is loaded
+    in 4 bits exactly as training loaded it and dequantized, so the adapter lands on the weights it was
+    trained against; any other base is loaded in fp32.
+    """
+    from lmsmith.train.model import save_causal_lm, set_generation_tokens
+
+    adapted, tokenizer = load_adapted(Path(adapter_dir), base_model)
+    merged = adapted.merge_and_unload()
     set_generation_tokens(merged, tokenizer)
     out_dir = Path(out_dir)
     save_causal_lm(merged, tokenizer, out_dir)
     return out_dir
+
+
+def split_token_rows(adapter_dir: str | Path, out_dir: str | Path, base_model: str | Path | None = None) -> tuple[Path, Path]:
+    """An adapter vLLM serves, from one that also trained embedding rows (peft trainable tokens, lmsmith's
+    default `train_tokens: used`): the rows merged into a copy of the base (`out_dir/base`), the LoRA
+    weights alone beside it (`out_dir/adapter`, whose base is that copy). Returns (base copy, adapter).
+
+    peft does the merging: each trainable-token layer is merged into its embedding, then the LoRA layers
+    are removed unmerged (`unload`). The two together compute what the original adapter does.
+    """
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from safetensors.torch import load_file, save_file
+
+    from lmsmith.train.model import save_causal_lm, set_generation_tokens
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    adapted, tokenizer = load_adapted(adapter_dir, base_model)
+    for module in adapted.modules():
+        if isinstance(module, TrainableTokensLayer):
+            module.merge()
+    base = adapted.unload()
+    set_generation_tokens(base, tokenizer)
+    save_causal_lm(base, tokenizer, out_dir / "base")
+    adapter_out = out_dir / "adapter"
+    shutil.copytree(adapter_dir, adapter_out)
+    config = json.loads((adapter_out / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config.pop("trainable_token_indices", None)
+    config["base_model_name_or_path"] = str((out_dir / "base").resolve())
+    (adapter_out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    if isinstance(read_method(adapter_out), QLoraMethod):
+        # The copy holds the dequantized 4-bit weights: loading it in full precision is what QLoRA trained on.
+        (adapter_out / METHOD_FILE).unlink()
+    weights = adapter_out / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    save_file({name: tensor for name, tensor in state.items() if "trainable_tokens" not in name}, str(weights),
+              metadata={"format": "pt"})
+    return out_dir / "base", adapter_out

@@ -4,8 +4,10 @@
   (a QLoRA base loaded in 4 bits and dequantized) and, unless `--no-verify`, the merged model's logits
   are checked against the adapter's on a probe; full and layer-freeze runs copy their model.
 - `adapter`: the peft adapter folder, its base stored as an absolute path, with its tokenizer.
-- `vllm`: the adapter, only when vLLM's `--lora-modules` would load it; otherwise the reasons, and
-  `--to hf` as the way out (a merged folder serves in vLLM as a plain model).
+- `vllm`: an adapter vLLM's `--lora-modules` loads. One that also trained embedding rows (peft trainable
+  tokens, the default `train_tokens: used`) is split: the rows merged into a copy of the base (`base/`),
+  the LoRA weights alone in `adapter/`, checked to compute what the original computes. Anything else
+  vLLM refuses (DoRA, non-LoRA, `modules_to_save`) is reported, with `--to hf` as the way out.
 - `gguf`: the tuned model (an adapter merged first) as one GGUF file at `--quant` (f32, f16, bf16, q8_0,
   q4_0), written by `lmsmith.compress.gguf_file` with the `gguf` package alone (no compiled llama.cpp),
   then read back and its logits checked against the source model's.
@@ -110,6 +112,50 @@ def _write(out: Path, force: bool, build) -> None:
     replace_folder(staging, out)
 
 
+def _export_vllm_split(adapter: Path, out: Path, config: ExportConfig, base_model: Path | None) -> dict:
+    """vLLM ignores trained embedding rows: they go into a copy of the base (out/base) and the LoRA weights
+    alone into out/adapter; checked to compute what the original adapter computes before replacing `out`."""
+    from lmsmith.train.export import split_token_rows
+
+    record: dict = {"adapter": str(adapter), "split": "trained embedding rows merged into base/, LoRA in adapter/"}
+
+    def build(target: Path) -> None:
+        base_copy, adapter_copy = split_token_rows(adapter, target, base_model)
+        problems = vllm_problems(adapter_copy)
+        if problems:
+            raise UserError(f"{adapter}: even without its embedding rows vLLM would refuse it: {'; '.join(problems)}")
+        error = verify_split(adapter, base_model, base_copy, adapter_copy)
+        record["verify_max_abs_logit_diff"] = error
+        if error > VERIFY_TOLERANCE:
+            raise UserError(f"{out}: base copy + LoRA differ from the original adapter by {error:.3g} (over "
+                            f"{VERIFY_TOLERANCE}), so nothing was replaced; use --to hf")
+        # The adapter folder names the base copy at its final place.
+        final = json.loads((adapter_copy / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        final["base_model_name_or_path"] = str(out / "base")
+        (adapter_copy / ADAPTER_CONFIG).write_text(json.dumps(final, indent=2, sort_keys=True), encoding="utf-8")
+
+    _write(out, config.force, build)
+    rank = json.loads((out / "adapter" / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("r")
+    console.print(f"serve with: vllm serve {out / 'base'} --enable-lora --max-lora-rank {rank} "
+                  f"--lora-modules {config.run.resolve().name}={out / 'adapter'}", soft_wrap=True)
+    return record
+
+
+def verify_split(adapter: Path, base_model: Path | None, base_copy: Path, adapter_copy: Path) -> float:
+    """Max |logit difference| between the original adapter on its base and the LoRA-only adapter on the copy."""
+    import torch
+
+    from lmsmith.train.export import load_adapted
+
+    original, tokenizer = load_adapted(adapter, base_model)
+    ids = probe_ids(tokenizer)
+    with torch.no_grad():
+        expected = original.eval()(input_ids=ids).logits
+        del original
+        split, _ = load_adapted(adapter_copy, base_copy)
+        return float((split.eval()(input_ids=ids).logits - expected).abs().max())
+
+
 def _export_gguf(adapter: Path | None, model: Path | None, out: Path, config: ExportConfig,
                  base_model: Path | None) -> dict:
     """The tuned model as `out/<name>-<quant>.gguf`, checked against its source before it replaces `out`."""
@@ -190,6 +236,12 @@ def export_run(config: ExportConfig) -> dict:
             raise UserError(f"{config.run}: the run trained no adapter (full or freeze method); use --to hf")
         if config.to == "vllm":
             problems = vllm_problems(adapter)
+            token_rows_only = problems and all(problem.startswith("trainable_token_indices") for problem in problems)
+            if token_rows_only:
+                record.update(_export_vllm_split(adapter, out, config, base_model))
+                (out / "export.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+                console.print(f"[green]exported[/] vllm: {out}", soft_wrap=True)
+                return record
             if problems:
                 raise UserError(f"{adapter}: vLLM would refuse this adapter: {'; '.join(problems)}. "
                                 "Export the merged model instead (--to hf), which vLLM serves as a plain model")
