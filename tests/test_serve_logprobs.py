@@ -192,3 +192,24 @@ def test_logprob_answers_are_not_served_from_the_cache(server):
     second = post(url, "/v1/completions", body).json()
     assert engine.stats()["completed"] == completed + 1
     assert second["choices"][0]["logprobs"] == first["choices"][0]["logprobs"]
+
+
+def test_lmsmith_eval_scores_lmsmith_serve_like_the_local_model(server, tmp_path, tiny_model_dir):
+    """The whole loop: `lmsmith eval` against this server (log-likelihood through echo + logprobs, answers
+    and timing through chat) equals the same model loaded locally."""
+    from lmsmith.eval.suite import SuiteConfig, run_suite
+
+    url, _ = server
+    rows = ["question,A,B,C,D,answer"] + [f"第{i}题：毛利率等于什么？,毛利/营收{i},净利/营收,营收/资产,负债/资产,{'ABCD'[i % 4]}"
+                                          for i in range(8)]
+    (tmp_path / "mc.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "mc.yaml").write_text("name: mc\ntype: multiple_choice\ndataset: mc.csv\nscoring: [loglikelihood, generate]\n"
+                                      "max_new_tokens: 4\n", encoding="utf-8")
+    results = run_suite(SuiteConfig(task=[str(tmp_path / "mc.yaml")], model=[str(tiny_model_dir), f"{url}/v1#tiny"],
+                                    out=tmp_path / "out", speed_requests=2))
+    local, remote = (results["tasks"]["mc"]["scores"][spec] for spec in (str(tiny_model_dir), f"{url}/v1#tiny"))
+    assert remote["acc_route"] == "loglikelihood" and remote["acc"] == local["acc"]
+    assert remote["ll_letter_distribution"] == local["ll_letter_distribution"]
+    assert remote["gen_acc"] == local["gen_acc"]  # greedy answers through chat equal the local decode's
+    speed = results["models"][f"{url}/v1#tiny"]["speed"]
+    assert speed["tok_s_b1"] > 0 and speed["tok_s_b8"] > 0 and speed["latency_p99_ms"] >= speed["latency_p50_ms"]
