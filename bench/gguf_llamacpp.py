@@ -14,6 +14,10 @@ For each quantization the model folder is written as GGUF, then llama.cpp
 - continues each prompt greedily, compared token for token with transformers' greedy decode (to its end
   of sequence; tokens up to the first difference count as matching);
 and the same prompts' greedy decode is timed in llama.cpp and in transformers (tok/s, batch 1).
+
+With `--adapter` (default: the demo run's sft adapter) the adapter is also written as a base GGUF plus a
+GGUF LoRA (`lmsmith export --to gguf-lora`'s code) and llama.cpp's logits with `lora_path` are compared
+with peft's adapter model (and without it, to show the LoRA is what makes them equal).
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--quant", nargs="+", default=["f16", "q8_0"])
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--adapter", type=Path, help="peft adapter folder for the GGUF LoRA check (default: the demo's)")
     args = parser.parse_args()
 
     import numpy as np
@@ -139,6 +144,48 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
         print(f"  llama.cpp / transformers tok/s at batch 1: {row['llama_cpp_tok_s'] / row['transformers_tok_s']:.2f}x")
+    adapter = args.adapter or (Path("runs/finance-demo/sft/adapter") if args.model is None else None)
+    if adapter is not None:
+        print(json.dumps(lora_check(adapter, args.threads), ensure_ascii=False))
+
+
+def lora_check(adapter: Path, threads: int) -> dict:
+    """llama.cpp with lmsmith's GGUF LoRA on lmsmith's base GGUF against peft's adapter model."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    from lmsmith.compress.gguf_file import write_gguf, write_gguf_lora
+    from lmsmith.train.export import load_adapted, split_token_rows, vllm_problems
+
+    adapted, tokenizer = load_adapted(adapter, None)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True, return_dict=False,
+                                             add_generation_prompt=True) for q in QUESTIONS]
+    result: dict = {"adapter": str(adapter)}
+    with tempfile.TemporaryDirectory() as scratch:
+        base_source, lora_source = None, adapter
+        if any(problem.startswith("trainable_token_indices") for problem in vllm_problems(adapter)):
+            base_source, lora_source = split_token_rows(adapter, Path(scratch) / "split")
+        if base_source is None:
+            base_source = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+        base_file = write_gguf(base_source, Path(scratch) / "base-f16.gguf", "f16").path
+        lora_file = write_gguf_lora(lora_source, Path(scratch) / "lora-f16.gguf", "f16", base_source).path
+        for label, options in (("with_lora", {"lora_path": str(lora_file)}), ("base_only", {})):
+            llama = Llama(model_path=str(base_file), n_ctx=1024, n_threads=threads, logits_all=True, verbose=False,
+                          **options)
+            worst, agreement = 0.0, []
+            for prompt in prompts:
+                llama.reset()
+                llama.eval(list(prompt))
+                got = np.asarray(llama.scores[: len(prompt)], dtype=np.float32)
+                with torch.no_grad():
+                    want = adapted.eval()(input_ids=torch.tensor([list(prompt)])).logits[0].numpy()
+                worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+                agreement.append(float((got.argmax(-1) == want.argmax(-1)).mean()))
+            result[label] = {"relative_logit_diff": round(worst, 5),
+                             "argmax_agreement": round(sum(agreement) / len(agreement), 4)}
+            del llama
+    return result
 
 
 if __name__ == "__main__":

@@ -138,3 +138,60 @@ def test_lmsmith_export_gguf_merges_the_adapter_and_verifies(tmp_path, tiny_toke
         want = adapted.eval()(input_ids=ids).logits
         got = read_gguf_model(out / record["file"])(input_ids=ids).logits
     assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())  # the adapter is in the file
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_a_lora_adapter_as_gguf_lora_on_its_gguf_base(tmp_path, tiny_tokenizer, architecture, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmsmith.compress.gguf_file import write_gguf_lora
+
+    save_tiny(tmp_path / "base", tiny_tokenizer, architecture)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_rslora=True))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base_file = write_gguf(tmp_path / "base", tmp_path / "base.gguf", "f16")
+    lora_file = write_gguf_lora(tmp_path / "adapter", tmp_path / "lora.gguf", "f16")
+    assert lora_file.tensors == 2 * 7 * 2  # A and B of seven projections in two layers
+    ids = probe(tiny_tokenizer)
+    with torch.no_grad():
+        want = peft_model.eval()(input_ids=ids).logits
+        got = read_gguf_model(base_file.path, lora=lora_file.path)(input_ids=ids).logits
+        plain = read_gguf_model(base_file.path)(input_ids=ids).logits
+    assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max())  # f16 base and f16 LoRA
+    assert float((plain - want).abs().max()) > 5 * float((got - want).abs().max())  # the LoRA matters
+    with pytest.raises(UserError, match="DoRA"):
+        settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(settings | {"use_dora": True}))
+        write_gguf_lora(tmp_path / "adapter", tmp_path / "lora2.gguf")
+
+
+def test_lmsmith_export_gguf_lora_splits_trained_token_rows_into_the_base(tmp_path, tiny_tokenizer):
+    from test_export import fabricated_run
+
+    from lmsmith.cli import main
+    from lmsmith.train.export import save_adapter
+    from lmsmith.train.method_config import LoraMethod
+
+    base = tmp_path / "base"
+    save_tiny(base, tiny_tokenizer, "qwen2")
+    method = LoraMethod(r=4, train_tokens="all")
+    run, adapted = fabricated_run(tmp_path, base, method, tiny_tokenizer)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.1)
+            if "trainable_tokens" in name:
+                param.add_(0.05)
+    save_adapter(adapted, run / "sft" / "adapter", base_model=base, method=method, tokenizer=tiny_tokenizer)
+    assert main(["export", str(run), "--to", "gguf-lora", "--quant", "f16"]) == 0
+    out = run / "exports" / "gguf-lora"
+    record = json.loads((out / "export.json").read_text())
+    assert "split" in record and record["verify"]["argmax_agreement"] >= 0.99
+    ids = probe(tiny_tokenizer)
+    with torch.no_grad():
+        want = adapted.eval()(input_ids=ids).logits
+        got = read_gguf_model(out / record["base_file"], lora=out / record["lora_file"])(input_ids=ids).logits
+    assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max())

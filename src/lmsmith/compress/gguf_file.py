@@ -6,8 +6,9 @@ and the chat template go in as metadata, as llama.cpp's own converter writes the
 Qwen2, Qwen3 and Llama-family causal LMs (Mistral as llama) whose tokenizer is byte-level BPE with a
 pre-tokenizer llama.cpp knows by name.
 
-`read_gguf_model` builds a transformers model back from a GGUF file (dequantized weights, config from
-its metadata): the export is checked by comparing that model's logits with the source's.
+`write_gguf_lora` writes a peft LoRA adapter as llama.cpp's GGUF LoRA (`--lora`): `lora_a`/`lora_b` per
+target matrix, alpha in the metadata (rsLoRA's scale folded in). `read_gguf_model(base, lora=...)`
+applies such a file the way llama.cpp does (W + alpha/r · B·A), so both exports are checked the same way.
 """
 
 from __future__ import annotations
@@ -229,8 +230,73 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return default if found is None else found.contents()
 
 
-def read_gguf_model(path: str | Path):
-    """A transformers model built from a GGUF file: config from its metadata, weights dequantized."""
+def write_gguf_lora(adapter_dir: str | Path, out_path: str | Path, quant: str = "f16",
+                    base_model: str | Path | None = None) -> GGUFExport:
+    """A plain peft LoRA adapter (linear targets only) as a GGUF LoRA for llama.cpp's `--lora`; the base
+    (for the architecture) is `base_model` or the one the adapter names."""
+    import math
+
+    import gguf
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
+    if quant not in ("f32", "f16"):
+        raise UserError(f"--quant {quant}: a GGUF LoRA is written as f32 or f16 (its rank rarely fills 32-value blocks)")
+    settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    refused = [name for name, on in (("DoRA", settings.get("use_dora")),
+                                     ("trained embedding rows", settings.get("trainable_token_indices")),
+                                     ("modules_to_save", settings.get("modules_to_save")),
+                                     (f"peft_type {settings.get('peft_type')}", settings.get("peft_type") != "LORA"),
+                                     ("rank_pattern/alpha_pattern", settings.get("rank_pattern") or settings.get("alpha_pattern")))
+               if on]
+    if refused:
+        raise UserError(f"{adapter_dir}: a llama.cpp LoRA holds plain low-rank matrices; this adapter has "
+                        f"{', '.join(refused)} (trained embedding rows: `--to gguf-lora` splits them into the base)")
+    base = Path(base_model or settings.get("base_model_name_or_path") or "")
+    if not (base / "config.json").is_file():
+        raise UserError(f"{adapter_dir}: its base {str(base)!r} is not a local model folder")
+    config = AutoConfig.from_pretrained(base)
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise UserError(f"{base}: GGUF export supports {', '.join(sorted(ARCHITECTURES))} models")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    rank, alpha = int(settings["r"]), float(settings["lora_alpha"])
+    if settings.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # llama.cpp scales by alpha / r; rsLoRA by alpha / sqrt(r)
+    writer = gguf.GGUFWriter(str(out_path), arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    dtype = np.float16 if quant == "f16" else np.float32
+    written = 0
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
+        for key in sorted(handle.keys()):
+            if ".lora_A." not in key and ".lora_B." not in key:
+                raise UserError(f"{adapter_dir}: tensor {key} is not a LoRA matrix")
+            part = "lora_a" if ".lora_A." in key else "lora_b"
+            module = key.removeprefix("base_model.model.").split(".lora_")[0]
+            name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+            if name is None or not module.split(".")[-1].endswith("_proj"):
+                raise UserError(f"{adapter_dir}: LoRA on {module} has no llama.cpp counterpart (linear layers only)")
+            array = handle.get_tensor(key).float().numpy()
+            if arch == "llama" and part == "lora_b" and module.endswith(("q_proj", "k_proj")):
+                array = reorder_for_interleaved_rope(array, heads if module.endswith("q_proj") else kv_heads)
+            writer.add_tensor(f"{name}.{part}", np.ascontiguousarray(array, dtype=dtype))
+            written += 1
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFExport(out_path, quant, written, out_path.stat().st_size)
+
+
+def read_gguf_model(path: str | Path, lora: str | Path | None = None):
+    """A transformers model built from a GGUF file: config from its metadata, weights dequantized; with
+    `lora`, a GGUF LoRA applied as llama.cpp applies it (W + alpha/r · B·A)."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
@@ -274,6 +340,8 @@ def read_gguf_model(path: str | Path):
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             values = reorder_for_interleaved_rope(values, heads if "q_proj" in hf_name else kv_heads, inverse=True)
         state[hf_name] = torch.from_numpy(np.ascontiguousarray(values))
+    if lora is not None:
+        _apply_gguf_lora(state, lora, names, arch, heads, kv_heads)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -282,32 +350,61 @@ def read_gguf_model(path: str | Path):
     return model.eval()
 
 
+def _apply_gguf_lora(state: dict, path: str | Path, names, arch: str, heads: int, kv_heads: int) -> None:
+    import gguf
+    import torch
+
+    reader = gguf.GGUFReader(str(path))
+    if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
+        raise UserError(f"{path}: not a GGUF LoRA adapter")
+    alpha = float(_field(reader, "adapter.lora.alpha"))
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+
+    def matrix(name: str) -> np.ndarray:
+        tensor = tensors[name]
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        return values.reshape([int(size) for size in reversed(tensor.shape)])
+
+    for hf_name in list(state):
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None or f"{name}.lora_a" not in tensors:
+            continue
+        down, up = matrix(f"{name}.lora_a"), matrix(f"{name}.lora_b")
+        delta = torch.from_numpy(up @ down) * (alpha / down.shape[0])
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            # The file's B rows are in llama.cpp's order, as are the base rows until they are read back.
+            delta = torch.from_numpy(reorder_for_interleaved_rope(
+                delta.numpy(), heads if "q_proj" in hf_name else kv_heads, inverse=True))
+        state[hf_name] = state[hf_name] + delta
+
+
 # Max |logit difference| allowed, as a share of the largest source logit, and the least argmax agreement.
 VERIFY_BOUNDS = {"f32": (1e-4, 1.0), "f16": (1e-2, 0.99), "bf16": (4e-2, 0.95), "q8_0": (5e-2, 0.9),
                  "q4_0": (None, None)}
 
 
-def verify_gguf(source_dir: Path, gguf_path: Path, quant: str) -> dict[str, float]:
-    """Compare a GGUF's logits (the model rebuilt from its metadata and dequantized weights) with the
-    source folder's on a probe; raise when they differ by more than the quantization allows."""
+def verify_gguf(source, tokenizer, gguf_path: Path, quant: str, lora: Path | None = None) -> dict[str, float]:
+    """Compare a GGUF's logits (the model rebuilt from its metadata and dequantized weights, with `lora`
+    applied) with the source model's on a probe; raise when they differ by more than the quantization
+    allows. `source` is a loaded model (with its `tokenizer`) or a model folder (tokenizer None)."""
     import torch
 
+    from lmsmith.train.export import probe_ids
     from lmsmith.train.model import load_causal_lm
 
-    from lmsmith.train.export import probe_ids
-
-    source, tokenizer = load_causal_lm(source_dir, source=str(source_dir))
+    if isinstance(source, (str, Path)):
+        source, tokenizer = load_causal_lm(source, source=str(source))
     ids = probe_ids(tokenizer)
     with torch.no_grad():
         expected = source.float().eval()(input_ids=ids).logits
-        got = read_gguf_model(gguf_path)(input_ids=ids).logits
+        got = read_gguf_model(gguf_path, lora=lora)(input_ids=ids).logits
     scale = float(expected.abs().max()) or 1.0
     report = {"max_abs_logit_diff": float((got - expected).abs().max()),
               "relative_logit_diff": float((got - expected).abs().max()) / scale,
               "argmax_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean())}
     bound, agreement = VERIFY_BOUNDS[quant]
     if bound is not None and (report["relative_logit_diff"] > bound or report["argmax_agreement"] < agreement):
-        raise UserError(f"{gguf_path}: its logits differ from {source_dir}'s by {report['relative_logit_diff']:.3g} of "
+        raise UserError(f"{gguf_path}: its logits differ from the source model's by {report['relative_logit_diff']:.3g} of "
                         f"the largest logit (bound {bound}) with argmax agreement {report['argmax_agreement']:.3f} "
                         f"(bound {agreement}); the export is wrong for this model, so nothing was replaced")
     return report

@@ -40,11 +40,13 @@ class ExportConfig(StrictModel):
     """What `lmsmith export` writes and where."""
 
     run: Path = Field(..., description="A run folder (its sft stage is exported) or a peft adapter folder.")
-    to: Literal["hf", "adapter", "vllm", "gguf"] = Field(
+    to: Literal["hf", "adapter", "vllm", "gguf", "gguf-lora"] = Field(
         ..., description="hf: merged model folder; adapter: peft adapter; vllm: an adapter vLLM's --lora-modules "
-        "loads; gguf: one GGUF file for llama.cpp (no compiled llama.cpp needed).")
-    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = Field("q8_0", description="gguf: the weights' type "
-                                                                   "(norms and biases stay f32).")
+        "loads; gguf: one GGUF file for llama.cpp (no compiled llama.cpp needed); gguf-lora: a base GGUF and the "
+        "adapter as a GGUF LoRA for llama.cpp's --lora.")
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = Field("q8_0", description="gguf, gguf-lora: the (base) "
+                                                                   "weights' type (norms, biases and LoRA "
+                                                                   "matrices stay at 16 or 32 bits).")
     out: Optional[Path] = Field(None, description="Destination folder (default: RUN/exports/<to>; for an adapter "
                                 "folder ADAPTER-<to> beside it).")
     base_model: Optional[Path] = Field(None, description="Base model folder, when the adapter's recorded one "
@@ -156,6 +158,42 @@ def verify_split(adapter: Path, base_model: Path | None, base_copy: Path, adapte
         return float((split.eval()(input_ids=ids).logits - expected).abs().max())
 
 
+def _export_gguf_lora(adapter: Path, out: Path, config: ExportConfig, base_model: Path | None) -> dict:
+    """`out/<name>-base-<quant>.gguf` and `out/<name>-lora-f16.gguf`; trained embedding rows go into the base
+    first (as for vLLM). Checked together against the adapter model before they replace `out`."""
+    import tempfile
+
+    from lmsmith.compress.gguf_file import verify_gguf, write_gguf, write_gguf_lora
+    from lmsmith.train.export import load_adapted, split_token_rows
+
+    record: dict = {"quant": config.quant, "adapter": str(adapter)}
+    name = config.run.expanduser().resolve().name
+
+    def build(target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".split-") as scratch:
+            lora_source, base_source = adapter, base_model
+            if any(problem.startswith("trainable_token_indices") for problem in vllm_problems(adapter)):
+                base_source, lora_source = split_token_rows(adapter, Path(scratch), base_model)
+                record["split"] = "trained embedding rows merged into the base GGUF"
+            if base_source is None:
+                base_source = Path(json.loads((adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+            base_file = write_gguf(base_source, target / f"{name}-base-{config.quant}.gguf", config.quant)
+            lora_file = write_gguf_lora(lora_source, target / f"{name}-lora-f16.gguf", "f16", base_source)
+            record.update({"base_file": base_file.path.name, "lora_file": lora_file.path.name,
+                           "kept_higher": base_file.kept_higher, "lora_tensors": lora_file.tensors})
+            if config.verify:
+                adapted, tokenizer = load_adapted(adapter, base_model)
+                record["verify"] = verify_gguf(adapted, tokenizer, base_file.path, config.quant, lora=lora_file.path)
+                console.print(f"verified: base + LoRA GGUF logits within {record['verify']['relative_logit_diff']:.2g} "
+                              f"of the largest adapter-model logit")
+
+    _write(out, config.force, build)
+    console.print(f"run with: llama-cli -m {out / record['base_file']} --lora {out / record['lora_file']}",
+                  soft_wrap=True)
+    return record
+
+
 def _export_gguf(adapter: Path | None, model: Path | None, out: Path, config: ExportConfig,
                  base_model: Path | None) -> dict:
     """The tuned model as `out/<name>-<quant>.gguf`, checked against its source before it replaces `out`."""
@@ -179,7 +217,7 @@ def _export_gguf(adapter: Path | None, model: Path | None, out: Path, config: Ex
             record.update({"file": written.path.name, "bytes": written.bytes, "tensors": written.tensors,
                            "kept_higher": written.kept_higher})
             if config.verify:
-                record["verify"] = verify_gguf(source, written.path, config.quant)
+                record["verify"] = verify_gguf(source, None, written.path, config.quant)
                 console.print(f"verified: GGUF logits within {record['verify']['relative_logit_diff']:.2g} of the "
                               f"largest source logit, argmax agreement {record['verify']['argmax_agreement']:.3f}")
 
@@ -231,6 +269,10 @@ def export_run(config: ExportConfig) -> dict:
             raise UserError(f"{config.run}: a prompt-learning adapter has no merged form; use --to adapter")
     elif config.to == "gguf":
         record.update(_export_gguf(adapter, model, out, config, base_model))
+    elif config.to == "gguf-lora":
+        if adapter is None:
+            raise UserError(f"{config.run}: the run trained no adapter (full or freeze method); use --to gguf")
+        record.update(_export_gguf_lora(adapter, out, config, base_model))
     else:
         if adapter is None:
             raise UserError(f"{config.run}: the run trained no adapter (full or freeze method); use --to hf")
