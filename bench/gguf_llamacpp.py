@@ -65,6 +65,23 @@ def demo_model() -> Path:
     return manifest.output_path(stage, "model")
 
 
+def compare_logits(llama, model, prompts) -> tuple[float, float]:
+    """(max |logit difference| over the largest logit, mean argmax agreement) of llama.cpp against `model`."""
+    import numpy as np
+    import torch
+
+    worst, agreement = 0.0, []
+    for prompt in prompts:
+        llama.reset()
+        llama.eval(list(prompt))
+        got = np.asarray(llama.scores[: len(prompt)], dtype=np.float32)
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([list(prompt)])).logits[0].numpy()
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+        agreement.append(float((got.argmax(-1) == want.argmax(-1)).mean()))
+    return worst, sum(agreement) / len(agreement)
+
+
 def hf_greedy(model, prompt_ids: list[int], tokens: int) -> tuple[list[int], float]:
     import torch
 
@@ -94,7 +111,6 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, help="peft adapter folder for the GGUF LoRA check (default: the demo's)")
     args = parser.parse_args()
 
-    import numpy as np
     import torch
     from llama_cpp import Llama
 
@@ -118,15 +134,7 @@ def main() -> None:
                           verbose=False)
             same_ids = sum(llama.tokenize(text.encode(), add_bos=False, special=True)
                            == tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS)
-            worst, agreement = 0.0, []
-            for prompt in prompts:
-                llama.reset()
-                llama.eval(list(prompt))
-                got = np.asarray(llama.scores[: len(prompt)], dtype=np.float32)
-                with torch.no_grad():
-                    want = model(input_ids=torch.tensor([list(prompt)])).logits[0].numpy()
-                worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
-                agreement.append(float((got.argmax(-1) == want.argmax(-1)).mean()))
+            worst, mean_agreement = compare_logits(llama, model, prompts)
             # llama.cpp continues as long as asked; transformers stops at end of sequence (its last token).
             greedy = [llama_greedy(llama, list(p), len(hf_ids)) for p, (hf_ids, _) in zip(prompts, hf_runs)]
             matched = [next((i for i, (a, b) in enumerate(zip(ids, hf_ids)) if a != b), len(hf_ids))
@@ -135,7 +143,7 @@ def main() -> None:
             generated = sum(len(hf_ids) for hf_ids, _ in hf_runs)
             rows.append({
                 "quant": quant, "bytes": written.bytes, "tokenizer_same_ids": f"{same_ids}/{len(TEXTS)}",
-                "relative_logit_diff": round(worst, 5), "argmax_agreement": round(sum(agreement) / len(agreement), 4),
+                "relative_logit_diff": round(worst, 5), "argmax_agreement": round(mean_agreement, 4),
                 "greedy_tokens_matching_hf": f"{sum(matched)}/{generated}",
                 "llama_cpp_tok_s": round(generated / llama_seconds, 1),
                 "transformers_tok_s": round(generated / hf_seconds, 1),
@@ -151,8 +159,6 @@ def main() -> None:
 
 def lora_check(adapter: Path, threads: int) -> dict:
     """llama.cpp with lmsmith's GGUF LoRA on lmsmith's base GGUF against peft's adapter model."""
-    import numpy as np
-    import torch
     from llama_cpp import Llama
 
     from lmsmith.compress.gguf_file import write_gguf, write_gguf_lora
@@ -173,17 +179,8 @@ def lora_check(adapter: Path, threads: int) -> dict:
         for label, options in (("with_lora", {"lora_path": str(lora_file)}), ("base_only", {})):
             llama = Llama(model_path=str(base_file), n_ctx=1024, n_threads=threads, logits_all=True, verbose=False,
                           **options)
-            worst, agreement = 0.0, []
-            for prompt in prompts:
-                llama.reset()
-                llama.eval(list(prompt))
-                got = np.asarray(llama.scores[: len(prompt)], dtype=np.float32)
-                with torch.no_grad():
-                    want = adapted.eval()(input_ids=torch.tensor([list(prompt)])).logits[0].numpy()
-                worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
-                agreement.append(float((got.argmax(-1) == want.argmax(-1)).mean()))
-            result[label] = {"relative_logit_diff": round(worst, 5),
-                             "argmax_agreement": round(sum(agreement) / len(agreement), 4)}
+            worst, mean_agreement = compare_logits(llama, adapted.eval(), prompts)
+            result[label] = {"relative_logit_diff": round(worst, 5), "argmax_agreement": round(mean_agreement, 4)}
             del llama
     return result
 
