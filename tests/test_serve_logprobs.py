@@ -213,3 +213,53 @@ def test_lmsmith_eval_scores_lmsmith_serve_like_the_local_model(server, tmp_path
     assert remote["gen_acc"] == local["gen_acc"]  # greedy answers through chat equal the local decode's
     speed = results["models"][f"{url}/v1#tiny"]["speed"]
     assert speed["tok_s_b1"] > 0 and speed["tok_s_b8"] > 0 and speed["latency_p99_ms"] >= speed["latency_p50_ms"]
+
+
+def test_merged_streams_end_with_any_error_and_close_cleanly():
+    import asyncio
+
+    from lmsmith.serve.api import _merged
+    from lmsmith.serve.engine import Chunk
+
+    closed: list[int] = []
+
+    async def answer(index: int, fail: bool):
+        try:
+            yield Chunk("x", 1, 1)
+            if fail:
+                raise ValueError("adapter removed")  # not an EngineError: must not hang the other choice
+            await asyncio.sleep(0.01)
+            yield Chunk("", 1, 1, "stop")
+        finally:
+            closed.append(index)
+
+    async def read_all():
+        return [item async for item in _merged([answer(0, False), answer(1, True)])]
+
+    items = asyncio.run(read_all())
+    assert any(isinstance(item, ValueError) for _, item in items) and (0, None) in items
+    assert sorted(closed) == [0, 1]
+
+    async def leave_early():
+        merged = _merged([answer(0, False), answer(1, False)])
+        await merged.__anext__()
+        await merged.aclose()  # a client that disconnects: no RuntimeError, every stream closed
+
+    closed.clear()
+    asyncio.run(leave_early())
+    assert sorted(closed) == [0, 1]
+
+
+def test_streamed_chat_usage_counts_the_prompt_once(server):
+    url, _ = server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "毛利率"}], "n": 3, "max_tokens": 4,
+            "temperature": 0}
+    whole = post(url, "/v1/chat/completions", body).json()["usage"]
+    usage = None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json=body | {"stream": True, "stream_options": {"include_usage": True}}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
+    single = post(url, "/v1/chat/completions", body | {"n": 1}).json()["usage"]
+    assert usage == whole and whole["prompt_tokens"] == single["prompt_tokens"]

@@ -251,7 +251,7 @@ def create_app(
             for choice in range(body.n or 1)
         ]
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await _answer(request, frontend, body, generates, ChatFormat(body.model, client, top))
+        return await _answer(request, frontend, body, generates, ChatFormat(body.model, client, top, len(generates)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -407,11 +407,11 @@ class ChatFormat:
 
     endpoint = "chat"
 
-    def __init__(self, model: str, client: ModelClient, top_logprobs: int | None):
+    def __init__(self, model: str, client: ModelClient, top_logprobs: int | None, choices: int):
         self.model = model
         self.id = new_completion_id("chatcmpl")
         self.created = int(time.time())
-        self.per_prompt = 1  # chat has one conversation; every choice answers it
+        self.per_prompt = choices  # chat has one conversation; every choice answers it
         self._logprobs = None if top_logprobs is None else ChatLogprobs(client.tokenizer, top_logprobs)
 
     def _logprob_body(self, chunk_or_completion: Chunk | Completion) -> dict[str, Any] | None:
@@ -422,7 +422,7 @@ class ChatFormat:
     def body(self, completions: list[Completion]) -> dict[str, Any]:
         choices = [chat_choice(index, completion, self._logprob_body(completion))
                    for index, completion in enumerate(completions)]
-        return completion_body(self.id, self.model, choices, _usage(completions, len(completions)))
+        return completion_body(self.id, self.model, choices, _usage(completions, self.per_prompt))
 
     def opening(self, index: int, include_usage: bool) -> dict[str, Any] | None:
         return chunk_body(self.id, self.created, self.model, {"role": "assistant", "content": ""},
@@ -516,25 +516,22 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk | BaseException | None]]:
-    """(choice, chunk) from every stream as chunks arrive; (choice, None) when it ends, (choice, error) if it fails."""
-    if len(streams) == 1:
-        try:
-            async with aclosing(streams[0]):  # type: ignore[type-var]
-                async for chunk in streams[0]:
-                    yield 0, chunk
-        except (EngineError, ClientError) as exc:
-            yield 0, exc
-            return
-        yield 0, None
-        return
+    """(choice, chunk) from every stream as chunks arrive; (choice, None) when it ends, (choice, error) if it fails.
+
+    Each stream is read by its own task, which also closes it (cancelling its request in the engine); leaving
+    early cancels the tasks and waits for them, so no stream is closed while a task still reads it.
+    """
     arrivals: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[Chunk]) -> None:
         try:
-            async for chunk in stream:
-                await arrivals.put((index, chunk))
+            async with aclosing(stream):  # type: ignore[type-var]
+                async for chunk in stream:
+                    await arrivals.put((index, chunk))
             await arrivals.put((index, None))
-        except (EngineError, ClientError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure ends this choice with an error event, never a silent hang
             await arrivals.put((index, exc))
 
     tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
@@ -548,8 +545,7 @@ async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[in
     finally:
         for task in tasks:
             task.cancel()
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _sse_events(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | TextFormat,
@@ -559,17 +555,15 @@ async def _sse_events(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | T
         if opening is not None:
             yield _sse(opening)
     last: dict[int, Chunk] = {}
-    ended = 0
     async with aclosing(_merged(streams)) as arrivals:
         async for index, item in arrivals:
             if isinstance(item, BaseException):
+                if not isinstance(item, (EngineError, ClientError)):
+                    log.error("stream failed", exc_info=item)
                 yield _sse(error_body(str(item), "server_error"))
                 yield _sse("[DONE]")
                 return
             if item is None:
-                ended += 1
-                if ended == len(streams):
-                    break
                 continue
             for event in shape.pieces(index, item, include_usage):
                 yield _sse(event)
