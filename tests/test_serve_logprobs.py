@@ -263,3 +263,15 @@ def test_streamed_chat_usage_counts_the_prompt_once(server):
                 usage = json.loads(line[6:]).get("usage") or usage
     single = post(url, "/v1/chat/completions", body | {"n": 1}).json()["usage"]
     assert usage == whole and whole["prompt_tokens"] == single["prompt_tokens"]
+
+
+def test_tokens_that_decode_alike_keep_their_best_logprob(tiny_tokenizer):
+    from lmsmith.serve.engine.request import TokenLogprob
+    from lmsmith.serve.logprobs import CompletionLogprobs
+
+    # Two byte pieces of Chinese characters both read U+FFFD on their own.
+    pieces = [token for token in range(len(tiny_tokenizer)) if tiny_tokenizer.decode([token]) == "\ufffd"][:3]
+    assert len(pieces) == 3
+    entry = TokenLogprob(pieces[2], -3.0, ((pieces[0], -0.5), (pieces[1], -1.0)))
+    top = CompletionLogprobs(tiny_tokenizer)._top(entry)
+    assert top == {"\ufffd": -0.5}

@@ -304,3 +304,11 @@ def test_sft_val_tasks_are_checked_before_training(tmp_path, tiny_tokenizer):
         val_probes(config, tiny_tokenizer, [], ctx)
     [probe] = val_probes(config.model_copy(update={"early_stopping": None}), tiny_tokenizer, [], ctx)
     assert [task.limit for task in probe.tasks] == [5]
+    evaluated = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "sft",
+                             recipe=Recipe(pretrain={}, sft={}, eval={"tasks": [str(tmp_path / "mc.yaml")]}))
+    with pytest.raises(UserError, match="also what the eval stage scores"):
+        val_probes(config.model_copy(update={"early_stopping": None}), tiny_tokenizer, [], evaluated)
+    from lmsmith.train.config import PretrainConfig
+
+    with pytest.raises(ValidationError, match="pretraining measures val_loss only"):
+        PretrainConfig(early_stopping={"metric": "val_rouge_l"})

@@ -78,8 +78,12 @@ class CompletionLogprobs:
         }
 
     def _top(self, entry: TokenLogprob) -> dict[str, float]:
-        top = {self._strings(token): value for token, value in entry.top}
-        top.setdefault(self._strings(entry.token_id), entry.logprob)  # the chosen token is always listed
+        # Tokens that decode alike (pieces of one character all read U+FFFD) share a key: the best value
+        # stands, so a greedy choice still equals max(top_logprobs) as lm-eval checks.
+        top: dict[str, float] = {}
+        for token, value in (*entry.top, (entry.token_id, entry.logprob)):  # the chosen token is always listed
+            key = self._strings(token)
+            top[key] = max(value, top.get(key, value))
         return top
 
     def prompt(self, prompt: str | list[int], entries: Sequence[TokenLogprob | None]) -> dict[str, Any]:

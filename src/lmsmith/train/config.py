@@ -221,6 +221,13 @@ class PretrainConfig(TrainingSchedule):
     epochs: float = Field(12.0, gt=0)
     optim: OptimConfig = OptimConfig(lr=2e-3)
 
+    @model_validator(mode="after")
+    def _watches_val_loss(self) -> "PretrainConfig":
+        # Pretraining measures val loss only: any other metric would never arrive and never stop the run.
+        if self.early_stopping is not None and self.early_stopping.metric != "val_loss":
+            raise ValueError(f"early_stopping.metric {self.early_stopping.metric}: pretraining measures val_loss only")
+        return self
+
 
 class SFTConfig(TrainingSchedule):
     """Supervised fine-tuning on chat-formatted instructions with answer-only loss."""

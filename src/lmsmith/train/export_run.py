@@ -158,6 +158,16 @@ def verify_split(adapter: Path, base_model: Path | None, base_copy: Path, adapte
         return float((split.eval()(input_ids=ids).logits - expected).abs().max())
 
 
+def _verified_line(report: dict, quant: str, what: str) -> str:
+    from lmsmith.compress.gguf_file import VERIFY_BOUNDS
+
+    figures = (f"logits within {report['relative_logit_diff']:.2g} of the largest source logit, argmax agreement "
+               f"{report['argmax_agreement']:.3f}")
+    if VERIFY_BOUNDS[quant][0] is None:
+        return f"{what} {quant} is not gated (its rounding has no fixed bound): {figures}"
+    return f"verified: {what} {figures}"
+
+
 def _export_gguf_lora(adapter: Path, out: Path, config: ExportConfig, base_model: Path | None) -> dict:
     """`out/<name>-base-<quant>.gguf` and `out/<name>-lora-f16.gguf`; trained embedding rows go into the base
     first (as for vLLM). Checked together against the adapter model before they replace `out`."""
@@ -185,8 +195,7 @@ def _export_gguf_lora(adapter: Path, out: Path, config: ExportConfig, base_model
             if config.verify:
                 adapted, tokenizer = load_adapted(adapter, base_model)
                 record["verify"] = verify_gguf(adapted, tokenizer, base_file.path, config.quant, lora=lora_file.path)
-                console.print(f"verified: base + LoRA GGUF logits within {record['verify']['relative_logit_diff']:.2g} "
-                              f"of the largest adapter-model logit")
+                console.print(_verified_line(record["verify"], config.quant, "base + LoRA GGUF"))
 
     _write(out, config.force, build)
     console.print(f"run with: llama-cli -m {out / record['base_file']} --lora {out / record['lora_file']}",
@@ -218,8 +227,7 @@ def _export_gguf(adapter: Path | None, model: Path | None, out: Path, config: Ex
                            "kept_higher": written.kept_higher})
             if config.verify:
                 record["verify"] = verify_gguf(source, None, written.path, config.quant)
-                console.print(f"verified: GGUF logits within {record['verify']['relative_logit_diff']:.2g} of the "
-                              f"largest source logit, argmax agreement {record['verify']['argmax_agreement']:.3f}")
+                console.print(_verified_line(record["verify"], config.quant, "GGUF"))
 
     _write(out, config.force, build)
     return record

@@ -71,6 +71,10 @@ def val_probes(config: SFTConfig, tokenizer, conversations, ctx: StageContext) -
         probes.append(GenerationProbe(tokenizer=tokenizer, prompts=[messages[:-1] for messages in chosen],
                                       references=[messages[-1]["content"] for messages in chosen],
                                       max_new_tokens=config.val_max_new_tokens))
+    evaluated = set(ctx.recipe.eval.tasks) if ctx.recipe.eval is not None else set()
+    if shared := sorted(evaluated & set(config.val_tasks)):
+        raise UserError(f"sft.val_tasks: {', '.join(shared)} is also what the eval stage scores; choosing the "
+                        "checkpoint on it would inflate the eval figures (give the probe a task file of its own)")
     if config.val_tasks:
         from lmsmith.eval.probe import TaskProbe
         from lmsmith.eval.stage import task_files
