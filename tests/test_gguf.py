@@ -112,22 +112,32 @@ def test_what_cannot_be_written_is_refused(tmp_path, tiny_tokenizer):
         write_gguf(tmp_path / "model", tmp_path / "m.gguf", "f16")
 
 
-def test_lmsmith_export_gguf_merges_the_adapter_and_verifies(tmp_path, tiny_tokenizer, capsys):
+def adapter_run(tmp_path, tokenizer, method):
+    """A run whose sft adapter (on a saved tiny Qwen2 base) has a trained model's size: fabricated_run's
+    lora_B (std 0.2) scaled down, trained token rows (if any) moved a little."""
     from test_export import fabricated_run
 
-    from lmsmith.cli import main
     from lmsmith.train.export import save_adapter
-    from lmsmith.train.method_config import LoraMethod
 
     base = tmp_path / "base"
-    save_tiny(base, tiny_tokenizer, "qwen2")
-    method = LoraMethod(r=4, train_tokens="none")
-    run, adapted = fabricated_run(tmp_path, base, method, tiny_tokenizer)
-    with torch.no_grad():  # an adapter of a trained model's size (fabricated_run's std 0.2 is far larger)
+    save_tiny(base, tokenizer, "qwen2")
+    run, adapted = fabricated_run(tmp_path, base, method, tokenizer)
+    with torch.no_grad():
         for name, param in adapted.named_parameters():
             if "lora_B" in name:
                 param.mul_(0.1)
-    save_adapter(adapted, run / "sft" / "adapter", base_model=base, method=method, tokenizer=tiny_tokenizer)
+            if "trainable_tokens" in name:
+                param.add_(0.05)
+    save_adapter(adapted, run / "sft" / "adapter", base_model=base, method=method, tokenizer=tokenizer)
+    return run, adapted
+
+
+def test_lmsmith_export_gguf_merges_the_adapter_and_verifies(tmp_path, tiny_tokenizer, capsys):
+
+    from lmsmith.cli import main
+    from lmsmith.train.method_config import LoraMethod
+
+    run, adapted = adapter_run(tmp_path, tiny_tokenizer, LoraMethod(r=4, train_tokens="none"))
     assert main(["export", str(run), "--to", "gguf", "--quant", "q8_0"]) == 0
     out = run / "exports" / "gguf"
     record = json.loads((out / "export.json").read_text())
@@ -169,23 +179,11 @@ def test_a_lora_adapter_as_gguf_lora_on_its_gguf_base(tmp_path, tiny_tokenizer, 
 
 
 def test_lmsmith_export_gguf_lora_splits_trained_token_rows_into_the_base(tmp_path, tiny_tokenizer):
-    from test_export import fabricated_run
 
     from lmsmith.cli import main
-    from lmsmith.train.export import save_adapter
     from lmsmith.train.method_config import LoraMethod
 
-    base = tmp_path / "base"
-    save_tiny(base, tiny_tokenizer, "qwen2")
-    method = LoraMethod(r=4, train_tokens="all")
-    run, adapted = fabricated_run(tmp_path, base, method, tiny_tokenizer)
-    with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.1)
-            if "trainable_tokens" in name:
-                param.add_(0.05)
-    save_adapter(adapted, run / "sft" / "adapter", base_model=base, method=method, tokenizer=tiny_tokenizer)
+    run, adapted = adapter_run(tmp_path, tiny_tokenizer, LoraMethod(r=4, train_tokens="all"))
     assert main(["export", str(run), "--to", "gguf-lora", "--quant", "f16"]) == 0
     out = run / "exports" / "gguf-lora"
     record = json.loads((out / "export.json").read_text())
