@@ -237,7 +237,8 @@ def score_multiple_choice(task: TaskConfig, backend, items: list[ChoiceQuestion]
             right.setdefault(index, []).append(best == gold and not missing)
         scores["acc_route"] = route
         # A model that always picks one letter shows as such (tiny models often do).
-        picked = [letters_for(options)[best] for (_, options, _), best in zip(asked, best_options)]
+        picked = [letters_for(options)[best] for (_, options, _), best, group in zip(asked, best_options, grouped)
+                  if any(score != float("-inf") for score in group)]  # an unscored question picked nothing
         scores["ll_letter_distribution"] = {letter: picked.count(letter) for letter in sorted(set(picked))}
         if route != "loglikelihood":
             scores["unscored_rate"] = 100.0 * unscored / len(asked)
