@@ -83,8 +83,9 @@ SMALL_RUN = [
     "data.embedded.companies=6", "data.embedded.years=2",
     "sft.max_steps=12", "sft.batch_size=4", "sft.val_generations=0", "sft.optim.lr=5e-3", "sft.log_every=4",
     "eval.max_items=4", "eval.max_new_tokens=8", "eval.speed_requests=1",
-    "compress.max_samples=2", "compress.max_new_tokens=8", "compress.bench_prompts=2", "compress.bench_new_tokens=4",
-    "compress.bench_repeats=1", "compress.ppl_docs=2",
+    "compress.max_items=2", "compress.max_new_tokens=8", "compress.speed_requests=1", "compress.speed_batch=2",
+    "compress.speed_new_tokens=4", "compress.agreement_texts=2", "compress.peak_memory=false",
+    "compress.variants.1.calibration_samples=4",
     "serve.smoke_questions=2", "serve.max_new_tokens=8",
 ]
 
@@ -112,7 +113,10 @@ def test_finetune_checkpoint_recipe_runs_to_a_served_model(build, tmp_path):
     assert saved_template == build(tmp_path / "again").joinpath("chat_template.jinja").read_text()
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert {label: model["describe"] for label, model in results["models"].items()} == {
-        "base": str(checkpoint), "tuned": "sft/model", "int8": "compress/model (dynamic_int8 of tuned)"}
+        "base": str(checkpoint), "tuned": "sft/model"}
+    compressed = json.loads((run_dir / "compress" / "results.json").read_text())
+    assert list(compressed["models"]) == ["source", "int8", "static-int8"]
+    assert json.loads((run_dir / "compress" / "static-int8" / "manifest.json").read_text())["method"] == "static_int8"
     assert set(results["tasks"]) >= {"held-out-answers", "finance-mc", "finance-report"}
     transcript = json.loads((run_dir / "serve" / "transcript.json").read_text())
     assert len(transcript["entries"]) == 2 and all("answer" in entry for entry in transcript["entries"])

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmsmith.generation import quantize_dynamic_int8
 from lmsmith.serve.engine import Engine, EngineConfig, SamplingParams
 from lmsmith.serve.engine.config import EngineConfig as Config
 from lmsmith.serve.engine.projections import (
@@ -87,7 +86,11 @@ def test_packed_and_plain_engines_give_the_same_greedy_tokens(tiny_model_dir):
 
 
 def test_a_dynamically_quantized_model_is_served_through_its_own_modules(tiny_tokenizer):
-    model = quantize_dynamic_int8(build_tiny_model(tiny_tokenizer, hidden_size=128, layers=2, seed=4).eval())
+    from lmsmith.compress.config import DynamicInt8
+    from lmsmith.compress.methods import dynamic_int8
+
+    model = build_tiny_model(tiny_tokenizer, hidden_size=128, layers=2, seed=4).eval()
+    model = dynamic_int8(model, DynamicInt8(name="int8"), None).model
     engine = Engine(model, tiny_tokenizer, EngineConfig(max_slots=4))
     try:
         assert isinstance(engine._runner.projections[0].qkv, ModuleProjection)

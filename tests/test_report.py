@@ -18,8 +18,9 @@ EVAL_TABLE = {
     "rows": [["base", "0.00 ± 0.00", "3.14 ± 0.52", "48.21"], ["tuned", "66.67 ± 2.10", "27.18 ± 1.20", "17.93"]],
 }
 COMPRESS_TABLE = {
-    "columns": ["metric", "fp32", "int8", "change"],
-    "rows": [["weights (MB)", "23.41", "7.02", "3.33× smaller"], ["decode tok/s, batch 1", "25.10", "61.77", "2.46×"]],
+    "columns": ["model", "method", "size MB", "tok/s b1", "held-out-answers rougeL", "gate"],
+    "rows": [["source", "tuned", "23.41", "25.10", "79.33", "–"],
+             ["int8", "dynamic_int8", "7.02 (3.33× smaller)", "61.77 (2.46×)", "79.26 (-0.07)", "passed"]],
 }
 
 
@@ -42,9 +43,11 @@ def fabricate_finished_run(run_dir: Path, with_serve: bool) -> None:
                    {"tuned_beats_base": 1, "tuned_beats_base_of": 2})
     (run_dir / "compress").mkdir()
     (run_dir / "compress" / "results.json").write_text(json.dumps(
-        {"method": "dynamic_int8", "bench": {"prompts": 4, "new_tokens": 64}, "threads": 2, "samples": 30,
+        {"tasks": {"held-out-answers": {}}, "threads": 2, "gate": {"failed": [], "strict": False},
          "table": COMPRESS_TABLE}))
-    write_manifest(run_dir, "compress", {"results": "results.json"}, {"size_ratio": 3.33})
+    (run_dir / "compress" / "plots").mkdir()
+    (run_dir / "compress" / "plots" / "size_quality.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    write_manifest(run_dir, "compress", {"results": "results.json", "plots": "plots"}, {"variants": 1, "gate_failed": 0})
     if with_serve:
         (run_dir / "serve").mkdir()
         (run_dir / "serve" / "transcript.json").write_text(json.dumps(
@@ -79,11 +82,12 @@ def test_report_html_is_self_contained_and_shows_every_stage(tmp_path):
 
     assert result.outputs == {"md": "report.md", "html": "report.html"}
     page = (stage_dir / "report.html").read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == 3  # pretrain and sft loss curves, eval scores
+    assert page.count("data:image/png;base64,") == 4  # pretrain and sft loss curves, eval scores, compress size/quality
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.IGNORECASE)
     assert "<link" not in page and "<script>" not in page  # inline CSS only; sample text is escaped
     assert "&lt;script&gt;" in page
-    for number in ("48.21", "17.93", "66.67 ± 2.10", "3.33× smaller", "2.46×", "0.42", "finance-yoy (200 items)",
+    for number in ("48.21", "17.93", "66.67 ± 2.10", "3.33× smaller", "61.77 (2.46×)", "0.42", "finance-yoy (200 items)",
+                   "Every variant passed its quality gate",
                    "ahead of base beyond both standard errors on 1 of 2: finance-yoy numeric_acc"):
         assert number in page
     for text in ("Finance run", "corpus.read", "271", "chars_per_token", "华信银行的资产负债率是多少?"):
@@ -110,7 +114,7 @@ def test_report_lists_missing_pieces_instead_of_failing(tmp_path):
     assert "- stage serve has not run" in markdown
     assert "sft loss curve" in result.metrics["missing_pieces"]
     assert "| serve | missing |" in markdown
-    assert (stage_dir / "report.html").read_text().count("data:image/png;base64,") == 2
+    assert (stage_dir / "report.html").read_text().count("data:image/png;base64,") == 3
 
 
 def test_flatten_nested_metrics():

@@ -19,8 +19,9 @@ TINY_DEMO = [
     "pretrain.max_steps=3", "pretrain.seq_len=64", "pretrain.batch_size=4",
     "sft.max_steps=3", "sft.batch_size=4", "sft.val_generations=0",
     "eval.max_items=2", "eval.max_new_tokens=4", "eval.speed_requests=1",
-    "compress.max_samples=2", "compress.max_new_tokens=4", "compress.bench_prompts=1", "compress.bench_new_tokens=2",
-    "compress.bench_repeats=1", "compress.ppl_docs=1", "serve.smoke_questions=1", "serve.max_new_tokens=4",
+    "compress.max_items=1", "compress.max_new_tokens=4", "compress.speed_requests=1", "compress.speed_batch=1",
+    "compress.speed_new_tokens=2", "compress.agreement_texts=1", "compress.peak_memory=false",
+    "compress.variants=[{name: int8, method: dynamic_int8}]", "serve.smoke_questions=1", "serve.max_new_tokens=4",
 ]
 
 

@@ -48,7 +48,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host, "port": args.port, "max_new_tokens": args.max_new_tokens, "device": args.device,
         "dtype": args.dtype, "max_slots": args.max_slots, "max_model_len": args.max_model_len,
         "prefill_chunk": args.prefill_chunk, "cuda_graphs": args.cuda_graphs,
-        "packed_weights": args.packed_weights, "loras": loras, "upstreams": upstreams, "tokenizer": args.tokenizer,
+        "packed_weights": args.packed_weights, "loras": loras, "variant": args.variant, "upstreams": upstreams, "tokenizer": args.tokenizer,
         "health_check_interval_s": args.health_interval, "embedding_model": args.embedding_model,
         "cache": {"backend": args.cache, "max_entries": args.cache_size, "ttl_s": args.cache_ttl,
                   "redis_url": args.redis_url},
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="Serve a run folder or model folder with an OpenAI-compatible API.")
     serve.add_argument("path", nargs="?", help="A run folder (serves its tuned model) or an HF model folder.")
+    serve.add_argument("--variant", help="Serve the run's compressed variant of this name (RUN/compress/<name>).")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-new-tokens", type=int, default=256, help="Default max_tokens per request.")

@@ -5,15 +5,13 @@ with the tokenizer's chat template. The decode loop is ours: it is a few lines, 
 count exactly how many new tokens each sequence produced and time just the decoding, and
 `stop_at_eos=False` gives the fixed-length decodes a speed benchmark needs. With `do_sample=False` it makes the same choices as `model.generate` with greedy decoding.
 
-`load_causal_lm` reads either a plain HF folder or the dynamic-int8 folder written by the compress stage
-(torch's `quantize_dynamic` modules, state saved with `torch.save`, marked by `QUANTIZED_MARKER`).
+`load_causal_lm` reads either a plain HF folder or a variant folder written by the compress stage
+(`lmsmith.compress.folder`).
 """
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +23,6 @@ from lmsmith.console import Tracker, track
 from lmsmith.errors import UserError
 
 Messages = list[dict[str, str]]
-
-QUANTIZED_MARKER = "lmsmith_quantized.json"
-QUANTIZED_FORMAT = "lmsmith-dynamic-int8"
-QUANTIZED_STATE = "quantized_state.pt"
 
 
 @dataclass
@@ -44,83 +38,18 @@ class Generation:
         return sum(self.new_tokens) / self.wall_s if self.wall_s > 0 else 0.0
 
 
-@contextmanager
-def quiet_quantization_warnings() -> Iterator[None]:
-    """`torch.ao.quantization` and quantized tensors warn that they are deprecated on every use.
-
-    They still work on torch 2.13 and are the fastest int8 path on CPU without `torch.compile`, so the
-    warnings are silenced here, around our own calls only.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
-        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
-        warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
-        yield
-
-
-def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every `nn.Linear` (in place) with torch's dynamically quantized qint8 Linear."""
-    with quiet_quantization_warnings():
-        return torch.ao.quantization.quantize_dynamic(
-            model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
-        )
-
-
-def is_quantized_folder(path: Path) -> bool:
-    return (Path(path) / QUANTIZED_MARKER).is_file()
-
-
-def save_quantized(model: torch.nn.Module, tokenizer, folder: Path, method: str = "dynamic_int8") -> Path:
-    """Write a folder `load_causal_lm` can read back: config, tokenizer, quantized state and a marker."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    with quiet_quantization_warnings():
-        torch.save(model.state_dict(), folder / QUANTIZED_STATE)
-    marker = {
-        "format": QUANTIZED_FORMAT,
-        "method": method,
-        "quantized_modules": ["torch.nn.Linear"],
-        "weight_dtype": "qint8",
-        "state": QUANTIZED_STATE,
-        "torch": torch.__version__,
-    }
-    (folder / QUANTIZED_MARKER).write_text(json.dumps(marker, indent=2))
-    return folder
-
-
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load an HF causal-LM folder, or an int8 folder from the compress stage, in eval mode on CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load an HF causal-LM folder, or a compress-stage variant folder, in eval mode on CPU."""
+    from lmsmith.compress.folder import is_compressed_folder, load_variant
 
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: model folder not found")
-    if not is_quantized_folder(path):
-        from lmsmith.train.model import read_pretrained
+    if is_compressed_folder(path):
+        return load_variant(path)
+    from lmsmith.train.model import read_pretrained
 
-        return read_pretrained(path, str(path), dtype=dtype).eval()
-
-    marker = json.loads((path / QUANTIZED_MARKER).read_text())
-    if marker.get("format") != QUANTIZED_FORMAT:
-        raise UserError(f"{path / QUANTIZED_MARKER}: unknown quantized format {marker.get('format')!r}")
-    # Rebuild the float skeleton, swap in the same quantized modules, then load the saved int8 state:
-    # packed int8 weights cannot be loaded into float Linear layers.
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    quantize_dynamic_int8(model)
-    with quiet_quantization_warnings():
-        state = torch.load(path / marker.get("state", QUANTIZED_STATE), weights_only=True)
-        model.load_state_dict(state, strict=True)
-    generation_config = path / "generation_config.json"
-    if generation_config.is_file():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.eval()
+    return read_pretrained(path, str(path), dtype=dtype).eval()
 
 
 def load_tokenizer(path: str | Path):

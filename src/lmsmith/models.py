@@ -25,14 +25,18 @@ class ResolvedModel:
     name: str
 
 
-def resolve_model(path: str | Path) -> ResolvedModel:
-    """Resolve a run folder or an HF model folder; the name is the run's folder name or the model's."""
+def resolve_model(path: str | Path, variant: str | None = None) -> ResolvedModel:
+    """Resolve a run folder or an HF model folder; the name is the run's folder name or the model's.
+
+    `variant` picks one of a run's compressed variants (RUN/compress/<name>) instead of its tuned model."""
     given = Path(path).expanduser()
     if not given.exists():
         raise UserError(f"{given}: no such run folder or model folder")
     if not given.is_dir():
         raise UserError(f"{given}: expected a run folder or an HF model folder, got a file")
     folder = given.resolve()
+    if variant is not None:
+        return ResolvedModel(path=_variant_dir(folder, variant), name=f"{folder.name}-{variant}")
     if (folder / _SFT_STAGE / MANIFEST).is_file():
         return ResolvedModel(path=_sft_model_dir(folder), name=folder.name)
     if (folder / "config.json").is_file():
@@ -45,6 +49,27 @@ def resolve_model(path: str | Path) -> ResolvedModel:
 def resolve_model_dir(path: str | Path) -> Path:
     """The HF model folder to load for `path` (a run folder or a model folder)."""
     return resolve_model(path).path
+
+
+def _variant_dir(run_dir: Path, variant: str) -> Path:
+    import json
+
+    stage_dir = run_dir / "compress"
+    manifest = Manifest.read(stage_dir)
+    if manifest is None:
+        raise UserError(f"--variant {variant}: {run_dir} has no compress stage ({stage_dir / MANIFEST} is missing)")
+    key = f"variant.{variant}"
+    made = sorted(name.removeprefix("variant.") for name in manifest.outputs if name.startswith("variant."))
+    if key not in manifest.outputs:
+        raise UserError(f"--variant {variant}: the compress stage of {run_dir} made {', '.join(made) or 'no variants'}")
+    folder = manifest.output_path(stage_dir, key)
+    gate = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("gate", {})
+    if gate and not gate.get("passed", True):
+        from lmsmith.console import console
+
+        console.print(f"[yellow]warning[/]: variant {variant} failed its quality gate (over max_drop on "
+                      f"{gate.get('over')})")
+    return folder
 
 
 def _sft_model_dir(run_dir: Path) -> Path:

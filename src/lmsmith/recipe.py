@@ -129,14 +129,27 @@ def format_validation_error(source: str, error: ValidationError) -> str:
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Apply an override like `sft.method.r=8` to a nested dict (the value is parsed as YAML)."""
+    """Apply an override like `sft.method.r=8` to a nested dict (the value is parsed as YAML); a number
+    indexes a list, as in `compress.variants.1.calibration_samples=64`."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise UserError(f"--set {dotted}: {key} is not a section")
-    node[keys[-1]] = value
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise UserError(f"--set {dotted}: {'.'.join(keys[:depth]) or key} is a list of {len(node)}; "
+                                f"{key} is not an index in it")
+            if last:
+                node[int(key)] = value
+                return
+            node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+                return
+            node = node.setdefault(key, {})
+        else:
+            raise UserError(f"--set {dotted}: {keys[depth - 1]} is not a section")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

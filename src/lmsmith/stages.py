@@ -45,9 +45,14 @@ def _sft_requires(recipe) -> tuple[str, ...]:
 
 
 def _eval_requires(recipe) -> tuple[str, ...]:
-    # The base row of the comparison is whatever sft started from; the compressed variants are rows too.
-    compressed = ("compress",) if "compress" in recipe.stages() else ()
-    return (*_sft_requires(recipe), "sft", *compressed)
+    # The base row of the comparison is whatever sft started from (the compress stage scores its variants
+    # against the tuned model itself, with the same eval library).
+    return (*_sft_requires(recipe), "sft")
+
+
+def _serve_requires(recipe) -> tuple[str, ...]:
+    serves_variant = recipe.serve is not None and recipe.serve.variant is not None
+    return ("data", "sft", *(("compress",) if serves_variant else ()))
 
 
 def _report_requires(recipe) -> tuple[str, ...]:
@@ -61,7 +66,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("sft", "lmsmith.train.sft", _sft_requires),
     StageSpec("compress", "lmsmith.compress.stage", ("data", "sft")),
     StageSpec("eval", "lmsmith.eval.stage", _eval_requires),
-    StageSpec("serve", "lmsmith.serve.stage", ("data", "sft")),
+    StageSpec("serve", "lmsmith.serve.stage", _serve_requires),
     StageSpec("report", "lmsmith.report.stage", _report_requires),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)

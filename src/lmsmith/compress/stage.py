@@ -1,218 +1,192 @@
-"""The compress stage: dynamic INT8 quantization of the fine-tuned model, measured against fp32.
+"""The compress stage: every variant of the recipe, built, saved, scored, timed and gated.
 
-torch's `quantize_dynamic` swaps every `nn.Linear` for an int8-weight Linear that quantizes activations
-on the fly (fbgemm/onednn kernels on CPU). We measure what that buys and costs: bytes of serialized
-weights, greedy decode tokens/s at batch 1 and batched, and the change in ROUGE-L, BLEU-4 and
-perplexity on held-out data. The quantized model is saved in `int8/`, which
-`lmsmith.generation.load_causal_lm` reads back.
+Each variant (`compress.variants`, `lmsmith.compress.config`) is made from the tuned model or from an
+earlier variant (`source`) by `lmsmith.compress.methods`, saved as `RUN/compress/<name>/` with its own
+`manifest.json`, and read back to check the folder reproduces it. Then the `lmsmith eval` library scores
+the tuned model and every variant on the same tasks and times them; this stage adds argmax agreement
+with each variant's source, perplexity on the held-out conversations, and peak memory, applies the
+quality gate (`max_drop`) and writes the comparison as results.json, table.md, report.html and a plot of
+size against quality.
 """
 
 from __future__ import annotations
 
-import copy
+import gc
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmsmith.compress import measure, methods
 from lmsmith.compress.config import CompressConfig
-from lmsmith.console import console, track
+from lmsmith.compress.folder import save_variant
+from lmsmith.compress.table import compress_document, drops, gate_keys
+from lmsmith.console import console
 from lmsmith.errors import UserError
-from lmsmith.eval.data import read_documents, read_instructions, spread_over_tasks
-from lmsmith.eval.metrics import perplexity
-from lmsmith.eval.scoring import score_group
-from lmsmith.generation import (
-    QUANTIZED_STATE,
-    generate_chat,
-    load_causal_lm,
-    load_tokenizer,
-    quantize_dynamic_int8,
-    save_quantized,
-)
+from lmsmith.generation import load_causal_lm, load_tokenizer
 from lmsmith.pipeline import StageContext, StageResult
-from lmsmith.report.tables import Table, format_number
+from lmsmith.tokenizer.records import read_conversations
 
-INT8_DIR = "int8"
-MB = 1024 * 1024
-RELOAD_TOLERANCE = 1e-5
-# Numeric answers (yoy) count as right within 1% relative error, as in the eval stage's default.
-NUMERIC_REL_TOL = 0.01
-
-
-def serialized_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's weights written as safetensors (tied tensors stored once, as HF does)."""
-    from safetensors.torch import save
-
-    unique: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        unique[name] = tensor.detach().contiguous()
-    return len(save(unique))
+SOURCE = "source"
+TRAINING_DIR = "training"
+RELOAD_TOLERANCE = 1e-4
+# Which kernels run each method on CPU (docs/compression.md has the CUDA side).
+KERNELS = {
+    "dynamic_int8": "fbgemm int8 GEMM, activations quantized per call (torch.ops.quantized.linear_dynamic)",
+    "static_int8": "fbgemm int8 GEMM, activations quantized with calibrated ranges (torch.ops.quantized.linear)",
+    "weight_only": "ATen _weight_int8pack_mm / _weight_int4pack_mm_for_cpu, bf16 activations",
+    "mixed": "per module: fbgemm int8, ATen int8/int4 weight-packed, or bf16/fp16 matmuls",
+    "prune": "dense fp32 matmuls on CPU (zeros are stored sparse on disk, not skipped in compute)",
+    "distill": "dense fp32 matmuls (a smaller model)",
+}
 
 
-def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, tokenizer, text: str) -> float:
-    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    with torch.inference_mode():
-        return float((a(**encoded).logits - b(**encoded).logits).abs().max())
-
-
-def decode_speed(
-    model: torch.nn.Module, tokenizer, prompts: list, new_tokens: int, batch_size: int, repeats: int
-) -> float:
-    """Greedy tokens/s over `prompts` at `batch_size`, exactly `new_tokens` each.
-
-    A short warm-up run comes first (lazy kernel and cache set-up), then the best of `repeats` timed
-    runs: on a shared CPU, interference only ever slows a run down, so the fastest is the least noisy.
-    """
-    generate_chat(model, tokenizer, prompts[:batch_size], max_new_tokens=min(4, new_tokens),
-                  batch_size=batch_size, stop_at_eos=False)
-    return max(
-        generate_chat(model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=batch_size,
-                      stop_at_eos=False).tokens_per_s
-        for _ in range(repeats)
-    )
-
-
-def _ratio(new: float | None, old: float | None) -> float | None:
-    return None if not new or not old else new / old
-
-
-def _delta(new: float | None, old: float | None) -> float | None:
-    return None if new is None or old is None else new - old
-
-
-def measure_speed(
-    models: dict[str, torch.nn.Module], tokenizer, prompts: list, config: CompressConfig
-) -> dict[str, float]:
-    """`{label}_tok_s_b1` (one prompt at a time) and `{label}_tok_s_bn` (all prompts in one batch)."""
-    speed: dict[str, float] = {}
-    with track("compress: decode speed", 2 * len(models)) as tracker:
-        for label, model in models.items():
-            for suffix, batch in (("b1", 1), ("bn", len(prompts))):
-                key = f"{label}_tok_s_{suffix}"
-                speed[key] = decode_speed(
-                    model, tokenizer, prompts, config.bench_new_tokens, batch, config.bench_repeats
-                )
-                tracker.advance(1, **{key: speed[key]})
-    return speed
-
-
-def measure_quality(
-    models: dict[str, torch.nn.Module], tokenizer, instructions: list, documents: list[str], config: CompressConfig
-) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
-    """Per model: answer scores on the held-out instructions and perplexity on the documents."""
-    quality: dict[str, dict[str, Any]] = {}
-    answers: dict[str, list[str]] = {}
-    for label, model in models.items():
-        generation = generate_chat(
-            model, tokenizer, [row.prompt for row in instructions], max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size, progress=f"{label}: answers",
-        )
-        answers[label] = generation.texts
-        quality[label] = score_group(instructions, generation.texts, NUMERIC_REL_TOL)
-        ppl = perplexity(model, tokenizer, documents, batch_size=config.batch_size, progress=f"{label}: perplexity")
-        quality[label]["perplexity"] = ppl.perplexity if ppl.tokens else None
-    return quality, answers
+def variant_output(name: str) -> str:
+    return f"variant.{name}"
 
 
 def run(config: CompressConfig, ctx: StageContext) -> StageResult:
-    model_dir = ctx.artifact("sft", "model")
-    sft_test = ctx.artifact("data", "sft_test")
-    instructions = spread_over_tasks(read_instructions(sft_test), config.max_samples)
-    if not instructions:
-        raise UserError(f"{sft_test}: no held-out instructions to measure the int8 model on")
-    documents = read_documents(ctx.artifact("data", "corpus_test"), config.ppl_docs)
+    from lmsmith.eval.compare import ModelEntry
+    from lmsmith.eval.stage import task_files
+    from lmsmith.eval.suite import evaluate_models
+    from lmsmith.eval.compare import SpeedConfig
+    from lmsmith.eval.tasks import load_task
 
-    tokenizer = load_tokenizer(model_dir)
-    fp32 = load_causal_lm(model_dir, dtype=torch.float32)
-    int8 = quantize_dynamic_int8(copy.deepcopy(fp32))
-    int8_dir = save_quantized(int8, tokenizer, ctx.stage_dir / INT8_DIR, method=config.method)
+    out = ctx.stage_dir
+    tuned_dir = ctx.artifact("sft", "model")
+    tokenizer = load_tokenizer(tuned_dir)
+    tasks = task_files(config.tasks, ctx, out / "tasks", config.max_items, config.max_new_tokens)
+    known = gate_keys([load_task(path) for path in tasks])
+    for where, max_drop in [("compress.gate.max_drop", config.gate.max_drop)] + [
+            (f"compress.variants.{v.name}.max_drop", v.max_drop) for v in config.variants if v.max_drop is not None]:
+        unknown = sorted(set(max_drop) - set(known))
+        if unknown:
+            raise UserError(f"{where}: {', '.join(unknown)} is not measured; the keys are {', '.join(known)}")
 
-    # The saved folder must reproduce the in-memory quantized model (same int8 kernels, same weights).
-    probe = instructions[0].reference or instructions[0].question
-    reload_diff = max_logit_difference(int8, load_causal_lm(int8_dir), tokenizer, probe)
-    if reload_diff > RELOAD_TOLERANCE:
-        raise RuntimeError(f"{int8_dir}: reloaded int8 model differs from the quantized one by {reload_diff}")
+    materials = methods.Materials(
+        tokenizer=tokenizer, train=read_conversations(ctx.artifact("data", "sft_train")),
+        val=read_conversations(ctx.artifact("data", "sft_val")), seed=ctx.seed, work_dir=out)
+    test = read_conversations(ctx.artifact("data", "sft_test"))[: config.agreement_texts]
+    if not test:
+        raise UserError(f"{ctx.artifact('data', 'sft_test')}: no held-out conversations to compare variants on")
+    texts = [tokenizer.apply_chat_template(list(messages), tokenize=False) for messages in test]
+    probe = measure.encode_texts(tokenizer, texts)
 
-    sizes = {
-        "fp32_bytes": serialized_weight_bytes(fp32),
-        "int8_bytes": (int8_dir / QUANTIZED_STATE).stat().st_size,
-    }
-    sizes["ratio"] = sizes["fp32_bytes"] / sizes["int8_bytes"]
+    folders: dict[str, Path] = {SOURCE: tuned_dir}
+    facts: dict[str, dict[str, Any]] = {}
+    for variant in config.variants:
+        source_dir = folders[variant.source or SOURCE]
+        console.rule(f"compress: {variant.name} ({variant.method} of {variant.source or 'the tuned model'})")
+        materials.work_dir = out / TRAINING_DIR / variant.name
+        built = methods.build(load_causal_lm(source_dir), variant, materials)
+        folder = out / variant.name
+        if folder.exists():
+            shutil.rmtree(folder)
+        save_variant(built.model, tokenizer, folder, built.sparse)
+        reloaded = load_causal_lm(folder)
+        diff = max_logit_difference(built.model, reloaded, probe)
+        if diff > RELOAD_TOLERANCE:
+            raise RuntimeError(f"{folder}: the saved variant differs from the built one by {diff} in logits")
+        facts[variant.name] = {**built.facts, "reload_max_abs_diff": diff}
+        folders[variant.name] = folder
+        del built, reloaded
+        gc.collect()
 
-    bench_prompts = [row.prompt for row in instructions[: config.bench_prompts]]
-    batched = len(bench_prompts)
-    models = {"fp32": fp32, "int8": int8}
-    speed = measure_speed(models, tokenizer, bench_prompts, config)
-    quality, answers = measure_quality(models, tokenizer, instructions, documents, config)
-    agreement = 100.0 * sum(a == b for a, b in zip(answers["fp32"], answers["int8"])) / len(instructions)
+    entries = [ModelEntry(SOURCE, f"the tuned model ({tuned_dir.relative_to(ctx.run_dir)})", tuned_dir)]
+    entries += [ModelEntry(v.name, f"{v.method} of {v.source or SOURCE}", folders[v.name]) for v in config.variants]
+    speed = SpeedConfig(requests=config.speed_requests, new_tokens=config.speed_new_tokens, batch=config.speed_batch)
+    results = evaluate_models(entries, tasks, out, config.batch_size, speed, tokenizer_path=tuned_dir, write=False)
 
-    table = build_table(sizes, speed, quality, agreement, batched)
-    results = {
-        "method": config.method,
-        "source": "sft/model",
-        "threads": torch.get_num_threads(),
-        "bench": {"prompts": batched, "new_tokens": config.bench_new_tokens, "repeats": config.bench_repeats},
-        "samples": len(instructions),
-        "ppl_documents": len(documents),
-        "sizes": sizes,
-        "speed": speed,
-        "quality": quality,
-        "answer_agreement": agreement,
-        "reload_max_abs_diff": reload_diff,
-        "table": table.to_json(),
-    }
-    (ctx.stage_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    argmax: dict[str, torch.Tensor] = {}
+    for label, folder in folders.items():
+        model = load_causal_lm(folder)
+        argmax[label] = measure.next_token_argmax(model, probe, config.batch_size)
+        ppl = _perplexity(model, tokenizer, texts, config.batch_size, label)
+        entry = results["models"][label]
+        entry["perplexity"] = ppl
+        entry["peak_memory_mb"] = (measure.peak_memory_mb(folder, tuned_dir, config.speed_batch, 8)
+                                   if config.peak_memory else None)
+        del model
+        gc.collect()
+    results["models"][SOURCE]["agreement"] = 100.0
+    failed = []
+    for variant in config.variants:
+        source = variant.source or SOURCE
+        entry = results["models"][variant.name]
+        entry["agreement"] = measure.agreement(argmax[source], argmax[variant.name], probe["attention_mask"])
+        entry |= {"method": variant.method, "source": source, "kernels": KERNELS[variant.method],
+                  "facts": facts[variant.name]}
+        max_drop = variant.max_drop if variant.max_drop is not None else config.gate.max_drop
+        entry["drops"] = drops(results, variant.name, source)
+        over = {key: round(entry["drops"][key], 4) for key, limit in max_drop.items()
+                if entry["drops"].get(key) is not None and entry["drops"][key] > limit}
+        entry["gate"] = {"max_drop": max_drop, "over": over, "passed": not over}
+        if over:
+            failed.append(variant.name)
+        write_variant_manifest(folders[variant.name], variant, entry)
+    results["agreement_texts"] = len(texts)
+    results["gate"] = {"failed": failed, "strict": config.gate.strict}
+    results["threads"] = torch.get_num_threads()
+    table = compress_document(results, out, f"{ctx.recipe.name}: compression")
     console.print(table.to_markdown(), markup=False)
-    return StageResult(
-        outputs={"model": INT8_DIR, "results": "results.json"},
-        metrics=flat_metrics(sizes, speed, quality, agreement),
-    )
+    if failed:
+        message = "; ".join(f"{name} over max_drop on {results['models'][name]['gate']['over']}" for name in failed)
+        if config.gate.strict:
+            raise UserError(f"compress.gate (strict): {message}")
+        console.print(f"[red]compress gate failed[/]: {message}")
+    outputs = {"results": "results.json", "table": "table.md", "html": "report.html", "plots": "plots",
+               "tasks": "tasks", **{variant_output(v.name): v.name for v in config.variants}}
+    if (out / TRAINING_DIR).exists():
+        outputs["training"] = TRAINING_DIR
+    return StageResult(outputs=outputs, metrics=flat_metrics(results, config))
 
 
-def build_table(
-    sizes: dict[str, float], speed: dict[str, float], quality: dict[str, dict[str, Any]], agreement: float,
-    batched: int,
-) -> Table:
-    table = Table(["metric", "fp32", "int8", "change"])
-    table.add(
-        "weights (MB)",
-        sizes["fp32_bytes"] / MB,
-        sizes["int8_bytes"] / MB,
-        f"{sizes['ratio']:.2f}× smaller",
-    )
-    for suffix, label in (("b1", "decode tok/s, batch 1"), ("bn", f"decode tok/s, batch {batched}")):
-        old, new = speed[f"fp32_tok_s_{suffix}"], speed[f"int8_tok_s_{suffix}"]
-        ratio = _ratio(new, old)
-        table.add(label, old, new, "–" if ratio is None else f"{ratio:.2f}×")
-    for key, label in (("rougeL", "ROUGE-L F (char)"), ("bleu4", "BLEU-4"), ("perplexity", "perplexity")):
-        old, new = quality["fp32"][key], quality["int8"][key]
-        table.add(label, old, new, format_number(_delta(new, old), signed=True))
-    table.add("answers identical to fp32's (%)", "–", agreement, "")
-    return table
+def max_logit_difference(a, b, batch: dict[str, torch.Tensor]) -> float:
+    part = {key: value[:2] for key, value in batch.items()}
+    with torch.inference_mode():
+        return float((a(**part, use_cache=False).logits - b(**part, use_cache=False).logits).abs().max())
 
 
-def flat_metrics(
-    sizes: dict[str, float], speed: dict[str, float], quality: dict[str, dict[str, Any]], agreement: float
-) -> dict[str, Any]:
-    metrics: dict[str, Any] = {
-        "fp32_mb": round(sizes["fp32_bytes"] / MB, 3),
-        "int8_mb": round(sizes["int8_bytes"] / MB, 3),
-        "size_ratio": round(sizes["ratio"], 3),
+def _perplexity(model, tokenizer, texts: list[str], batch_size: int, label: str) -> float | None:
+    from lmsmith.eval.metrics import perplexity
+
+    result = perplexity(model, tokenizer, texts, batch_size=batch_size, progress=f"{label}: perplexity")
+    return result.perplexity if result.tokens else None
+
+
+def write_variant_manifest(folder: Path, variant, entry: dict[str, Any]) -> None:
+    manifest = {
+        "name": variant.name,
+        "method": variant.method,
+        "config": variant.model_dump(mode="json"),
+        "source": entry["source"],
+        "kernels": entry["kernels"],
+        "facts": entry["facts"],
+        "size_bytes": entry.get("size_bytes"),
+        "params": entry.get("params"),
+        "peak_memory_mb": entry.get("peak_memory_mb"),
+        "speed": entry.get("speed"),
+        "agreement": entry["agreement"],
+        "perplexity": entry["perplexity"],
+        "drops": entry["drops"],
+        "gate": entry["gate"],
     }
-    for name, value in speed.items():
-        metrics[name] = round(value, 2)
-    for suffix in ("b1", "bn"):
-        ratio = _ratio(speed[f"int8_tok_s_{suffix}"], speed[f"fp32_tok_s_{suffix}"])
-        metrics[f"speedup_{suffix}"] = None if ratio is None else round(ratio, 3)
-    for key in ("rougeL", "bleu4", "perplexity"):
-        old, new = quality["fp32"][key], quality["int8"][key]
-        metrics[f"fp32_{key}"] = None if old is None else round(old, 4)
-        metrics[f"int8_{key}"] = None if new is None else round(new, 4)
-        delta = _delta(new, old)
-        metrics[f"delta_{key}"] = None if delta is None else round(delta, 4)
-    metrics["answer_agreement"] = round(agreement, 2)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def flat_metrics(results: dict[str, Any], config: CompressConfig) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"gate_failed": len(results["gate"]["failed"]), "variants": len(config.variants)}
+    source = results["models"][SOURCE]
+    for label, entry in results["models"].items():
+        if entry.get("size_bytes") and source.get("size_bytes"):
+            metrics[f"{label}.size_ratio"] = round(source["size_bytes"] / entry["size_bytes"], 3)
+        for key in ("tok_s_b1", "tok_s_b8"):
+            value = (entry.get("speed") or {}).get(key)
+            if value:
+                metrics[f"{label}.{key}"] = round(value, 2)
+        if label != SOURCE:
+            metrics[f"{label}.agreement"] = round(entry["agreement"], 2)
+            metrics[f"{label}.passed"] = entry["gate"]["passed"]
     return metrics

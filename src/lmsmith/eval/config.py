@@ -8,7 +8,7 @@ from lmsmith.schema import StrictModel
 
 
 class EvalConfig(StrictModel):
-    """Every model the run made (base, tuned, each compressed variant) on the same eval tasks, one table."""
+    """The base and the tuned model on the same eval tasks, one table (the compress stage scores its variants)."""
 
     tasks: list[str] = Field(
         ["held-out", "finance-suite"],

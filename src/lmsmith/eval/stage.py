@@ -1,7 +1,8 @@
 """The eval stage: every model the run produced on the same tasks, in one comparison.
 
 The rows are what sft started from (`base`: the pretrained model or the recipe's checkpoint), the
-fine-tuned model (`tuned`) and, when the recipe compresses, each compressed variant of it. Every local
+fine-tuned model (`tuned`); the compress stage scores its variants against `tuned` with the same
+library (`lmsmith.compress.stage`). Every local
 model is prompted through the tuned model's tokenizer, whose chat template the comparison shares. The
 tasks are `lmsmith eval` tasks (`lmsmith.eval.suite`): the run's own held-out split, the embedded
 finance suite, or task files. The comparison (results.json, table.md, report.html, plots) comes from
@@ -95,7 +96,7 @@ def task_files(names: list[str], ctx: StageContext, folder: Path, max_items: int
 
 
 def run_models(ctx: StageContext) -> list[ModelEntry]:
-    """base, tuned, and each compressed variant, as the comparison's rows."""
+    """base and tuned, as the comparison's rows (compressed variants are scored by the compress stage)."""
     trainable = ctx.manifest("sft").metrics.get("trainable_params")
     entries = []
     base = start_model(ctx.recipe, "sft")
@@ -103,10 +104,6 @@ def run_models(ctx: StageContext) -> list[ModelEntry]:
         entries.append(ModelEntry("base", base.describe(), base.resolve(ctx)))
     tuned = ModelRef(stage="sft")
     entries.append(ModelEntry("tuned", tuned.describe(), tuned.resolve(ctx), trainable))
-    if "compress" in ctx.recipe.stages():
-        method = ctx.recipe.compress.method
-        entries.append(ModelEntry(method.removeprefix("dynamic_"), f"compress/model ({method} of tuned)",
-                                  ctx.artifact("compress", "model"), trainable))
     return entries
 
 

@@ -24,7 +24,7 @@ UPSTREAM = tuple(name for name in STAGE_NAMES if name != "report")
 # Metrics shown first in the summary when a stage has them; other stages show their first few.
 KEY_METRICS = {
     "eval": ("tuned_beats_base", "tuned_beats_base_of"),
-    "compress": ("size_ratio", "speedup_b1", "speedup_bn", "delta_rougeL"),
+    "compress": ("variants", "gate_failed"),
 }
 SUMMARY_METRICS = 4
 TEXT_CELL_LIMIT = 300
@@ -174,19 +174,22 @@ def eval_section(doc: Document, upstream: Upstream) -> None:
 
 
 def compress_section(doc: Document, upstream: Upstream) -> None:
-    section = doc.section("Compression: fp32 vs int8")
+    """The seed's table: each compressed variant's size, speed and every metric, against the tuned model."""
+    section = doc.section("Compression: the tuned model and its variants")
     results = upstream.json("compress", "results", "compress results")
     if results is None:
         section.blocks.append(Paragraph("The compress results are missing."))
         return
-    bench = results.get("bench", {})
+    failed = results.get("gate", {}).get("failed", [])
     section.blocks.append(Paragraph(
-        f"Method {results.get('method', '?')}; speed is greedy decoding of {bench.get('new_tokens', '?')} new "
-        f"tokens for {bench.get('prompts', '?')} prompts on {results.get('threads', '?')} CPU threads (best of "
-        f"{bench.get('repeats', 1)} runs); quality "
-        f"on {results.get('samples', '?')} held-out instructions."
-    ))
+        f"Every variant scored on {', '.join(results.get('tasks', {}))} and timed on {results.get('threads', '?')} "
+        f"CPU threads; agreement is next-token argmax agreement with the variant's source. "
+        + (f"Over their max_drop: {', '.join(failed)}." if failed else "Every variant passed its quality gate.")))
     section.blocks.append(Table.from_json(results["table"]))
+    plot = upstream.artifact("compress", "plots", "compress plots")
+    if plot is not None and (plot / "size_quality.png").is_file():
+        section.blocks.append(Image("compress-size_quality.png", "size against quality",
+                                    (plot / "size_quality.png").read_bytes()))
 
 
 def serve_section(doc: Document, upstream: Upstream) -> None:

@@ -658,7 +658,7 @@ def build_client(path: str | Path | None, config: ServeConfig) -> tuple[ModelCli
         return UpstreamClient(config.upstreams, config.health_check_interval_s, tokenizer), None
     if path is None:
         raise UserError("lmsmith serve: give a model or run folder, or --upstream URL[,URL...]")
-    resolved = resolve_model(path)
+    resolved = resolve_model(path, config.variant)
     client = LocalClient(resolved.name)
 
     def load() -> None:

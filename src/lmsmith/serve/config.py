@@ -100,6 +100,9 @@ class ServeConfig(StrictModel):
     packed_weights: Optional[bool] = Field(
         None, description="On CPU, keep a row-kernel copy of every projection (faster decode, their memory "
                           "again); None: when it fits in half the free memory.")
+    variant: Optional[str] = Field(
+        None, description="Serve the run's compressed variant of this name (RUN/compress/<name>, the compress "
+        "stage's variants) instead of its tuned model.")
     loras: dict[str, str] = Field(
         default_factory=dict, description="Adapters loaded at start, name -> peft folder; requests pick one by `model`."
     )
@@ -130,6 +133,12 @@ class ServeConfig(StrictModel):
             if not ADAPTER_NAME.match(name):
                 raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         return value
+
+    @model_validator(mode="after")
+    def _variant_is_local(self) -> "ServeConfig":
+        if self.variant is not None and self.upstreams:
+            raise ValueError("variant: a compressed variant is served locally; it does not apply to upstreams")
+        return self
 
     @field_validator("upstreams")
     @classmethod

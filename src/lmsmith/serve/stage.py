@@ -28,8 +28,17 @@ REQUEST_TIMEOUT_S = 300.0
 
 def run(config: ServeConfig, ctx: StageContext) -> StageResult:
     questions = read_questions(ctx.artifact("data", "sft_test"), config.smoke_questions)
-    model_dir = ctx.artifact("sft", "model")
     model_name = ctx.run_dir.resolve().name
+    if config.variant is None:
+        model_dir = ctx.artifact("sft", "model")
+    else:
+        from lmsmith.compress.stage import variant_output
+
+        try:
+            model_dir = ctx.artifact("compress", variant_output(config.variant))
+        except KeyError:
+            raise UserError(f"serve.variant: the compress stage made no variant {config.variant!r}") from None
+        model_name = f"{model_name}-{config.variant}"
     engine = Engine.load(model_dir, device=config.device, dtype=config.dtype, config=config.engine_config())
     app = create_app(engine, model_name, default_max_tokens=config.max_new_tokens)
     plan = _plan(questions)

@@ -106,14 +106,21 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
              config: EngineConfig | None = None) -> "Engine":
-        """Load an HF model folder or a compress-stage int8 folder (weights and tokenizer with a chat template)."""
-        from lmsmith.generation import is_quantized_folder, load_causal_lm, load_tokenizer
+        """Load an HF model folder or a compress-stage variant folder (weights and tokenizer with a chat template)."""
+        from lmsmith.compress.folder import is_compressed_folder
+        from lmsmith.generation import load_causal_lm, load_tokenizer
 
         model_dir = Path(model_dir)
         target = resolve_device(device)
         try:
             tokenizer = load_tokenizer(model_dir)
-            if is_quantized_folder(model_dir):
+            if is_compressed_folder(model_dir):
+                # fbgemm's and ATen's int8/int4 CPU kernels: the variant runs on CPU, in the dtypes it was saved in.
+                if device == "auto":
+                    target = torch.device("cpu")
+                if target.type != "cpu" or dtype != "auto":
+                    raise UserError(f"{model_dir}: a quantized variant runs on CPU with its saved dtypes; "
+                                    f"drop --device {device} / --dtype {dtype}")
                 model = load_causal_lm(model_dir)
             else:
                 from lmsmith.train.model import read_pretrained

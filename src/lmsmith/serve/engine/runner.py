@@ -158,7 +158,8 @@ class ModelRunner:
         """What an adapter's trained token rows must fit; tied: the LM head reads the embedding's rows."""
         embedding = self.model.get_input_embeddings().weight
         head = self.model.get_output_embeddings()
-        tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+        head_weight = getattr(head, "weight", None)  # a quantized head keeps no float weight
+        tied = head_weight is not None and head_weight.data_ptr() == embedding.data_ptr()
         return TokenSpace(vocab=embedding.shape[0], hidden=embedding.shape[1], tied=tied)
 
     def install_lora(self, weights: LoraWeights) -> int:
