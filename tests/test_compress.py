@@ -203,6 +203,9 @@ def test_distilled_student_beats_its_untrained_initialisation(trained, tiny_toke
     assert after > before + 10
     folder = save_variant(built.model, tiny_tokenizer, tmp_path / "student")
     assert not is_compressed_folder(folder) and (folder / "config.json").is_file()  # a plain HF folder
+    source = save_variant(trained, tiny_tokenizer, tmp_path / "source")
+    assert weight_bytes(source) / weight_bytes(folder) >= 1.3
+    assert torch.allclose(logits(built.model, probe), logits(load_causal_lm(folder), probe), atol=1e-5)
 
 
 def test_prune_and_distill_refuse_a_quantized_source(trained, tiny_tokenizer, tmp_path):
@@ -326,3 +329,18 @@ def test_a_run_serves_its_variant_by_name(tmp_path, trained, tiny_tokenizer):
     finally:
         engine.close()
     assert served == hf_greedy_ids(built.model, prompt, 6)[: len(served)] and served
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8_weight"])
+def test_joined_int8_projections_equal_the_separate_ones(kind):
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, size, bias=index == 0) for index, size in enumerate((64, 32, 32))]
+    modules = [quant.convert(linear, kind) for linear in linears]
+    x = torch.randn(5, 64)
+    separate = torch.cat([module(x) for module in modules], dim=-1)
+    joined = quant.concatenate(modules)
+    assert joined is not None and joined.out_features == 128
+    assert torch.equal(joined(x), separate)
+    assert torch.equal(torch.cat([module(x) for module in modules], dim=-1), separate)  # originals still work
+    assert modules[1].weight_int8.data_ptr() == joined.weight_int8[64:].data_ptr()  # views, not copies
+    assert quant.concatenate([modules[0], quant.convert(linears[1], "bf16")]) is None

@@ -331,6 +331,36 @@ class CastLinear(QuantizedLinear):
         return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
+def concatenate(modules: list[nn.Module]) -> Optional[QuantizedLinear]:
+    """One module computing `modules` side by side (outputs concatenated), when that is exact: dynamic
+    INT8 with per-channel weights (activations are quantized from the shared input, weights per row) and
+    weight-only INT8. The originals' int8 rows become views of the joined tensors and drop their packed
+    copies, so memory is not doubled. None for any other mix."""
+    kinds = {type(module) for module in modules}
+    if len(kinds) != 1 or kinds.pop() not in (DynamicInt8Linear, WeightInt8Linear):
+        return None
+    first = modules[0]
+    if isinstance(first, DynamicInt8Linear) and not all(module.per_channel for module in modules):
+        return None
+    has_bias = any(module.bias is not None for module in modules)
+    joined = type(first).__new__(type(first))
+    QuantizedLinear.__init__(joined, first.in_features, sum(m.out_features for m in modules), has_bias)
+    if isinstance(first, DynamicInt8Linear):
+        joined.per_channel = True
+    joined.register_buffer("weight_int8", torch.cat([m.weight_int8 for m in modules]))
+    joined.register_buffer("weight_scale", torch.cat([m.weight_scale for m in modules]))
+    joined.register_buffer("weight_zero", torch.cat([m.weight_zero for m in modules]))
+    if has_bias:
+        joined.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
+    start = 0
+    for module in modules:
+        end = start + module.out_features
+        module.weight_int8 = joined.weight_int8[start:end]
+        module._packed = None
+        start = end
+    return joined
+
+
 MODULE_KINDS: dict[str, Callable[..., QuantizedLinear]] = {
     "int8": DynamicInt8Linear,
     "static_int8": StaticInt8Linear,

@@ -12,8 +12,9 @@ Two changes to the model's own `nn.Linear`s, both exact up to float rounding:
   stay on `F.linear` (GEMV), which is fastest there. The copy costs the projections' size again in
   memory; `packed_weights` in `EngineConfig` turns it off.
 
-Projections that are not plain `nn.Linear` (the compress stage's dynamically quantized int8 modules)
-are called as modules and their outputs concatenated.
+Projections that are not plain `nn.Linear` (the compress stage's quantized modules) are called as
+modules: q/k/v and gate/up joined into one module where that is exact (`compress.quant.concatenate`:
+dynamic and weight-only INT8), else each called and their outputs concatenated.
 """
 
 from __future__ import annotations
@@ -147,7 +148,10 @@ class LayerProjections:
 def fuse(modules: list[torch.nn.Module], kernel: RowKernel | None) -> Projection:
     """One projection for `modules` side by side (outputs concatenated in order)."""
     if not all(_is_plain_linear(module) for module in modules):
-        return ModuleProjection(modules)
+        from lmsmith.compress.quant import concatenate
+
+        joined = concatenate(modules) if len(modules) > 1 else None
+        return ModuleProjection([joined] if joined is not None else modules)
     if len(modules) == 1:
         module = modules[0]
         return DenseProjection(module.weight.detach(), _detached(module.bias), kernel)
