@@ -113,6 +113,13 @@ def test_vllm_problems_name_what_a_server_cannot_load(base_dir, tmp_path):
     rows = save_adapter(adapted(base_dir, LoraMethod(r=4, train_tokens="all")), tmp_path / "rows",
                         base_model=base_dir)
     assert any("trainable_token_indices" in problem for problem in vllm_problems(rows))
+    # Recorded at save time, per runtime: peft loads both, vLLM and llama.cpp say why not.
+    saved = json.loads((rows / "lmsmith_compatibility.json").read_text())
+    assert saved["peft"] == [] and saved["vllm"] == vllm_problems(rows)
+    assert saved["llama.cpp"] == ["trained embedding rows: `lmsmith export --to gguf-lora` merges them into the base GGUF"]
+    assert any(problem.startswith("DoRA") for problem in json.loads((dora / "lmsmith_compatibility.json").read_text())["llama.cpp"])
+    plain = save_adapter(adapted(base_dir, LoraMethod(r=4, train_tokens="none")), tmp_path / "plain", base_model=base_dir)
+    assert json.loads((plain / "lmsmith_compatibility.json").read_text()) == {"peft": [], "vllm": [], "llama.cpp": []}
     with pytest.raises(UserError, match="no adapter"):
         save_adapter(load_causal_lm(base_dir)[0], tmp_path / "none", base_model=base_dir)
     with pytest.raises(UserError, match="not a peft adapter folder"):

@@ -244,15 +244,11 @@ def write_gguf_lora(adapter_dir: str | Path, out_path: str | Path, quant: str = 
     if quant not in ("f32", "f16"):
         raise UserError(f"--quant {quant}: a GGUF LoRA is written as f32 or f16 (its rank rarely fills 32-value blocks)")
     settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    refused = [name for name, on in (("DoRA", settings.get("use_dora")),
-                                     ("trained embedding rows", settings.get("trainable_token_indices")),
-                                     ("modules_to_save", settings.get("modules_to_save")),
-                                     (f"peft_type {settings.get('peft_type')}", settings.get("peft_type") != "LORA"),
-                                     ("rank_pattern/alpha_pattern", settings.get("rank_pattern") or settings.get("alpha_pattern")))
-               if on]
+    from lmsmith.train.export import llamacpp_problems
+
+    refused = llamacpp_problems(settings)
     if refused:
-        raise UserError(f"{adapter_dir}: a llama.cpp LoRA holds plain low-rank matrices; this adapter has "
-                        f"{', '.join(refused)} (trained embedding rows: `--to gguf-lora` splits them into the base)")
+        raise UserError(f"{adapter_dir}: a llama.cpp LoRA holds plain low-rank matrices; " + "; ".join(refused))
     base = Path(base_model or settings.get("base_model_name_or_path") or "")
     if not (base / "config.json").is_file():
         raise UserError(f"{adapter_dir}: its base {str(base)!r} is not a local model folder")

@@ -45,6 +45,8 @@ def save_adapter(model, out_dir: str | Path, base_model: str | Path, method=None
         (out_dir / METHOD_FILE).write_text(method.model_dump_json(indent=2), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    compatibility = adapter_compatibility(out_dir)
+    (out_dir / COMPATIBILITY_FILE).write_text(json.dumps(compatibility, indent=2, ensure_ascii=False), encoding="utf-8")
     return out_dir
 
 
@@ -95,6 +97,30 @@ def vllm_problems(adapter_dir: str | Path) -> list[str]:
     if not (Path(adapter_dir) / "adapter_model.safetensors").exists():
         problems.append("adapter_model.safetensors: missing")
     return problems
+
+
+def llamacpp_problems(config: dict) -> list[str]:
+    """Why llama.cpp's `--lora` cannot take this adapter (`adapter_config.json` as a dict) as it is: a
+    llama.cpp LoRA holds plain low-rank matrices and nothing else."""
+    checks = (("use_dora", "DoRA: llama.cpp applies W + BA only"),
+              ("trainable_token_indices", "trained embedding rows: `lmsmith export --to gguf-lora` merges them "
+                                          "into the base GGUF"),
+              ("modules_to_save", "modules_to_save: whole modules beside the adapter"),
+              ("rank_pattern", "rank_pattern: one rank per adapter only"),
+              ("alpha_pattern", "alpha_pattern: one alpha per adapter only"))
+    problems = [reason for key, reason in checks if config.get(key)]
+    if config.get("peft_type") != "LORA":
+        problems.insert(0, f"peft_type {config.get('peft_type')}: llama.cpp loads LoRA adapters only")
+    return problems
+
+
+COMPATIBILITY_FILE = "lmsmith_compatibility.json"
+
+
+def adapter_compatibility(adapter_dir: str | Path) -> dict[str, list[str]]:
+    """Per runtime (peft, vllm, llama.cpp): why it would not load this adapter as saved (empty: it loads)."""
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    return {"peft": [], "vllm": vllm_problems(adapter_dir), "llama.cpp": llamacpp_problems(config)}
 
 
 def load_adapted(adapter_dir: Path, base_model: str | Path | None):

@@ -212,8 +212,12 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
         elif mergeable:
             save_causal_lm(model, tokenizer, ctx.stage_dir / MERGED_DIR)
     accelerator.wait_for_everyone()
+    compatibility = {}
     if adapter:
         outputs["adapter"] = ADAPTER_DIR
+        from lmsmith.train.export import adapter_compatibility
+
+        compatibility = adapter_compatibility(ctx.stage_dir / ADAPTER_DIR)
     if mergeable:
         outputs["model"] = MERGED_DIR  # prompt-learning adapters have no merged form: the adapter is the output
     metrics = {
@@ -229,4 +233,8 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
         "val_examples": len(val_examples),
         "skipped_too_long": train_too_long + len(val_conversations) - len(val_kept),
     }
+    if compatibility:
+        # Which runtimes load the adapter as saved, and why the others would not (docs/compression.md).
+        metrics["adapter_loads_in"] = [name for name, problems in compatibility.items() if not problems]
+        metrics["adapter_refused_by"] = {name: problems for name, problems in compatibility.items() if problems}
     return StageResult(outputs=outputs, metrics=metrics)
