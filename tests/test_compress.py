@@ -344,3 +344,19 @@ def test_joined_int8_projections_equal_the_separate_ones(kind):
     assert torch.equal(torch.cat([module(x) for module in modules], dim=-1), separate)  # originals still work
     assert modules[1].weight_int8.data_ptr() == joined.weight_int8[64:].data_ptr()  # views, not copies
     assert quant.concatenate([modules[0], quant.convert(linears[1], "bf16")]) is None
+
+
+def test_a_quantized_variant_refuses_a_gpu_and_a_pruned_one_takes_any_dtype(trained, tiny_tokenizer, tmp_path):
+    from lmsmith.serve.engine import Engine
+
+    quantized = methods.build(trained, cc.DynamicInt8(name="int8"), materials(tiny_tokenizer, tmp_path))
+    folder = save_variant(quantized.model, tiny_tokenizer, tmp_path / "int8")
+    with pytest.raises(UserError, match="runs on CPU with its saved dtypes"):
+        Engine.load(folder, device="cpu", dtype="bfloat16")
+    pruned = methods.build(trained, cc.Prune(name="p", kind="2:4"), materials(tiny_tokenizer, tmp_path))
+    engine = Engine.load(save_variant(pruned.model, tiny_tokenizer, tmp_path / "p", pruned.sparse), device="cpu",
+                         dtype="bfloat16")
+    try:
+        assert engine.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    finally:
+        engine.close()

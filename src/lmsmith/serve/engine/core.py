@@ -115,13 +115,18 @@ class Engine:
         try:
             tokenizer = load_tokenizer(model_dir)
             if is_compressed_folder(model_dir):
-                # fbgemm's and ATen's int8/int4 CPU kernels: the variant runs on CPU, in the dtypes it was saved in.
-                if device == "auto":
-                    target = torch.device("cpu")
-                if target.type != "cpu" or dtype != "auto":
-                    raise UserError(f"{model_dir}: a quantized variant runs on CPU with its saved dtypes; "
-                                    f"drop --device {device} / --dtype {dtype}")
+                from lmsmith.compress.quant import QuantizedLinear
+
                 model = load_causal_lm(model_dir)
+                if any(isinstance(module, QuantizedLinear) for module in model.modules()):
+                    # fbgemm's and ATen's int8/int4 CPU kernels: it runs on CPU, in the dtypes it was saved in.
+                    if device == "auto":
+                        target = torch.device("cpu")
+                    if target.type != "cpu" or dtype != "auto":
+                        raise UserError(f"{model_dir}: a quantized variant runs on CPU with its saved dtypes; "
+                                        f"drop --device {device} / --dtype {dtype}")
+                elif dtype != "auto":  # a pruned variant stored sparse: dense weights once loaded
+                    model.to(getattr(torch, dtype))
             else:
                 from lmsmith.train.model import read_pretrained
 
