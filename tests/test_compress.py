@@ -360,3 +360,16 @@ def test_a_quantized_variant_refuses_a_gpu_and_a_pruned_one_takes_any_dtype(trai
         assert engine.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     finally:
         engine.close()
+
+
+def test_a_recipe_names_only_variants_it_makes():
+    from lmsmith.recipe import Recipe
+    from lmsmith.stages import STAGES
+
+    with pytest.raises(ValueError, match="eval.variants: 'w4' is not a compress variant of this recipe \\(int8\\)"):
+        Recipe(pretrain={}, sft={}, compress={}, eval={"variants": ["w4"]})
+    with pytest.raises(ValueError, match="serve.variant: 'int8' is not a compress variant"):
+        Recipe(pretrain={}, sft={}, serve={"variant": "int8"})
+    recipe = Recipe(pretrain={}, sft={}, compress={}, eval={"variants": ["int8"]}, serve={"variant": "int8"})
+    requires = {spec.name: spec.requires(recipe) if callable(spec.requires) else spec.requires for spec in STAGES}
+    assert "compress" in requires["eval"] and "compress" in requires["serve"]

@@ -260,7 +260,7 @@ def save_model(folder: Path, model, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def test_eval_stage_compares_base_and_tuned_on_the_held_out_split(tmp_path, tiny_tokenizer, tiny_model_dir):
+def test_eval_stage_compares_base_tuned_and_int8_on_the_held_out_split(tmp_path, tiny_tokenizer, tiny_model_dir):
     from lmsmith.eval.config import EvalConfig
     from lmsmith.eval.stage import run
     from lmsmith.pipeline import StageContext
@@ -272,26 +272,35 @@ def test_eval_stage_compares_base_and_tuned_on_the_held_out_split(tmp_path, tiny
     tuned = perturbed_model(tiny_tokenizer, std=0.05)
     save_model(run_dir / "sft" / "merged", tuned, tiny_tokenizer)
     write_manifest(run_dir, "sft", {"model": "merged"}, {"trainable_params": 1234})
+    from lmsmith.compress.config import DynamicInt8
+    from lmsmith.compress.folder import save_variant
+    from lmsmith.compress.methods import dynamic_int8
+
+    save_variant(dynamic_int8(tuned, DynamicInt8(name="int8"), None).model, tiny_tokenizer, run_dir / "compress" / "int8")
+    write_manifest(run_dir, "compress", {"variant.int8": "int8"})
     stage_dir = run_dir / "eval"
     stage_dir.mkdir()
 
-    config = EvalConfig(tasks=["held-out"], max_items=3, max_new_tokens=6, batch_size=2, speed_requests=2)
-    recipe = Recipe(pretrain={}, sft={}, compress={})
+    config = EvalConfig(tasks=["held-out"], max_items=3, max_new_tokens=6, batch_size=2, speed_requests=2,
+                        variants=["int8"])
+    recipe = Recipe(pretrain={}, sft={}, compress={}, eval=config)
     result = run(config, StageContext(run_dir=run_dir, stage_dir=stage_dir, recipe=recipe))
 
     assert set(result.outputs) == {"results", "table", "html", "plots", "tasks"}
     results = json.loads((stage_dir / "results.json").read_text())
-    assert list(results["models"]) == ["base", "tuned"]  # the compress stage scores its own variants
+    assert list(results["models"]) == ["base", "tuned", "int8"]
+    assert results["models"]["int8"]["size_bytes"] < results["models"]["tuned"]["size_bytes"]
+    assert results["models"]["int8"]["params"] == results["models"]["tuned"]["params"]
     assert results["models"]["tuned"]["trainable_params"] == 1234 and results["models"]["base"]["trainable_params"] is None
     assert {name: info["items"] for name, info in results["tasks"].items()} == {
         "held-out-answers": 3, "held-out-numeric": 2, "held-out-perplexity": 3}
     perplexity = {label: results["tasks"]["held-out-perplexity"]["scores"][label]["perplexity"]
-                  for label in ("base", "tuned")}
-    assert perplexity["base"] != perplexity["tuned"]
+                  for label in ("base", "tuned", "int8")}
+    assert perplexity["base"] != perplexity["tuned"] and perplexity["tuned"] == pytest.approx(perplexity["int8"], rel=0.05)
     assert result.metrics["tuned.held-out-perplexity.perplexity"] == pytest.approx(perplexity["tuned"], abs=1e-3)
     assert set(results["tuned_beats_base"]) >= {"held-out-answers rougeL", "held-out-numeric numeric_acc"}
     table = (stage_dir / "table.md").read_text()
-    assert "| model | held-out-answers rougeL |" in table and "| tuned |" in table and "1,234" in table
+    assert "| model | held-out-answers rougeL |" in table and "| int8 |" in table and "1,234" in table
     assert (stage_dir / "plots" / "scores.png").is_file() and (stage_dir / "report.html").is_file()
 
 

@@ -101,6 +101,18 @@ class Recipe(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _named_variants_exist(self) -> "Recipe":
+        made = [variant.name for variant in self.compress.variants] if self.compress is not None else []
+        for where, name in (("eval.variants", n) for n in (self.eval.variants if self.eval else [])):
+            if name not in made:
+                raise ValueError(f"{where}: {name!r} is not a compress variant of this recipe "
+                                 f"({', '.join(made) or 'it has no compress block'})")
+        if self.serve is not None and self.serve.variant is not None and self.serve.variant not in made:
+            raise ValueError(f"serve.variant: {self.serve.variant!r} is not a compress variant of this recipe "
+                             f"({', '.join(made) or 'it has no compress block'})")
+        return self
+
     def stages(self) -> list[str]:
         """The stages this recipe runs, in pipeline order."""
         from lmsmith.stages import STAGE_NAMES

@@ -45,9 +45,9 @@ def _sft_requires(recipe) -> tuple[str, ...]:
 
 
 def _eval_requires(recipe) -> tuple[str, ...]:
-    # The base row of the comparison is whatever sft started from (the compress stage scores its variants
-    # against the tuned model itself, with the same eval library).
-    return (*_sft_requires(recipe), "sft")
+    # The base row of the comparison is whatever sft started from; the variants eval.variants names are rows too.
+    compressed = ("compress",) if recipe.eval is not None and recipe.eval.variants else ()
+    return (*_sft_requires(recipe), "sft", *compressed)
 
 
 def _serve_requires(recipe) -> tuple[str, ...]:

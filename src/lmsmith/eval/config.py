@@ -8,7 +8,11 @@ from lmsmith.schema import StrictModel
 
 
 class EvalConfig(StrictModel):
-    """The base and the tuned model on the same eval tasks, one table (the compress stage scores its variants)."""
+    """The base and the tuned model (and any compressed variants named) on the same eval tasks, one table."""
+
+    variants: list[str] = Field(
+        [], description="Compressed variants (compress.variants names) scored here too, beside base and tuned, on "
+        "these tasks; the compress stage already scores every variant on its own tasks.")
 
     tasks: list[str] = Field(
         ["held-out", "finance-suite"],

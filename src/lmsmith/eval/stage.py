@@ -1,8 +1,8 @@
 """The eval stage: every model the run produced on the same tasks, in one comparison.
 
 The rows are what sft started from (`base`: the pretrained model or the recipe's checkpoint), the
-fine-tuned model (`tuned`); the compress stage scores its variants against `tuned` with the same
-library (`lmsmith.compress.stage`). Every local
+fine-tuned model (`tuned`) and the compressed variants `eval.variants` names (the compress stage scores
+every variant against `tuned` on its own tasks, with the same library). Every local
 model is prompted through the tuned model's tokenizer, whose chat template the comparison shares. The
 tasks are `lmsmith eval` tasks (`lmsmith.eval.suite`): the run's own held-out split, the embedded
 finance suite, or task files. The comparison (results.json, table.md, report.html, plots) comes from
@@ -95,8 +95,8 @@ def task_files(names: list[str], ctx: StageContext, folder: Path, max_items: int
     return capped
 
 
-def run_models(ctx: StageContext) -> list[ModelEntry]:
-    """base and tuned, as the comparison's rows (compressed variants are scored by the compress stage)."""
+def run_models(ctx: StageContext, variants: list[str] = ()) -> list[ModelEntry]:
+    """base, tuned and the compressed `variants` named, as the comparison's rows."""
     trainable = ctx.manifest("sft").metrics.get("trainable_params")
     entries = []
     base = start_model(ctx.recipe, "sft")
@@ -104,6 +104,13 @@ def run_models(ctx: StageContext) -> list[ModelEntry]:
         entries.append(ModelEntry("base", base.describe(), base.resolve(ctx)))
     tuned = ModelRef(stage="sft")
     entries.append(ModelEntry("tuned", tuned.describe(), tuned.resolve(ctx), trainable))
+    if variants:
+        from lmsmith.compress.stage import variant_output
+
+        methods = {variant.name: variant.method for variant in ctx.recipe.compress.variants}
+        for name in variants:
+            entries.append(ModelEntry(name, f"compress/{name} ({methods[name]} of tuned)",
+                                      ctx.artifact("compress", variant_output(name)), trainable))
     return entries
 
 
@@ -113,7 +120,7 @@ def run(config: EvalConfig, ctx: StageContext) -> StageResult:
     if not config.tasks:
         raise UserError("eval.tasks: name at least one task (held-out, finance-suite or a task file)")
     out = ctx.stage_dir
-    entries = run_models(ctx)
+    entries = run_models(ctx, config.variants)
     tasks = task_files(config.tasks, ctx, out / "tasks", config.max_items, config.max_new_tokens,
                        config.numeric_rel_tol)
     speed = SpeedConfig(requests=config.speed_requests) if config.speed_requests else None
