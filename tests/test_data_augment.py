@@ -325,3 +325,23 @@ def test_cli_augment(tmp_path):
         run_cli("augment", str(source), "--out", str(out), "--eda", "--num-aug", "0")
     with pytest.raises(UserError, match="--base-url"):
         run_cli("augment", str(source), "--out", str(out), "--back-translate")
+
+
+def test_an_api_key_never_reaches_a_dump_or_manifest(tmp_path):
+    from lmsmith.artifacts import Manifest
+    from lmsmith.recipe import Recipe
+
+    secret = "sk-live-0123456789abcdef"
+    recipe = Recipe(data={"augment": {"back_translation": {"base_url": "http://fake/v1", "model": "m",
+                                                           "api_key": secret}}})
+    assert recipe.data.augment.back_translation.api_key.get_secret_value() == secret
+    Manifest(stage="data", config=recipe.data.model_dump(mode="json"), config_hash="h", inputs={}, outputs={},
+             metrics={}, wall_time_s=0.0).write(tmp_path)
+    dumps = [recipe.model_dump_json(), json.dumps(recipe.data.identity()), str(recipe), repr(recipe.data),
+             (tmp_path / "manifest.json").read_text()]
+    assert not any(secret in dump for dump in dumps)
+    translator = BackTranslator(recipe.data.augment.back_translation)
+    try:
+        assert translator._client.headers["Authorization"] == f"Bearer {secret}"  # used, only where it is sent
+    finally:
+        translator.close()

@@ -268,7 +268,10 @@ def test_eval_stage_compares_base_tuned_and_int8_on_the_held_out_split(tmp_path,
 
     run_dir = tmp_path / "run"
     fabricate_data(run_dir)
-    write_manifest(run_dir, "pretrain", {"model": str(tiny_model_dir)})  # an absolute path joins as is
+    import shutil
+
+    shutil.copytree(tiny_model_dir, run_dir / "pretrain" / "model")
+    write_manifest(run_dir, "pretrain", {"model": "model"})
     tuned = perturbed_model(tiny_tokenizer, std=0.05)
     save_model(run_dir / "sft" / "merged", tuned, tiny_tokenizer)
     write_manifest(run_dir, "sft", {"model": "merged"}, {"trainable_params": 1234})

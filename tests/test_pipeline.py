@@ -192,3 +192,20 @@ def test_run_control_fields_do_not_force_a_rerun(tmp_path, fake_pipeline, monkey
     manifests = pipeline.run_pipeline(recipe, tmp_path / "run")
     assert fake_pipeline == {"data": 1, "tokenizer": 2}
     assert manifests["tokenizer"].config["min_frequency"] == 5  # still recorded
+
+
+def test_a_manifest_output_outside_its_stage_folder_is_refused(tmp_path):
+    from lmsmith.artifacts import Manifest
+    from lmsmith.errors import UserError
+
+    stage_dir = tmp_path / "sft"
+    (stage_dir / "merged").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (stage_dir / "link").symlink_to(tmp_path / "elsewhere")
+    outputs = {name: {"path": path, "hash": "h"} for name, path in
+               (("model", "merged"), ("absolute", str(tmp_path / "elsewhere")), ("up", "../elsewhere"), ("link", "link"))}
+    manifest = Manifest(stage="sft", config={}, config_hash="c", inputs={}, outputs=outputs, metrics={}, wall_time_s=0)
+    assert manifest.output_path(stage_dir, "model") == stage_dir / "merged"
+    for name in ("absolute", "up", "link"):
+        with pytest.raises(UserError, match=f"output '{name}' points outside the stage folder"):
+            manifest.output_path(stage_dir, name)

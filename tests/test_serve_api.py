@@ -187,6 +187,20 @@ def test_embeddings_are_384_dimensional_and_match_sentence_transformers(client, 
 
 # ----- readiness, metrics, errors -----
 
+def test_a_500_body_carries_a_request_id_not_the_exception_text(engine, tiny_model_dir, monkeypatch):
+    local = LocalClient(tiny_model_dir.name, engine)
+
+    def broken() -> list:
+        raise RuntimeError("cannot open /srv/secret/keys.db")
+
+    monkeypatch.setattr(local, "model_cards", broken)
+    with running_server(create_app(local)) as url:
+        reply = httpx.get(f"{url}/v1/models", headers={"X-Request-Id": "req-42"})
+    assert reply.status_code == 500 and reply.headers["X-Request-Id"] == "req-42"
+    message = reply.json()["error"]["message"]
+    assert "req-42" in message and "secret" not in message and "RuntimeError" not in message
+
+
 def test_readyz_is_503_until_the_model_is_attached(engine, tiny_model_dir):
     local = LocalClient(tiny_model_dir.name)
     with running_server(create_app(local)) as url:

@@ -76,7 +76,17 @@ class Manifest:
         return True
 
     def output_path(self, stage_dir: Path, name: str) -> Path:
-        return stage_dir / self.outputs[name]["path"]
+        """The output's path inside `stage_dir`; a recorded path that leaves the stage folder (absolute, or
+        `..` past it, or a symlink out) is refused: a swapped manifest must not point a stage at any file."""
+        recorded = str(self.outputs[name]["path"])
+        path = stage_dir / recorded
+        root = Path(stage_dir).resolve()
+        if Path(recorded).is_absolute() or not path.resolve().is_relative_to(root):
+            from lmsmith.errors import UserError
+
+            raise UserError(f"{Path(stage_dir) / MANIFEST}: output {name!r} points outside the stage folder "
+                            f"({recorded}); rerun the stage")
+        return path
 
 
 def checkpoint_root(run_dir: Path, stage: str) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import httpx
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from lmsmith.console import track
 from lmsmith.data.quality_resources import YamlFile, read_term_list, read_yaml, resource_path, write_json
@@ -279,7 +279,9 @@ class BackTranslationConfig(StrictModel):
 
     base_url: str = Field(..., description="The API root, e.g. http://127.0.0.1:8000/v1.")
     model: str = Field(..., description="The `model` sent with each request.")
-    api_key: Optional[str] = Field(None, description="Bearer token; default: the environment variable `api_key_env`.")
+    api_key: Optional[SecretStr] = Field(
+        None, description="Bearer token; default (and better): the environment variable `api_key_env`. Never "
+        "written to a dump, manifest or log.")
     api_key_env: str = "OPENAI_API_KEY"
     source_language: str = "Chinese"
     pivot_language: str = "English"
@@ -301,7 +303,7 @@ class BackTranslator:
 
     def __init__(self, config: BackTranslationConfig, transport: Optional[httpx.BaseTransport] = None):
         self.config = config
-        key = config.api_key or os.environ.get(config.api_key_env)
+        key = config.api_key.get_secret_value() if config.api_key else os.environ.get(config.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.Client(base_url=config.base_url, headers=headers, timeout=config.timeout_s, transport=transport)
         self.requests = 0

@@ -165,7 +165,8 @@ def create_app(
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        return _error_response(500, str(exc), "server_error")
+        # EngineError messages are written for clients (causes are logged where they happen).
+        return _error_response(500, f"{exc} (request id {_request_id(request)})", "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -182,8 +183,13 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        request_id = _request_id(request)
+        log.error("unhandled error in request %s", request_id, exc_info=exc)
+        response = _error_response(500, f"internal error; request id {request_id} (the server log has the details)",
+                                   "server_error")
+        # Starlette answers unhandled errors outside the middleware stack, so the id header goes on here.
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
 
     # ----- probes -----
 
@@ -318,6 +324,10 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", "unknown"))
 
 
 def _require_ready(client: ModelClient) -> None:
@@ -560,6 +570,7 @@ async def _sse_events(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | T
             if isinstance(item, BaseException):
                 if not isinstance(item, (EngineError, ClientError)):
                     log.error("stream failed", exc_info=item)
+                    item = EngineError("generation failed (the server log has why)")
                 yield _sse(error_body(str(item), "server_error"))
                 yield _sse("[DONE]")
                 return

@@ -76,7 +76,8 @@ class ChunkStream:
             return await self._chunks.__anext__()
         except httpx.HTTPError as exc:
             await self.aclose()
-            raise EngineError(f"the upstream failed mid-answer: {type(exc).__name__}: {exc}") from None
+            log.warning("upstream failed mid-answer: %s: %s", type(exc).__name__, exc)
+            raise EngineError("the upstream failed mid-answer") from None
         except BaseException:
             await self.aclose()
             raise

@@ -7,7 +7,8 @@ holds:
 - `trainable.safetensors`: the parameters that train (all of them for full fine-tuning, only the
   adapter's for LoRA and kin: the frozen rest is rebuilt from the base model exactly as on the first run);
 - `optimizer.pt`, `scheduler.pt`: torch state dicts;
-- `rng-<rank>.pt`: python, numpy and torch (and CUDA) generator states of each process;
+- `rng-<rank>.safetensors` / `rng-<rank>.json`: torch (and CUDA) generator states as tensors, python's
+  and numpy's as JSON, of each process (nothing in a checkpoint is unpickled beyond plain containers);
 - `state.json`: the step, the loop's running figures (metric sums, EMAs, early stopping) and a
   fingerprint of the settings, so a resume under different settings is refused rather than mixed.
 
@@ -59,19 +60,38 @@ def _sharded(accelerator) -> bool:
     return accelerator is not None and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _save_rng_state(staging: Path, rank: int) -> None:
+    """Every generator's state as plain data: torch's as tensors (safetensors), Python's and numpy's as
+    JSON, so resuming unpickles nothing."""
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors |= {f"cuda.{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, str(staging / f"rng-{rank}.safetensors"))
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]}
+    (staging / f"rng-{rank}.json").write_text(json.dumps(plain))
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _load_rng_state(path: Path, rank: int) -> None:
+    from safetensors.torch import load_file
+
+    tensors_file, plain_file = path / f"rng-{rank}.safetensors", path / f"rng-{rank}.json"
+    if not (tensors_file.exists() and plain_file.exists()):
+        return
+    tensors = load_file(str(tensors_file))
+    plain = json.loads(plain_file.read_text())
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{index}"] for index in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -117,7 +137,7 @@ def save_checkpoint(
     if is_main:
         for name, tensors in (extra_tensors or {}).items():
             save_file(tensors, str(staging / f"{name}.safetensors"))
-    torch.save(_rng_state(), staging / f"rng-{rank}.pt")
+    _save_rng_state(staging, rank)
     _barrier(accelerator)
     if is_main:
         (staging / STATE).write_text(json.dumps({"step": step, "fingerprint": fingerprint, "loop": loop_state}))
@@ -156,13 +176,12 @@ def load_checkpoint(
             params = dict(unwrapped.named_parameters())
             for name, tensor in tensors.items():
                 params[name].copy_(tensor)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng_file = path / f"rng-{rank}.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        # Tensors and plain containers only: a swapped checkpoint file cannot run code on load.
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _load_rng_state(path, rank)
     extras = {file.name.removesuffix(".safetensors"): load_file(str(file))
-              for file in path.glob("*.safetensors") if file.name != WEIGHTS}
+              for file in path.glob("*.safetensors") if file.name != WEIGHTS and not file.name.startswith("rng-")}
     return state["step"], state["loop"], extras
 
 

@@ -409,7 +409,10 @@ class Engine:
         self._scheduler.release(seq)
         with self._stats_lock:
             self._stats["failed"] += 1
-        error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
+        if not isinstance(exc, EngineError):
+            # The cause goes to the server log; a client sees no internals.
+            log.error("request %s failed", seq.request_id, exc_info=exc)
+        error = exc if isinstance(exc, EngineError) else EngineError("generation failed (the server log has why)")
         self._deliver(seq, error)
 
     def _deliver(self, seq: Sequence, event: Event) -> None:
