@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 import socket
-import subprocess
-import time
 
 import httpx
 import numpy as np
@@ -315,34 +312,6 @@ def test_memory_cache_evicts_least_recent_and_expires():
         assert await cache.get("a") is None and len(cache) == 1
 
     asyncio.run(scenario())
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    """A throwaway redis-server on a free port (no persistence), stopped after the module."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run scripts/ensure_redis.sh")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("redis-server did not start")
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def test_redis_cache_round_trip_and_ttl(redis_url):

@@ -61,7 +61,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"])
         raise UserError(f"lmsmith serve: {where}: {problem['msg']}") from None
-    serve_forever(args.path, config)
+    from lmsmith.cli_options import config_from_arguments
+    from lmsmith.gateway.config import GatewayConfig
+
+    serve_forever(args.path, config, config_from_arguments(args, GatewayConfig, "lmsmith serve"))
     return 0
 
 
@@ -149,9 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-overlap", type=int, default=64, help="long_doc overlap between chunks, tokens.")
     serve.add_argument("--embedding-model", default="minilm",
                        help="/v1/embeddings model: minilm (bundled), a sentence-transformers folder, or none.")
+    from lmsmith.cli_options import add_config_arguments
+    from lmsmith.gateway.config import GatewayConfig
+
+    add_config_arguments(serve.add_argument_group("gateway: keys, roles, limits (docs/security.md)"), GatewayConfig)
     serve.set_defaults(func=_cmd_serve)
 
-    from lmsmith.cli_options import add_config_arguments
+    from lmsmith.gateway.cli import add_keys_parser
+
+    add_keys_parser(sub)
+
     from lmsmith.train.export_run import ExportConfig
 
     export = sub.add_parser("export", help="Export a run's tuned model: merged HF folder, peft adapter, or a "

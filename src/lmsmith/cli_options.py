@@ -35,9 +35,13 @@ def _plain(annotation) -> tuple[Any, bool]:
 def add_config_arguments(parser: argparse.ArgumentParser, config: type[BaseModel],
                          positional: tuple[str, ...] = ()) -> None:
     """One argument per field of `config`: `positional` ones in order, the rest as `--field-name`."""
+    from pydantic import SecretStr
+
     for name, field in config.model_fields.items():
         annotation, _ = _plain(field.annotation)
         help_text = field.description or ""
+        if annotation is SecretStr:
+            continue  # secrets come from the environment, never from a command line (shell history, ps)
         if name in positional:
             parser.add_argument(name, help=help_text)
             continue

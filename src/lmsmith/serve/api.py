@@ -20,7 +20,7 @@ import time
 import uuid
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -46,6 +46,7 @@ from lmsmith.serve.metrics import ServeMetrics
 from lmsmith.serve.protocol import (
     AdapterLoad,
     ChatCompletionRequest,
+    KeyCreate,
     CompletionRequest,
     EmbeddingRequest,
     GenerationFields,
@@ -63,6 +64,10 @@ from lmsmith.serve.protocol import (
     usage_body,
 )
 from lmsmith.serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from lmsmith.gateway.config import GatewayConfig
+    from lmsmith.gateway.middleware import Gateway
 
 log = logging.getLogger("lmsmith.serve")
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -125,11 +130,13 @@ def create_app(
     cache: ResponseCache | None = None,
     long_doc: LongDocConfig | None = None,
     embedder: Embedder | None = None,
+    gateway: "Gateway | None" = None,
 ) -> FastAPI:
     """The API over `client` (an `Engine` is wrapped in a `LocalClient` named `model_name`).
 
     Requests without max_tokens get `default_max_tokens`. The app starts the client with its lifespan and
-    closes the client, the cache and the embedder when it stops.
+    closes the client, the cache and the embedder when it stops. `gateway` (`lmsmith.gateway`) puts keys,
+    roles and limits in front of every route.
     """
     if isinstance(client, Engine):
         if model_name is None:
@@ -149,11 +156,17 @@ def create_app(
                 await cache.close()
             if embedder is not None:
                 embedder.close()
+            if gateway is not None:
+                await gateway.close()
 
     app = FastAPI(title="lmsmith", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.client, app.state.frontend, app.state.metrics = client, frontend, metrics
 
-    app.add_middleware(RequestIdMiddleware, metrics=metrics)
+    if gateway is not None:
+        from lmsmith.gateway.middleware import GatewayMiddleware
+
+        app.add_middleware(GatewayMiddleware, gateway=gateway, router=app.router)
+    app.add_middleware(RequestIdMiddleware, metrics=metrics)  # outermost: refusals get a request id too
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -219,15 +232,21 @@ def create_app(
             listed.append(model_card(embedder.model_id, getattr(client, "created", 0), owned_by="sentence-transformers"))
         return listed
 
+    def visible_cards(request: Request) -> list[dict[str, Any]]:
+        from lmsmith.gateway.middleware import key_of
+
+        key = key_of(request)
+        return [card for card in cards() if key is None or key.allows_model(card["id"])]
+
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(request: Request) -> dict[str, Any]:
         _require_ready(client)
-        return {"object": "list", "data": cards()}
+        return {"object": "list", "data": visible_cards(request)}
 
     @app.get("/v1/models/{model_id:path}")
-    async def retrieve_model(model_id: str) -> dict[str, Any]:
+    async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
         _require_ready(client)
-        for card in cards():
+        for card in visible_cards(request):
             if card["id"] == model_id:
                 return card
         client.check_model(model_id)  # raises the model_not_found error
@@ -247,6 +266,46 @@ def create_app(
     async def unload_adapter(name: str) -> dict[str, Any]:
         await client.remove_lora(name)
         return {"unloaded": name}
+
+    # ----- keys (the same operations as `lmsmith keys`) -----
+
+    def key_store() -> Any:
+        if gateway is None:
+            raise APIError(404, "this server has no key store (started without a gateway)")
+        return gateway.store
+
+    @app.get("/admin/keys")
+    async def list_keys() -> dict[str, Any]:
+        keys = await asyncio.to_thread(key_store().list)
+        return {"object": "list", "data": [key.public() for key in keys]}
+
+    @app.post("/admin/keys")
+    async def create_key(body: KeyCreate) -> dict[str, Any]:
+        from lmsmith.gateway.keys import parse_duration
+
+        try:
+            expires = parse_duration(body.expires) if body.expires else None
+            secret, key = await asyncio.to_thread(
+                key_store().create, body.name, body.role, body.models, body.rpm, body.tpm, body.concurrency,
+                body.quota_tokens, expires)
+        except UserError as exc:
+            raise APIError(400, str(exc)) from None
+        return {"key": secret, **key.public()}
+
+    @app.delete("/admin/keys/{key_id}")
+    async def revoke_key(key_id: str) -> dict[str, Any]:
+        try:
+            return (await asyncio.to_thread(key_store().revoke, key_id)).public()
+        except UserError as exc:
+            raise APIError(404, str(exc)) from None
+
+    @app.post("/admin/keys/{key_id}/rotate")
+    async def rotate_key(key_id: str) -> dict[str, Any]:
+        try:
+            secret, key = await asyncio.to_thread(key_store().rotate, key_id)
+        except UserError as exc:
+            raise APIError(404, str(exc)) from None
+        return {"key": secret, **key.public()}
 
     # ----- generation -----
 
@@ -273,7 +332,7 @@ def create_app(
         return await _answer(request, frontend, body, generates, shape)
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         if embedder is None:
             raise APIError(404, "this server has no embedding model (started with --embedding-model none)",
                            param="model", code="model_not_found")
@@ -289,6 +348,7 @@ def create_app(
             raise APIError(400, f"dimensions: {embedder.model_id} gives {vectors.shape[1]}-dimensional vectors",
                            param="dimensions")
         metrics.embedding_inputs.inc(len(texts))
+        _record_usage(request, {"total_tokens": tokens})
         return embeddings_body(embedder.model_id, [encode_vector(v, body.encoding_format) for v in vectors], tokens)
 
     return app
@@ -360,7 +420,7 @@ async def _answer(request: Request, frontend: Frontend, body: GenerationFields, 
     if opened is None:
         return _client_left()
     if body.stream:
-        events = _sse_events(opened, shape, body.include_usage)
+        events = _sse_events(opened, shape, body.include_usage, lambda usage: _record_usage(request, usage))
         # Closing the event generator (also after a disconnect) cancels the requests in the engine.
         return StreamingResponse(
             events,
@@ -371,6 +431,7 @@ async def _answer(request: Request, frontend: Frontend, body: GenerationFields, 
     completions = await _unless_disconnected(request, _collect_all(opened))
     if completions is None:
         return _client_left()
+    _record_usage(request, _usage(completions, shape.per_prompt))
     return shape.body(completions)
 
 
@@ -558,13 +619,29 @@ async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[in
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _record_usage(request: Request, usage: dict[str, int]) -> None:
+    """Leave the tokens a request used where the gateway counts them (the request's state)."""
+    request.scope.setdefault("state", {})["usage_tokens"] = int(usage.get("total_tokens", 0))
+
+
 async def _sse_events(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | TextFormat,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, record: Callable[[dict[str, int]], None] = lambda usage: None,
+                      ) -> AsyncIterator[str]:
+    last: dict[int, Chunk] = {}
+    try:
+        async for event in _sse_stream(streams, shape, include_usage, last):
+            yield event
+    finally:  # also when the client left: what was generated was used
+        if last:
+            record(_usage([last[index] for index in sorted(last)], shape.per_prompt))
+
+
+async def _sse_stream(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | TextFormat,
+                      include_usage: bool, last: dict[int, Chunk]) -> AsyncIterator[str]:
     for index in range(len(streams)):
         opening = shape.opening(index, include_usage)
         if opening is not None:
             yield _sse(opening)
-    last: dict[int, Chunk] = {}
     async with aclosing(_merged(streams)) as arrivals:
         async for index, item in arrivals:
             if isinstance(item, BaseException):
@@ -656,7 +733,8 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
         sock.close()
 
 
-def build_client(path: str | Path | None, config: ServeConfig) -> tuple[ModelClient, Callable[[], None] | None]:
+def build_client(path: str | Path | None, config: ServeConfig,
+                 adapter_root: Path | None = None) -> tuple[ModelClient, Callable[[], None] | None]:
     """The generation client for `lmsmith serve`, and for local mode the model loading to run in the background."""
     if config.upstreams:
         from lmsmith.serve.upstream import UpstreamClient
@@ -670,7 +748,7 @@ def build_client(path: str | Path | None, config: ServeConfig) -> tuple[ModelCli
     if path is None:
         raise UserError("lmsmith serve: give a model or run folder, or --upstream URL[,URL...]")
     resolved = resolve_model(path, config.variant)
-    client = LocalClient(resolved.name)
+    client = LocalClient(resolved.name, adapter_root=adapter_root)
 
     def load() -> None:
         engine = Engine.load(resolved.path, device=config.device, dtype=config.dtype, config=config.engine_config())
@@ -684,16 +762,48 @@ def build_client(path: str | Path | None, config: ServeConfig) -> tuple[ModelCli
 loaded: list[Engine] = []
 
 
-def serve_forever(path: str | Path | None, config: ServeConfig) -> None:
+def open_gateway(config: ServeConfig, gateway_config: "GatewayConfig") -> "Gateway":
+    """The key store under the state folder and the limiter; refuses to listen beyond loopback without
+    keys unless told to (`insecure_no_auth`)."""
+    import ipaddress
+
+    from lmsmith.gateway.keys import KeyStore, state_dir
+    from lmsmith.gateway.middleware import Gateway
+
+    url = gateway_config.database_url
+    store = KeyStore(state_dir(gateway_config.state_dir), url.get_secret_value() if url is not None else None)
+    gateway = Gateway(store, gateway_config)
+    if gateway.required:
+        console.print(f"API keys required on every route ({len(store.list())} keys in the store)")
+        return gateway
+    try:
+        loopback = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback = config.host == "localhost"
+    if not loopback and not gateway_config.insecure_no_auth:
+        store.close()
+        raise UserError(f"--host {config.host}: no API key exists yet, so the server listens on loopback only; "
+                        "create one (`lmsmith keys create --role admin`) or pass --insecure-no-auth")
+    console.print(f"[yellow]no API key configured[/]: every route is open to callers on {config.host} "
+                  "(`lmsmith keys create` makes keys required)", soft_wrap=True)
+    return gateway
+
+
+def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: "GatewayConfig | None" = None) -> None:
     """`lmsmith serve`: serve a run folder's or model folder's model (or front upstreams) until interrupted.
 
     The HTTP server starts at once and answers /healthz; the model loads on a background thread and
     /readyz turns 200 when it (and every --lora adapter) is in place.
     """
-    client, load = build_client(path, config)
+    from lmsmith.gateway.config import GatewayConfig
+
+    gateway_config = gateway_config or GatewayConfig()
+    gateway = open_gateway(config, gateway_config)
+    adapter_root = Path(gateway_config.adapter_root).expanduser() if gateway_config.adapter_root else None
+    client, load = build_client(path, config, adapter_root)
     embedder = None if config.embedding_model == "none" else Embedder(config.embedding_model)
     app = create_app(client, default_max_tokens=config.max_new_tokens, cache=build_cache(config.cache),
-                     long_doc=config.long_doc, embedder=embedder)
+                     long_doc=config.long_doc, embedder=embedder, gateway=gateway)
     sock = bind_socket(config.host, config.port)
     url = base_url(sock)
     server = _uvicorn_server(app, log_level="info")

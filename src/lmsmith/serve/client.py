@@ -10,6 +10,7 @@ chunks flow from the engine thread to its consumer through a queue (producer and
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ from lmsmith.serve.protocol import model_card
 from lmsmith.serve.sampling import SamplingParams
 
 TOKENIZER_THREADS = 2
+
+log = logging.getLogger("lmsmith.serve")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,11 @@ class ClientError(Exception):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class Forbidden(ClientError):
+    status = 403
+    type_ = "permission_error"
 
 
 class ModelNotFound(ClientError):
@@ -144,8 +152,9 @@ class ModelClient(Protocol):
 class LocalClient:
     """The in-process engine behind the API. Created empty, so the server can answer /readyz while loading."""
 
-    def __init__(self, model_name: str, engine: Engine | None = None):
+    def __init__(self, model_name: str, engine: Engine | None = None, adapter_root: Path | None = None):
         self.model_name = model_name
+        self.adapter_root = adapter_root
         self.created = int(time.time())
         self._engine = engine
         self._adapters: dict[str, str] = {}  # name -> folder, of the adapters loaded through this client
@@ -202,8 +211,11 @@ class LocalClient:
         if model != self.model_name and model not in self.adapter_names():
             raise ModelNotFound(model, [self.model_name, *self.adapter_names()])
 
-    def load_adapter(self, name: str, path: str) -> None:
-        """Load a peft adapter under `name` now, on this thread (it reads weights): startup and admin calls."""
+    def load_adapter(self, name: str, path: str, shown: str | None = None) -> None:
+        """Load a peft adapter under `name` now, on this thread (it reads weights): startup and admin calls.
+
+        `shown` is how errors name the folder (the caller's relative name over the API, never the real path)."""
+        shown = path if shown is None else shown
         if self._engine is None:
             raise NotReady("the model is still loading")
         if name == self.model_name:
@@ -212,19 +224,40 @@ class LocalClient:
             raise ClientError(f"an adapter named '{name}' is already loaded; DELETE it first", "name", "adapter_exists")
         folder = Path(path).expanduser()
         if not folder.is_dir():
-            raise ClientError(f"{path}: no such adapter folder", "path")
+            raise ClientError(f"{shown}: no such adapter folder", "path")
         try:
             self._engine.add_lora(name, str(folder))
         except (ValueError, OSError, UserError) as exc:
+            if shown != path:  # over the API: the reason may hold server paths; the log keeps it
+                log.warning("adapter %s (%s) failed to load: %s", name, folder, exc)
+                raise ClientError(f"{shown}: not a LoRA adapter this model can load", "path") from None
             raise ClientError(f"{path}: cannot load the adapter: {exc}", "path") from None
         self._adapters[name] = str(folder)
 
     async def add_lora(self, name: str, path: str) -> list[str]:
+        """`POST /admin/loras`: only a folder under `adapter_root`, named relative to it."""
         if not self.ready:
             raise NotReady("the model is still loading; retry when /readyz answers 200")
+        folder = self.adapter_folder(path)
         async with self._adapter_lock:
-            await asyncio.get_running_loop().run_in_executor(None, self.load_adapter, name, path)
+            await asyncio.get_running_loop().run_in_executor(None, self.load_adapter, name, str(folder), path)
         return self.adapter_names()
+
+    def adapter_folder(self, path: str) -> Path:
+        """`path` resolved under the adapter root; errors name only what the caller sent."""
+        if self.adapter_root is None:
+            raise Forbidden("this server loads adapters only at start (--lora); start it with --adapter-root DIR "
+                            "to load them by name over the API", "path")
+        root = self.adapter_root.resolve()
+        relative = Path(path)
+        if relative.is_absolute() or ".." in relative.parts or not path.strip():
+            raise ClientError(f"path: {path!r} must be a folder name relative to the adapter root", "path")
+        folder = (root / relative).resolve()
+        if not folder.is_relative_to(root):  # a symlink out of the root
+            raise ClientError(f"path: {path!r} must be a folder name relative to the adapter root", "path")
+        if not folder.is_dir():
+            raise ClientError(f"path: no adapter {path!r} under the adapter root", "path")
+        return folder
 
     async def remove_lora(self, name: str) -> None:
         engine = self.engine

@@ -233,6 +233,21 @@ class EmbeddingRequest(BaseModel):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+class KeyCreate(BaseModel):
+    """`POST /admin/keys` (the fields of `lmsmith keys create`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    role: str = Field("user", pattern="^(admin|operator|user|viewer)$")
+    models: list[str] = Field(default_factory=list, description="Models the key may use; empty: all.")
+    rpm: Optional[int] = Field(None, ge=1)
+    tpm: Optional[int] = Field(None, ge=1)
+    concurrency: Optional[int] = Field(None, ge=1)
+    quota_tokens: Optional[int] = Field(None, ge=1)
+    expires: Optional[str] = Field(None, pattern=r"^\d+[dhms]$", description="e.g. 30d, 12h")
+
+
 class AdapterLoad(BaseModel):
     """`POST /admin/loras`."""
 

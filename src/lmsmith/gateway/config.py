@@ -1,0 +1,58 @@
+"""The gateway's settings: where its state lives, how limits are shared, what is open to probes."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Optional
+
+from pydantic import Field, SecretStr, field_validator
+
+from lmsmith.schema import StrictModel
+
+# Loopback and the private ranges a cluster's probes and scrapers come from.
+DEFAULT_TRUSTED = ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+
+
+class GatewayConfig(StrictModel):
+    """Keys, roles and limits in front of the API (`lmsmith.gateway`)."""
+
+    state_dir: Optional[str] = Field(
+        None, description="Key store (SQLite) and other server state; default LMSMITH_STATE_DIR, else ~/.lmsmith.")
+    database_url: Optional[SecretStr] = Field(
+        default_factory=lambda: SecretStr(os.environ["LMSMITH_DATABASE_URL"]) if os.environ.get(
+            "LMSMITH_DATABASE_URL") else None,
+        description="A SQLAlchemy URL for the key store instead of SQLite (e.g. Postgres); default from the "
+        "environment variable LMSMITH_DATABASE_URL, since it may hold a password.")
+    limits_redis_url: Optional[SecretStr] = Field(
+        default_factory=lambda: SecretStr(os.environ["LMSMITH_LIMITS_REDIS_URL"]) if os.environ.get(
+            "LMSMITH_LIMITS_REDIS_URL") else None,
+        description="Keep rate-limit counters in this Redis, shared by every replica (default: in memory).")
+    open_routes: list[str] = Field(
+        ["/healthz", "/readyz"], description="Routes callers on trusted networks may use without a key "
+        "(add /metrics for a Prometheus that carries none).")
+    trusted_networks: list[str] = Field(list(DEFAULT_TRUSTED), description="CIDRs whose callers get open_routes.")
+    adapter_root: Optional[str] = Field(
+        None, description="POST /admin/loras loads only folders under this one, by relative name; without it "
+        "adapters load only at start (--lora).")
+    insecure_no_auth: bool = Field(
+        False, description="Serve without keys on a non-loopback address (otherwise refused).")
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_networks: {network!r} is not a CIDR (e.g. 10.0.0.0/8)") from None
+        return value
+
+    def trusts(self, host: str | None) -> bool:
+        if not host:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in ipaddress.ip_network(network, strict=False) for network in self.trusted_networks)

@@ -1,0 +1,165 @@
+"""The gateway in front of the API: who is calling, may they call this route and model, are they within
+their limits, and what did the call cost.
+
+Plain ASGI (like the request-id middleware), so streamed answers pass through unbuffered. It matches the
+route itself with the app's router (Starlette's own matching) to read the permission table before any
+endpoint runs. A generation route's body is read once to check the key's model scope, then replayed.
+Tokens are counted from what the endpoint leaves in the request state (`usage_tokens`) once the
+response has been sent, stream or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Optional
+
+from starlette.routing import Match
+
+from lmsmith.gateway import rbac
+from lmsmith.gateway.config import GatewayConfig
+from lmsmith.gateway.keys import ApiKey, KeyStore
+from lmsmith.serve.protocol import error_body
+
+MAX_SCOPED_BODY = 32 * 1024 * 1024
+
+
+class Gateway:
+    """The key store, the limiter and the settings the middleware enforces."""
+
+    def __init__(self, store: KeyStore, config: GatewayConfig, limiter: Any = None):
+        from lmsmith.gateway.limits import MemoryLimiter, RedisLimiter
+
+        self.store, self.config = store, config
+        if limiter is None:
+            url = config.limits_redis_url
+            limiter = RedisLimiter(url.get_secret_value()) if url is not None else MemoryLimiter()
+        self.limiter = limiter
+
+    @property
+    def required(self) -> bool:
+        """Keys are required on every route once the store holds an active one."""
+        return self.store.has_keys()
+
+    async def close(self) -> None:
+        await self.limiter.close()
+        self.store.close()
+
+
+def _bearer(scope: dict[str, Any]) -> Optional[str]:
+    headers = dict(scope.get("headers") or [])
+    value = headers.get(b"authorization", b"").decode("latin-1")
+    if value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    api_key = headers.get(b"x-api-key", b"").decode("latin-1").strip()
+    return api_key or None
+
+
+async def _respond(send: Any, status: int, message: str, type_: str, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(message, type_, None, code)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GatewayMiddleware:
+    def __init__(self, app: Any, gateway: Gateway, router: Any):
+        self.app, self.gateway, self.router = app, gateway, router
+
+    def _route(self, scope: dict[str, Any]) -> Optional[str]:
+        for route in self.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return route.path
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        template = self._route(scope)
+        if template is None:  # no such route: the app answers 404 (or 405) itself
+            await self.app(scope, receive, send)
+            return
+        method = "GET" if scope["method"] == "HEAD" else scope["method"]
+        if not rbac.known(method, template):
+            await _respond(send, 403, f"{method} {template} is not in the permission table", "permission_error")
+            return
+        presented = _bearer(scope)
+        key = await asyncio.to_thread(self.gateway.store.authenticate, presented) if presented else None
+        if key is None:
+            client = scope.get("client") or (None, None)
+            open_here = template in self.gateway.config.open_routes and self.gateway.config.trusts(client[0])
+            # Without any key in the store nothing is required (OpenAI SDKs send some key regardless).
+            if open_here or not await asyncio.to_thread(lambda: self.gateway.required):
+                await self.app(scope, receive, send)
+                return
+            message = ("invalid, revoked or expired API key" if presented else
+                       "this server requires an API key (Authorization: Bearer lms_...)")
+            await _respond(send, 401, message, "invalid_request_error", "invalid_api_key")
+            return
+        if not rbac.allowed(method, template, key.role):
+            await _respond(send, 403, f"role {key.role} may not call {method} {template}", "permission_error")
+            return
+        if (method, template) in rbac.MODEL_SCOPED and key.models:
+            body, receive = await _read_body(receive)
+            model = _model_of(body)
+            if model is not None and not key.allows_model(model):
+                await _respond(send, 403, f"this key may not use model {model!r}", "permission_error",
+                               "model_not_allowed")
+                return
+        refusal = await self.gateway.limiter.admit(key)
+        if refusal is not None:
+            await _respond(send, 429, refusal.message, "requests" if refusal.code != "insufficient_quota"
+                           else "insufficient_quota", refusal.code, {"Retry-After": str(refusal.retry_after_s)})
+            return
+        state = scope.setdefault("state", {})
+        state["api_key"] = key
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            tokens = int(state.get("usage_tokens", 0))
+            await self.gateway.limiter.finish(key, tokens)
+            if tokens:
+                await asyncio.to_thread(self.gateway.store.add_usage, key.id, tokens)
+
+
+async def _read_body(receive: Any) -> tuple[bytes, Any]:
+    """The whole request body, and a `receive` that hands it to the app again."""
+    chunks, more, size = [], True, 0
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+        if size > MAX_SCOPED_BODY:
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _model_of(body: bytes) -> Optional[str]:
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None  # the endpoint answers the malformed body itself
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def key_of(request: Any) -> Optional[ApiKey]:
+    """The key a request came with (None without the gateway, or on an open route)."""
+    return request.scope.get("state", {}).get("api_key")
