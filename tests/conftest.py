@@ -158,3 +158,13 @@ def redis_url(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def fresh_minute(margin_s: float = 15.0) -> None:
+    """Sleep into the next clock minute when fewer than `margin_s` seconds remain in this one, so a burst
+    checked against per-minute limits (fixed windows) does not straddle two windows."""
+    import time
+
+    left = 60 - time.time() % 60
+    if left < margin_s:
+        time.sleep(left + 0.05)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from conftest import fresh_minute
 from lmsmith.errors import UserError
 from lmsmith.gateway import rbac
 from lmsmith.gateway.config import GatewayConfig
@@ -178,6 +179,7 @@ def test_rpm_burst_gets_429_with_retry_after_and_tokens_are_counted(engine, tiny
     app, store = make_app(engine, tiny_model_dir.name, tmp_path)
     key, row = store.create("burst", "user", rpm=3)
     body = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 2}
+    fresh_minute()
     with TestClient(app) as http:
         statuses = [http.post("/v1/chat/completions", headers=bearer(key), json=body) for _ in range(5)]
     assert [reply.status_code for reply in statuses] == [200, 200, 200, 429, 429]
@@ -225,6 +227,7 @@ def test_redis_counters_are_shared_by_two_servers(engine, tiny_model_dir, tmp_pa
     (tmp_path / "b" / "state" / "lmsmith.db").unlink()  # both servers read the same key store
     (tmp_path / "b" / "state" / "lmsmith.db").symlink_to(tmp_path / "a" / "state" / "lmsmith.db")
     body = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 1}
+    fresh_minute()
     with TestClient(first) as one, TestClient(second) as two:
         replies = [one.post("/v1/chat/completions", headers=bearer(key), json=body),
                    two.post("/v1/chat/completions", headers=bearer(key), json=body),

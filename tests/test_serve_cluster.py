@@ -29,11 +29,11 @@ def free_port() -> int:
 class Server:
     """`lmsmith serve ARGS --port FREE` as a subprocess, ready once /readyz answers 200."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONIOENCODING": "utf-8"}
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONIOENCODING": "utf-8"} | (env or {})
         with log.open("w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "lmsmith.cli", "serve", *args, "--port", str(self.port),
@@ -256,3 +256,28 @@ def test_killed_upstream_is_skipped_by_retry(cluster, tiny_model_dir):
     same = client.chat.completions.create(model=tiny_model_dir.name, messages=QUESTION, temperature=0.5, seed=11,
                                           max_tokens=MAX_TOKENS)
     assert same.choices[0].message.content == expected
+
+
+@pytest.mark.slow
+def test_two_server_processes_share_one_key_store_and_redis_limits(tiny_model_dir, tmp_path, redis_url):
+    """The gateway across replicas: one key store (the state folder), rate-limit counters in Redis."""
+    from lmsmith.gateway.keys import KeyStore
+
+    key, _ = KeyStore(tmp_path / "state").create("shared", "user", rpm=3)
+    env = {"LMSMITH_STATE_DIR": str(tmp_path / "state"), "LMSMITH_LIMITS_REDIS_URL": redis_url}
+    servers = [Server([str(tiny_model_dir)], tmp_path / f"{name}.log", env) for name in ("a", "b")]
+    try:
+        for server in servers:
+            server.wait_ready()
+        body = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 1}
+        headers = {"Authorization": f"Bearer {key}"}
+        assert httpx.post(f"{servers[0].url}/v1/chat/completions", json=body).status_code == 401
+        from conftest import fresh_minute
+
+        fresh_minute()
+        statuses = [httpx.post(f"{servers[i % 2].url}/v1/chat/completions", json=body, headers=headers,
+                               timeout=60).status_code for i in range(5)]
+    finally:
+        for server in servers:
+            server.stop()
+    assert statuses == [200, 200, 200, 429, 429]  # three in all, whichever replica took them

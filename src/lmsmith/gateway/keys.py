@@ -56,7 +56,7 @@ class ApiKey:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > time.time())
 
     def allows_model(self, model: str) -> bool:
-        return not self.models or model in self.models or model.split(":", 1)[0] in self.models
+        return not self.models or model in self.models  # adapters are models of their own name
 
     def public(self) -> dict:
         """What `keys list` and `GET /admin/keys` show."""
