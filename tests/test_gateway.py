@@ -271,3 +271,96 @@ def test_keys_cli_prints_only_the_key_and_mirrors_the_store(tmp_path, capsys):
     assert KeyStore(tmp_path).authenticate(rotated) is None
     assert main(["keys", "create", "--expires", "soon", *state]) == 2
     assert "--expires 'soon'" in capsys.readouterr().err
+
+
+# ----- the audit log -----
+
+def audit_key() -> bytes:
+    import os
+
+    return os.urandom(32)
+
+
+def test_audit_verify_detects_an_edited_a_removed_and_a_cut_record(tmp_path):
+    import json as jsonlib
+
+    from lmsmith.gateway.audit import AuditLog
+
+    key = audit_key()
+    log = AuditLog(tmp_path, key)
+    for index in range(5):
+        log.append({"request_id": f"r{index}", "status": 200})
+    assert log.verify() == [] and [r["request_id"] for r in log.read()] == [f"r{i}" for i in range(5)]
+    lines = log.path.read_text().splitlines()
+
+    edited = jsonlib.loads(lines[2])
+    raw = bytearray(__import__("base64").b64decode(edited["data"]))
+    raw[0] ^= 1
+    edited["data"] = __import__("base64").b64encode(bytes(raw)).decode()
+    log.path.write_text("\n".join(lines[:2] + [jsonlib.dumps(edited)] + lines[3:]) + "\n")
+    assert any(p.seq == 3 for p in log.verify())
+
+    log.path.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # record 2 removed
+    problems = [p.what for p in log.verify()]
+    assert any("records removed" in what for what in problems) and any("does not chain" in what for what in problems)
+
+    log.path.write_text("\n".join(lines[:4]) + "\n")  # the last record cut
+    assert any("cut from the end" in p.what for p in log.verify())
+
+    log.path.write_text("\n".join(lines) + "\n")
+    assert log.verify() == []
+
+
+def test_audit_log_is_unreadable_without_its_key_and_rotates(tmp_path):
+    from lmsmith.gateway.audit import AuditLog
+
+    old, new = audit_key(), audit_key()
+    AuditLog(tmp_path, old).append({"request_id": "r1", "prompt": "华信银行的资产负债率是多少?"})
+    text = (tmp_path / "audit.log").read_text()
+    assert "r1" not in text and "华信银行" not in text
+    with pytest.raises(UserError, match="does not open with this key"):
+        list(AuditLog(tmp_path, new).read())
+    assert AuditLog(tmp_path, old).rotate(new) == 1
+    assert [r["request_id"] for r in AuditLog(tmp_path, new).read()] == ["r1"]
+    assert AuditLog(tmp_path, new).verify() == []
+    with pytest.raises(UserError):
+        list(AuditLog(tmp_path, old).read())
+
+
+def test_every_request_is_audited_with_hashes_and_no_secret_anywhere(engine, tiny_model_dir, tmp_path, monkeypatch):
+    import base64
+    import hashlib
+    import json as jsonlib
+
+    from lmsmith.cli import main
+    from lmsmith.gateway.audit import AuditLog
+
+    key = audit_key()
+    store = KeyStore(tmp_path / "state")
+    secret, row = store.create("audited", "user")
+    config = GatewayConfig(state_dir=str(tmp_path / "state"), audit_full_text=[row.id])
+    gateway = Gateway(store, config, audit=AuditLog(tmp_path / "state", key))
+    app = create_app(LocalClient(tiny_model_dir.name, engine), default_max_tokens=2, gateway=gateway)
+    body = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 2}
+    with TestClient(app) as http:
+        answer = http.post("/v1/chat/completions", headers=bearer(secret), json=body)
+        refused = http.get("/v1/models")  # no key: refused, and the refusal is a record too
+        assert refused.status_code == 401
+    records = list(AuditLog(tmp_path / "state", key).read())
+    assert len(records) == 2
+    record, refusal = records
+    assert refusal["status"] == 401 and refusal["key_id"] is None and "requires an API key" in refusal["refused"]
+    assert record["key_id"] == row.id and record["role"] == "user" and record["status"] == 200
+    assert record["route"] == "POST /v1/chat/completions" and record["model"] == tiny_model_dir.name
+    assert record["tokens"] == answer.json()["usage"]["total_tokens"]
+    assert record["response_sha256"] == hashlib.sha256(answer.content).hexdigest()
+    assert "毛利率" in record["prompt"]  # full text for this key, as configured
+    encoded = base64.b64encode(key).decode()
+    monkeypatch.setenv("LMSMITH_AUDIT_KEY", encoded)
+    assert main(["audit", "verify", "--state-dir", str(tmp_path / "state")]) == 0
+    # Neither the audit key nor the API key's secret is written anywhere in the state folder.
+    for path in (tmp_path / "state").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert encoded.encode() not in data and key not in data and secret.encode() not in data, path
+    assert jsonlib.dumps(config.model_dump(mode="json")).find(encoded) == -1

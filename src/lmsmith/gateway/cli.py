@@ -102,3 +102,49 @@ def add_keys_parser(sub) -> None:
         action = with_state(actions.add_parser(name, help=text))
         action.add_argument("key_id")
         action.set_defaults(func=func)
+
+
+def _audit_log(args: argparse.Namespace, key_file: str | None = None):
+    from lmsmith.gateway.audit import AuditLog, load_key
+
+    return AuditLog(state_dir(args.state_dir), load_key(key_file if key_file is not None else args.key_file))
+
+
+def _audit_read(args: argparse.Namespace) -> int:
+    for record in _audit_log(args).read():
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    log = _audit_log(args)
+    problems = log.verify()
+    for problem in problems:
+        print(problem.what)
+    _say(f"{log.path}: {'intact' if not problems else f'{len(problems)} problems'}")
+    return 0 if not problems else 1
+
+
+def _audit_rotate(args: argparse.Namespace) -> int:
+    from lmsmith.gateway.audit import key_id, load_key
+
+    new_key = load_key(args.new_key_file)
+    count = _audit_log(args).rotate(new_key)
+    _say(f"re-encrypted {count} records under key {key_id(new_key)}; point LMSMITH_AUDIT_KEY at the new key")
+    return 0
+
+
+def add_audit_parser(sub) -> None:
+    audit = sub.add_parser("audit", help="Read, verify or re-key the server's encrypted audit log.")
+    actions = audit.add_subparsers(dest="audit_command", required=True)
+    for name, func, text in (("read", _audit_read, "Every record, decrypted, as JSON lines."),
+                             ("verify", _audit_verify, "Check the hash chain and every record's tag; exit 1 "
+                                                       "on any problem."),
+                             ("rotate-key", _audit_rotate, "Re-encrypt every record under a new key.")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("--state-dir", help="The server's state folder (default LMSMITH_STATE_DIR, else ~/.lmsmith).")
+        action.add_argument("--key-file", help="The audit key (base64); default the environment variable "
+                            "LMSMITH_AUDIT_KEY.")
+        if name == "rotate-key":
+            action.add_argument("--new-key-file", required=True, help="The new key (base64 of 32 bytes).")
+        action.set_defaults(func=func)

@@ -35,6 +35,13 @@ class GatewayConfig(StrictModel):
     adapter_root: Optional[str] = Field(
         None, description="POST /admin/loras loads only folders under this one, by relative name; without it "
         "adapters load only at start (--lora).")
+    audit: bool = Field(
+        True, description="Keep the encrypted audit log (STATE_DIR/audit.log) when LMSMITH_AUDIT_KEY or "
+        "audit_key_file gives a key; without a key it is off, and serve says so.")
+    audit_key_file: Optional[str] = Field(None, description="A file holding the audit key (base64 of 32 bytes); "
+                                          "default: the environment variable LMSMITH_AUDIT_KEY.")
+    audit_full_text: list[str] = Field(
+        [], description="Key ids or model names whose requests are logged with their full text (default: hashes).")
     insecure_no_auth: bool = Field(
         False, description="Serve without keys on a non-loopback address (otherwise refused).")
 

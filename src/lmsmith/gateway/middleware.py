@@ -17,6 +17,7 @@ from typing import Any, Optional
 from starlette.routing import Match
 
 from lmsmith.gateway import rbac
+from lmsmith.gateway.audit import AuditLog
 from lmsmith.gateway.config import GatewayConfig
 from lmsmith.gateway.keys import ApiKey, KeyStore
 from lmsmith.serve.protocol import error_body
@@ -27,10 +28,10 @@ MAX_SCOPED_BODY = 32 * 1024 * 1024
 class Gateway:
     """The key store, the limiter and the settings the middleware enforces."""
 
-    def __init__(self, store: KeyStore, config: GatewayConfig, limiter: Any = None):
+    def __init__(self, store: KeyStore, config: GatewayConfig, limiter: Any = None, audit: "AuditLog | None" = None):
         from lmsmith.gateway.limits import MemoryLimiter, RedisLimiter
 
-        self.store, self.config = store, config
+        self.store, self.config, self.audit = store, config, audit
         if limiter is None:
             url = config.limits_redis_url
             limiter = RedisLimiter(url.get_secret_value()) if url is not None else MemoryLimiter()
@@ -84,8 +85,14 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         method = "GET" if scope["method"] == "HEAD" else scope["method"]
+
+        async def refuse(key: Optional[ApiKey], status: int, message: str, type_: str, code: str | None = None,
+                         headers: dict[str, str] | None = None) -> None:
+            await _respond(send, status, message, type_, code, headers)
+            await self._audit(scope, key, method, template, status, None, 0.0, refused=message)
+
         if not rbac.known(method, template):
-            await _respond(send, 403, f"{method} {template} is not in the permission table", "permission_error")
+            await refuse(None, 403, f"{method} {template} is not in the permission table", "permission_error")
             return
         presented = _bearer(scope)
         key = await asyncio.to_thread(self.gateway.store.authenticate, presented) if presented else None
@@ -94,36 +101,90 @@ class GatewayMiddleware:
             open_here = template in self.gateway.config.open_routes and self.gateway.config.trusts(client[0])
             # Without any key in the store nothing is required (OpenAI SDKs send some key regardless).
             if open_here or not await asyncio.to_thread(lambda: self.gateway.required):
-                await self.app(scope, receive, send)
+                await self._forward(scope, receive, send, None, method, template)
                 return
             message = ("invalid, revoked or expired API key" if presented else
                        "this server requires an API key (Authorization: Bearer lms_...)")
-            await _respond(send, 401, message, "invalid_request_error", "invalid_api_key")
+            await refuse(None, 401, message, "invalid_request_error", "invalid_api_key")
             return
         if not rbac.allowed(method, template, key.role):
-            await _respond(send, 403, f"role {key.role} may not call {method} {template}", "permission_error")
+            await refuse(key, 403, f"role {key.role} may not call {method} {template}", "permission_error")
             return
         if (method, template) in rbac.MODEL_SCOPED and key.models:
             body, receive = await _read_body(receive)
+            scope.setdefault("state", {})["request_body"] = body
             model = _model_of(body)
             if model is not None and not key.allows_model(model):
-                await _respond(send, 403, f"this key may not use model {model!r}", "permission_error",
-                               "model_not_allowed")
+                await refuse(key, 403, f"this key may not use model {model!r}", "permission_error", "model_not_allowed")
                 return
         refusal = await self.gateway.limiter.admit(key)
         if refusal is not None:
-            await _respond(send, 429, refusal.message, "requests" if refusal.code != "insufficient_quota"
-                           else "insufficient_quota", refusal.code, {"Retry-After": str(refusal.retry_after_s)})
+            type_ = "insufficient_quota" if refusal.code == "insufficient_quota" else "requests"
+            await refuse(key, 429, refusal.message, type_, refusal.code, {"Retry-After": str(refusal.retry_after_s)})
             return
-        state = scope.setdefault("state", {})
-        state["api_key"] = key
+        scope.setdefault("state", {})["api_key"] = key
         try:
-            await self.app(scope, receive, send)
+            await self._forward(scope, receive, send, key, method, template)
         finally:
-            tokens = int(state.get("usage_tokens", 0))
+            tokens = int(scope["state"].get("usage_tokens", 0))
             await self.gateway.limiter.finish(key, tokens)
             if tokens:
                 await asyncio.to_thread(self.gateway.store.add_usage, key.id, tokens)
+
+    async def _audit(self, scope: dict[str, Any], key: Optional[ApiKey], method: str, template: str, status: int,
+                     response: Any, latency_ms: float, refused: str | None = None, full: bool = False) -> None:
+        """One audit record (when the log is on); `response` is (sha256 hex, kept bytes) or None."""
+        if self.gateway.audit is None:
+            return
+        from lmsmith.gateway.audit import request_record
+
+        state = scope.setdefault("state", {})
+        body = state.get("request_body")
+        record = request_record(
+            request_id=str(state.get("request_id", "")), key_id=key.id if key else None,
+            role=key.role if key else None, method=method, route=template,
+            model=_model_of(body) if body is not None else None, status=status,
+            tokens=int(state.get("usage_tokens", 0)), latency_ms=latency_ms, moderation=state.get("moderation"),
+            request_body=body or b"", response_body=response[1] if response else b"", full_text=full)
+        if body is None:
+            record["prompt_sha256"] = None  # refused before the body was read
+        record["response_sha256"] = response[0] if response else None
+        if refused is not None:
+            record["refused"] = refused
+        await asyncio.to_thread(self.gateway.audit.append, record)
+
+    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, key: Optional[ApiKey], method: str,
+                       template: str) -> None:
+        """Run the app; with an audit log, record the request once its response has gone out."""
+        if self.gateway.audit is None:
+            await self.app(scope, receive, send)
+            return
+        import hashlib
+        import time
+
+        state = scope.setdefault("state", {})
+        if state.get("request_body") is None:
+            state["request_body"], receive = await _read_body(receive)
+        model = _model_of(state["request_body"])
+        full = key is not None and (key.id in self.gateway.config.audit_full_text
+                                    or (model is not None and model in self.gateway.config.audit_full_text))
+        status, digest, kept = [500], hashlib.sha256(), []
+        started = time.perf_counter()
+
+        async def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                digest.update(message.get("body", b""))
+                if full:
+                    kept.append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            await self._audit(scope, key, method, template, status[0], (digest.hexdigest(), b"".join(kept)),
+                              1000 * (time.perf_counter() - started), full=full)
 
 
 async def _read_body(receive: Any) -> tuple[bytes, Any]:

@@ -12,6 +12,7 @@ exceptions. `/healthz` is liveness, `/readyz` answers 200 once the model is load
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import logging
 import socket
@@ -771,8 +772,17 @@ def open_gateway(config: ServeConfig, gateway_config: "GatewayConfig") -> "Gatew
     from lmsmith.gateway.middleware import Gateway
 
     url = gateway_config.database_url
-    store = KeyStore(state_dir(gateway_config.state_dir), url.get_secret_value() if url is not None else None)
-    gateway = Gateway(store, gateway_config)
+    folder = state_dir(gateway_config.state_dir)
+    store = KeyStore(folder, url.get_secret_value() if url is not None else None)
+    audit = None
+    if gateway_config.audit and (gateway_config.audit_key_file or os.environ.get("LMSMITH_AUDIT_KEY")):
+        from lmsmith.gateway.audit import AuditLog, load_key
+
+        audit = AuditLog(folder, load_key(gateway_config.audit_key_file))
+        console.print(f"audit log: {audit.path} (AES-256-GCM, hash-chained)", soft_wrap=True)
+    elif gateway_config.audit:
+        console.print("[yellow]audit log off[/]: set LMSMITH_AUDIT_KEY (base64 of 32 bytes) to keep one")
+    gateway = Gateway(store, gateway_config, audit=audit)
     if gateway.required:
         console.print(f"API keys required on every route ({len(store.list())} keys in the store)")
         return gateway
