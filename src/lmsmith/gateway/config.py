@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator
 
@@ -42,6 +42,13 @@ class GatewayConfig(StrictModel):
                                           "default: the environment variable LMSMITH_AUDIT_KEY.")
     audit_full_text: list[str] = Field(
         [], description="Key ids or model names whose requests are logged with their full text (default: hashes).")
+    moderation_terms: Optional[str] = Field(
+        None, description="A term list (one per line) moderated on requests and answers, or `default` for the "
+        "embedded finance-compliance list; None: no moderation.")
+    moderation_input: Literal["block", "mask", "flag", "off"] = Field(
+        "block", description="On a listed term in a request: 400 content_filter, mask it, or only flag it.")
+    moderation_output: Literal["block", "mask", "flag", "off"] = Field(
+        "block", description="On a listed term in an answer: stop it (finish_reason content_filter), mask it, or flag it.")
     insecure_no_auth: bool = Field(
         False, description="Serve without keys on a non-loopback address (otherwise refused).")
 

@@ -68,6 +68,7 @@ from lmsmith.serve.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from lmsmith.gateway.config import GatewayConfig
+    from lmsmith.gateway.moderation import TermModerator
     from lmsmith.gateway.middleware import Gateway
 
 log = logging.getLogger("lmsmith.serve")
@@ -132,12 +133,13 @@ def create_app(
     long_doc: LongDocConfig | None = None,
     embedder: Embedder | None = None,
     gateway: "Gateway | None" = None,
+    moderator: "TermModerator | None" = None,
 ) -> FastAPI:
     """The API over `client` (an `Engine` is wrapped in a `LocalClient` named `model_name`).
 
     Requests without max_tokens get `default_max_tokens`. The app starts the client with its lifespan and
     closes the client, the cache and the embedder when it stops. `gateway` (`lmsmith.gateway`) puts keys,
-    roles and limits in front of every route.
+    roles and limits in front of every route; `moderator` checks requests and answers against a term list.
     """
     if isinstance(client, Engine):
         if model_name is None:
@@ -310,10 +312,42 @@ def create_app(
 
     # ----- generation -----
 
+    def moderate_input(request: Request, texts_or_messages: Any) -> Any:
+        """The request's text with the input action applied; a block is a 400 `content_filter`."""
+        if moderator is None:
+            return texts_or_messages
+        from lmsmith.gateway.moderation import moderate_messages
+
+        if isinstance(texts_or_messages, list) and texts_or_messages and isinstance(texts_or_messages[0], dict):
+            changed, decision = moderate_messages(moderator, texts_or_messages)
+        else:
+            decision = moderator.decide(texts_or_messages, moderator.input_action)
+            changed = decision.text
+        metrics.moderation.labels("input", decision.action).inc()
+        if decision.action != "allow":
+            request.scope.setdefault("state", {})["moderation"] = f"input:{decision.action}"
+        if decision.action == "block":
+            raise APIError(400, "the request contains text this server's moderation blocks", code="content_filter")
+        return changed
+
+    def moderate_output(request: Request, opened: list[Any]) -> list[Any]:
+        if moderator is None or moderator.output_action == "off":
+            return opened
+
+        def note(action: str) -> None:
+            metrics.moderation.labels("output", action).inc()
+            state = request.scope.setdefault("state", {})
+            state["moderation"] = ",".join(filter(None, [state.get("moderation"), f"output:{action}"]))
+
+        return [moderator.stream(stream, note) for stream in opened]
+
+    app.state.moderate_output = moderate_output
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        messages = moderate_input(request, body.template_messages())
         generates = [
-            GenerateRequest(body.model, _sampling(body, default_max_tokens, choice), messages=body.template_messages())
+            GenerateRequest(body.model, _sampling(body, default_max_tokens, choice), messages=messages)
             for choice in range(body.n or 1)
         ]
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -322,6 +356,10 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = body.prompts()
+        if moderator is not None and any(not isinstance(prompt, str) for prompt in prompts):
+            raise APIError(400, "prompt: token-id prompts cannot be moderated on this server; send text",
+                           param="prompt")
+        prompts = [moderate_input(request, prompt) for prompt in prompts]
         generates = [
             GenerateRequest(body.model, _sampling(body, default_max_tokens, choice),
                             prompt=prompt if isinstance(prompt, str) else None,
@@ -420,6 +458,7 @@ async def _answer(request: Request, frontend: Frontend, body: GenerationFields, 
     opened = await _unless_disconnected(request, _open_all(frontend, generates, long_doc, shape.endpoint))
     if opened is None:
         return _client_left()
+    opened = request.app.state.moderate_output(request, opened)
     if body.stream:
         events = _sse_events(opened, shape, body.include_usage, lambda usage: _record_usage(request, usage))
         # Closing the event generator (also after a disconnect) cancels the requests in the engine.
@@ -810,10 +849,14 @@ def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: 
     gateway_config = gateway_config or GatewayConfig()
     gateway = open_gateway(config, gateway_config)
     adapter_root = Path(gateway_config.adapter_root).expanduser() if gateway_config.adapter_root else None
+    from lmsmith.gateway.moderation import moderator_from
+
+    moderator = moderator_from(gateway_config.moderation_terms, gateway_config.moderation_input,
+                               gateway_config.moderation_output)
     client, load = build_client(path, config, adapter_root)
     embedder = None if config.embedding_model == "none" else Embedder(config.embedding_model)
     app = create_app(client, default_max_tokens=config.max_new_tokens, cache=build_cache(config.cache),
-                     long_doc=config.long_doc, embedder=embedder, gateway=gateway)
+                     long_doc=config.long_doc, embedder=embedder, gateway=gateway, moderator=moderator)
     sock = bind_socket(config.host, config.port)
     url = base_url(sock)
     server = _uvicorn_server(app, log_level="info")

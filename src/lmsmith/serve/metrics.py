@@ -102,6 +102,8 @@ class ServeMetrics:
                                          registry=r)
         self.long_doc_chunks = Counter(f"{PREFIX}_long_doc_chunks", "Chunks mapped for long documents.", registry=r)
         self.embedding_inputs = Counter(f"{PREFIX}_embedding_inputs", "Texts embedded.", registry=r)
+        self.moderation = Counter(f"{PREFIX}_moderation_decisions", "Moderation decisions by direction and action.",
+                                  ["direction", "action"], registry=r)
         if stats is not None:
             r.register(_StatsCollector(stats))
 
