@@ -86,6 +86,21 @@ class APIError(Exception):
         self.body = error_body(message, type_, param, code)
 
 
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+# Every route may answer these, in OpenAI's error schema (the gateway's refusals included), so the
+# OpenAPI document lists every status the server sends.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    for status, text in ((400, "invalid request (body, parameters, moderation)"), (401, "missing or invalid API key"),
+                         (403, "the key's role or model scope does not allow it"), (404, "no such model or route"),
+                         (429, "over a rate limit or quota (Retry-After)"), (499, "the client disconnected"),
+                         (500, "internal error (the body carries the request id)"), (503, "the model is loading"))
+}
+
+
 def _error_response(status: int, message: str, type_: str, param: str | None = None,
                     code: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
@@ -162,7 +177,8 @@ def create_app(
             if gateway is not None:
                 await gateway.close()
 
-    app = FastAPI(title="lmsmith", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="lmsmith", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
+                  responses=ERROR_RESPONSES)
     app.state.client, app.state.frontend, app.state.metrics = client, frontend, metrics
 
     if gateway is not None:
