@@ -42,13 +42,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise UserError(f"--lora {item!r}: expected NAME=PATH")
         loras[name] = path
     upstreams = [url.strip() for group in args.upstream for url in group.split(",") if url.strip()]
-    if bool(args.path) == bool(upstreams):
-        raise UserError("lmsmith serve: give either a model/run folder or --upstream URL[,URL...], not both")
+    if bool(args.path) + bool(upstreams) + bool(args.registry) != 1:
+        raise UserError("lmsmith serve: give one of a model/run folder, --registry NAME or --upstream URL[,URL...], "
+                        "not both")
     fields = {
         "host": args.host, "port": args.port, "max_new_tokens": args.max_new_tokens, "device": args.device,
         "dtype": args.dtype, "max_slots": args.max_slots, "max_model_len": args.max_model_len,
         "prefill_chunk": args.prefill_chunk, "cuda_graphs": args.cuda_graphs,
-        "packed_weights": args.packed_weights, "loras": loras, "variant": args.variant, "upstreams": upstreams, "tokenizer": args.tokenizer,
+        "packed_weights": args.packed_weights, "loras": loras, "variant": args.variant, "registry": args.registry, "upstreams": upstreams, "tokenizer": args.tokenizer,
         "health_check_interval_s": args.health_interval, "embedding_model": args.embedding_model,
         "cache": {"backend": args.cache, "max_entries": args.cache_size, "ttl_s": args.cache_ttl,
                   "redis_url": args.redis_url},
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="Serve a run folder or model folder with an OpenAI-compatible API.")
     serve.add_argument("path", nargs="?", help="A run folder (serves its tuned model) or an HF model folder.")
     serve.add_argument("--variant", help="Serve the run's compressed variant of this name (RUN/compress/<name>).")
+    serve.add_argument("--registry", metavar="NAME", help="Serve NAME's current registry version and follow "
+                       "promotes and rollbacks without a restart (`lmsmith registry`).")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-new-tokens", type=int, default=256, help="Default max_tokens per request.")
@@ -158,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(serve.add_argument_group("gateway: keys, roles, limits (docs/security.md)"), GatewayConfig)
     serve.set_defaults(func=_cmd_serve)
 
-    from lmsmith.gateway.cli import add_audit_parser, add_keys_parser
+    from lmsmith.gateway.cli import add_audit_parser, add_keys_parser, add_registry_parser
 
     add_keys_parser(sub)
     add_audit_parser(sub)
+    add_registry_parser(sub)
 
     from lmsmith.train.export_run import ExportConfig
 

@@ -148,3 +148,97 @@ def add_audit_parser(sub) -> None:
         if name == "rotate-key":
             action.add_argument("--new-key-file", required=True, help="The new key (base64 of 32 bytes).")
         action.set_defaults(func=func)
+
+
+def _registry(args: argparse.Namespace):
+    import os
+
+    from lmsmith.gateway.registry import Registry
+
+    audit = None
+    if os.environ.get("LMSMITH_AUDIT_KEY"):  # registry changes are audited whenever the server's log is
+        from lmsmith.gateway.audit import AuditLog, load_key
+
+        audit = AuditLog(state_dir(args.state_dir), load_key())
+    return Registry(state_dir(args.state_dir), os.environ.get("LMSMITH_DATABASE_URL"), audit)
+
+
+def _actor() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+def _registry_add(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    try:
+        version = registry.register(args.name, args.run, args.variant, args.note or "", _actor())
+        current = registry.current(args.name).version
+    finally:
+        registry.close()
+    print(json.dumps(version.public(), ensure_ascii=False))
+    _say(f"{args.name} v{version.version} registered; current is v{current}")
+    return 0
+
+
+def _registry_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    try:
+        versions = registry.versions(args.name)
+        current = {name: registry.current(name).version for name in {v.name for v in versions}}
+    finally:
+        registry.close()
+    for version in versions:
+        mark = "*" if current.get(version.name) == version.version else " "
+        scores = ", ".join(f"{k}={v:g}" for k, v in list(version.eval_scores.items())[:4])
+        print(f"{mark} {version.name} v{version.version}  {version.run_dir}"
+              f"{'#' + version.variant if version.variant else ''}  {scores}")
+    return 0
+
+
+def _registry_move(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    try:
+        moved = (registry.promote(args.name, args.version, _actor()) if args.registry_command == "promote"
+                 else registry.rollback(args.name, _actor()))
+    finally:
+        registry.close()
+    _say(f"{args.name}: current is now v{moved.version} (servers following the registry switch without a restart)")
+    return 0
+
+
+def _registry_log(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    try:
+        for change in registry.changes(args.name):
+            print(json.dumps(change))
+    finally:
+        registry.close()
+    return 0
+
+
+def add_registry_parser(sub) -> None:
+    registry = sub.add_parser("registry", help="Versions of served models: add, list, promote, rollback, log.")
+    actions = registry.add_subparsers(dest="registry_command", required=True)
+    state_help = "The server's state folder (default LMSMITH_STATE_DIR, else ~/.lmsmith)."
+    add = actions.add_parser("add", help="Register a run (or one of its compressed variants) as a new version.")
+    add.add_argument("name")
+    add.add_argument("run", help="A run folder.")
+    add.add_argument("--variant", help="A compressed variant of the run (RUN/compress/<name>).")
+    add.add_argument("--note", help="Why this version exists.")
+    add.set_defaults(func=_registry_add)
+    listing = actions.add_parser("list", help="Every version (* marks the current one).")
+    listing.add_argument("name", nargs="?")
+    listing.set_defaults(func=_registry_list)
+    promote = actions.add_parser("promote", help="Make a version current.")
+    promote.add_argument("name")
+    promote.add_argument("version", type=int)
+    promote.set_defaults(func=_registry_move)
+    rollback = actions.add_parser("rollback", help="Back to the version current before this one.")
+    rollback.add_argument("name")
+    rollback.set_defaults(func=_registry_move)
+    log_parser = actions.add_parser("log", help="The change log.")
+    log_parser.add_argument("name", nargs="?")
+    log_parser.set_defaults(func=_registry_log)
+    for action in (add, listing, promote, rollback, log_parser):
+        action.add_argument("--state-dir", help=state_help)

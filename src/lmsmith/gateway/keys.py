@@ -1,9 +1,8 @@
 """API keys: created once, stored only as a hash, with a role, model scopes, limits, a quota and an expiry.
 
-The store is a SQL database through SQLAlchemy Core: SQLite under the server's state folder by default,
-or any URL SQLAlchemy takes (Postgres with its driver installed). A key reads `lms_<id>_<secret>`: the id
-finds the row, the secret's SHA-256 is compared in constant time; the secret itself is never stored.
-Schema changes are plain `ALTER`s keyed by a version row (`MIGRATIONS`), applied on open.
+The store is the gateway's database (`lmsmith.gateway.db`: SQLite under the state folder, or a URL). A
+key reads `lms_<id>_<secret>`: the id finds the row, the secret's SHA-256 is compared in constant time;
+the secret itself is never stored.
 """
 
 from __future__ import annotations
@@ -22,16 +21,7 @@ from typing import Optional
 from lmsmith.errors import UserError
 
 ROLES = ("admin", "operator", "user", "viewer")
-DATABASE = "lmsmith.db"
 KEY_PATTERN = re.compile(r"^lms_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})$")
-# version -> statements that bring the previous version's schema to it.
-MIGRATIONS: dict[int, list[str]] = {
-    1: ["""CREATE TABLE api_keys (
-        id VARCHAR(12) PRIMARY KEY, name VARCHAR(200) NOT NULL, secret_sha256 VARCHAR(64) NOT NULL,
-        role VARCHAR(16) NOT NULL, models TEXT NOT NULL, rpm INTEGER, tpm INTEGER, concurrency INTEGER,
-        quota_tokens BIGINT, used_tokens BIGINT NOT NULL DEFAULT 0, created_at DOUBLE PRECISION NOT NULL,
-        expires_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION)"""],
-}
 
 
 @dataclass
@@ -93,27 +83,9 @@ class KeyStore:
     """The key table. `url`: a SQLAlchemy URL; default SQLite in `folder`."""
 
     def __init__(self, folder: Path | None = None, url: str | None = None):
-        from sqlalchemy import create_engine
+        from lmsmith.gateway.db import open_database
 
-        if url is None:
-            if folder is None:
-                raise ValueError("KeyStore needs a folder or a database URL")
-            folder.mkdir(parents=True, exist_ok=True)
-            url = f"sqlite:///{folder / DATABASE}"
-        self._engine = create_engine(url, future=True)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        from sqlalchemy import text
-
-        with self._engine.begin() as db:
-            db.execute(text("CREATE TABLE IF NOT EXISTS lmsmith_schema (version INTEGER NOT NULL)"))
-            row = db.execute(text("SELECT MAX(version) FROM lmsmith_schema")).scalar()
-            current = row or 0
-            for version in sorted(v for v in MIGRATIONS if v > current):
-                for statement in MIGRATIONS[version]:
-                    db.execute(text(statement))
-                db.execute(text("INSERT INTO lmsmith_schema (version) VALUES (:v)"), {"v": version})
+        self._engine = open_database(folder, url)
 
     def close(self) -> None:
         self._engine.dispose()

@@ -28,10 +28,11 @@ MAX_SCOPED_BODY = 32 * 1024 * 1024
 class Gateway:
     """The key store, the limiter and the settings the middleware enforces."""
 
-    def __init__(self, store: KeyStore, config: GatewayConfig, limiter: Any = None, audit: "AuditLog | None" = None):
+    def __init__(self, store: KeyStore, config: GatewayConfig, limiter: Any = None, audit: "AuditLog | None" = None,
+                 registry: Any = None):
         from lmsmith.gateway.limits import MemoryLimiter, RedisLimiter
 
-        self.store, self.config, self.audit = store, config, audit
+        self.store, self.config, self.audit, self.registry = store, config, audit, registry
         if limiter is None:
             url = config.limits_redis_url
             limiter = RedisLimiter(url.get_secret_value()) if url is not None else MemoryLimiter()
@@ -45,6 +46,8 @@ class Gateway:
     async def close(self) -> None:
         await self.limiter.close()
         self.store.close()
+        if self.registry is not None:
+            self.registry.close()
 
 
 def _bearer(scope: dict[str, Any]) -> Optional[str]:

@@ -31,6 +31,9 @@ PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/admin/keys"): ADMIN,
     ("DELETE", "/admin/keys/{key_id}"): ADMIN,
     ("POST", "/admin/keys/{key_id}/rotate"): ADMIN,
+    ("GET", "/admin/registry"): OPERATE | {"viewer"},
+    ("POST", "/admin/registry/{name}/promote"): ADMIN,
+    ("POST", "/admin/registry/{name}/rollback"): ADMIN,
 }
 # Routes whose request body names a model: a key scoped to some models may use only those.
 MODEL_SCOPED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings")})

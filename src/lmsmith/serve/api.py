@@ -48,6 +48,7 @@ from lmsmith.serve.protocol import (
     AdapterLoad,
     ChatCompletionRequest,
     KeyCreate,
+    Promote,
     CompletionRequest,
     EmbeddingRequest,
     GenerationFields,
@@ -285,6 +286,43 @@ def create_app(
     async def unload_adapter(name: str) -> dict[str, Any]:
         await client.remove_lora(name)
         return {"unloaded": name}
+
+    # ----- the model registry (the same operations as `lmsmith registry`) -----
+
+    def registry() -> Any:
+        if gateway is None or gateway.registry is None:
+            raise APIError(404, "this server has no model registry (started without a gateway)")
+        return gateway.registry
+
+    def actor(request: Request) -> str:
+        from lmsmith.gateway.middleware import key_of
+
+        key = key_of(request)
+        return f"key:{key.id}" if key is not None else "anonymous"
+
+    @app.get("/admin/registry")
+    async def list_registry() -> dict[str, Any]:
+        found = registry()
+        versions = await asyncio.to_thread(found.versions)
+        current = {}
+        for name in sorted({v.name for v in versions}):
+            current[name] = (await asyncio.to_thread(found.current, name)).version
+        return {"current": current, "versions": [v.public() for v in versions],
+                "changes": await asyncio.to_thread(found.changes)}
+
+    @app.post("/admin/registry/{name}/promote")
+    async def promote_version(name: str, body: Promote, request: Request) -> dict[str, Any]:
+        try:
+            return (await asyncio.to_thread(registry().promote, name, body.version, actor(request))).public()
+        except UserError as exc:
+            raise APIError(404, str(exc)) from None
+
+    @app.post("/admin/registry/{name}/rollback")
+    async def rollback_version(name: str, request: Request) -> dict[str, Any]:
+        try:
+            return (await asyncio.to_thread(registry().rollback, name, actor(request))).public()
+        except UserError as exc:
+            raise APIError(404 if "no model named" in str(exc) else 400, str(exc)) from None
 
     # ----- keys (the same operations as `lmsmith keys`) -----
 
@@ -802,7 +840,7 @@ def build_client(path: str | Path | None, config: ServeConfig,
             tokenizer = load_tokenizer(Path(config.tokenizer))
         return UpstreamClient(config.upstreams, config.health_check_interval_s, tokenizer), None
     if path is None:
-        raise UserError("lmsmith serve: give a model or run folder, or --upstream URL[,URL...]")
+        raise UserError("lmsmith serve: give a model or run folder, --registry NAME, or --upstream URL[,URL...]")
     resolved = resolve_model(path, config.variant)
     client = LocalClient(resolved.name, adapter_root=adapter_root)
 
@@ -810,6 +848,40 @@ def build_client(path: str | Path | None, config: ServeConfig,
         engine = Engine.load(resolved.path, device=config.device, dtype=config.dtype, config=config.engine_config())
         loaded.append(engine)
         client.attach(engine, config.loras)
+
+    return client, load
+
+
+def follow_registry(registry: Any, config: ServeConfig, adapter_root: Path | None,
+                    stop: threading.Event) -> tuple[LocalClient, Callable[[], None]]:
+    """A client for the registry name's current version, and the loading that then follows the registry:
+    each promote or rollback loads the new version beside the old one and swaps it in."""
+    name = config.registry
+    current = registry.current(name)
+    client = LocalClient(name, adapter_root=adapter_root)
+    client.version = current.public()
+
+    def load_version(version: Any) -> Engine:
+        engine = Engine.load(version.model_path, device=config.device, dtype=config.dtype,
+                             config=config.engine_config())
+        loaded.append(engine)
+        return engine
+
+    def load() -> None:
+        client.attach(load_version(current), config.loras)
+        while not stop.wait(config.registry_poll_s):
+            try:
+                now = registry.current(name)
+                if now.version == client.version["version"]:
+                    continue
+                console.print(f"registry: {name} v{client.version['version']} -> v{now.version}, loading "
+                              f"{now.model_path}", soft_wrap=True)
+                old = client.swap(load_version(now), now.public())
+                if old in loaded:
+                    loaded.remove(old)
+                console.print(f"registry: serving {name} v{now.version}")
+            except Exception as exc:  # a failed load keeps the running version; the next poll retries
+                log.error("registry: could not switch %s: %s", name, exc)
 
     return client, load
 
@@ -837,7 +909,10 @@ def open_gateway(config: ServeConfig, gateway_config: "GatewayConfig") -> "Gatew
         console.print(f"audit log: {audit.path} (AES-256-GCM, hash-chained)", soft_wrap=True)
     elif gateway_config.audit:
         console.print("[yellow]audit log off[/]: set LMSMITH_AUDIT_KEY (base64 of 32 bytes) to keep one")
-    gateway = Gateway(store, gateway_config, audit=audit)
+    from lmsmith.gateway.registry import Registry
+
+    gateway = Gateway(store, gateway_config, audit=audit,
+                      registry=Registry(folder, url.get_secret_value() if url is not None else None, audit))
     if gateway.required:
         console.print(f"API keys required on every route ({len(store.list())} keys in the store)")
         return gateway
@@ -869,7 +944,13 @@ def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: 
 
     moderator = moderator_from(gateway_config.moderation_terms, gateway_config.moderation_input,
                                gateway_config.moderation_output)
-    client, load = build_client(path, config, adapter_root)
+    stop_following = threading.Event()
+    if config.registry is not None:
+        if path is not None:
+            raise UserError("lmsmith serve: give a model folder or --registry NAME, not both")
+        client, load = follow_registry(gateway.registry, config, adapter_root, stop_following)
+    else:
+        client, load = build_client(path, config, adapter_root)
     embedder = None if config.embedding_model == "none" else Embedder(config.embedding_model)
     app = create_app(client, default_max_tokens=config.max_new_tokens, cache=build_cache(config.cache),
                      long_doc=config.long_doc, embedder=embedder, gateway=gateway, moderator=moderator)
@@ -899,6 +980,7 @@ def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: 
         # uvicorn has already shut down gracefully; Ctrl-C is the normal way to stop a server.
         console.print("server stopped")
     finally:
+        stop_following.set()
         sock.close()
         while loaded:
             loaded.pop().close()

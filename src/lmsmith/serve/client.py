@@ -161,6 +161,7 @@ class LocalClient:
         self._adapter_lock = asyncio.Lock()
         self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="lmsmith-tokenize")
         self._ready = threading.Event()
+        self.version: dict[str, Any] | None = None  # the registry version served, when serving one
         if engine is not None:
             self._ready.set()
 
@@ -170,6 +171,29 @@ class LocalClient:
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
         self._ready.set()
+
+    def swap(self, engine: Engine, version: dict[str, Any] | None = None, drain_timeout_s: float = 600.0) -> Engine:
+        """Serve `engine` from now on (a registry promote or rollback), without a restart.
+
+        The adapters loaded so far are loaded into it first; requests already running finish on the old
+        engine, which is closed on a background thread once it is idle. Returns the old engine."""
+        for name, path in self._adapters.items():
+            engine.add_lora(name, path)
+        old, self._engine, self.version = self._engine, engine, version
+        self._ready.set()
+
+        def close_when_idle() -> None:
+            deadline = time.monotonic() + drain_timeout_s
+            while time.monotonic() < deadline:
+                counts = old.stats()
+                if not counts.get("running") and not counts.get("waiting"):
+                    break
+                time.sleep(0.05)
+            old.close()
+
+        if old is not None:
+            threading.Thread(target=close_when_idle, name="lmsmith-drain", daemon=True).start()
+        return old
 
     async def start(self) -> None:
         """Nothing to start: the engine runs its own thread (the upstream client opens connections here)."""
@@ -204,6 +228,8 @@ class LocalClient:
 
     def model_cards(self) -> list[dict[str, Any]]:
         cards = [model_card(self.model_name, self.created)]
+        if self.version is not None:
+            cards[0]["version"] = self.version
         cards += [model_card(name, self.created, parent=self.model_name) for name in self.adapter_names()]
         return cards
 
@@ -287,13 +313,14 @@ class LocalClient:
             ids = await loop.run_in_executor(self._tokenizer_pool, self._encode_text, request.prompt or "")
             if not ids:
                 raise ClientError("the prompt is empty", "prompt")
-        return Prepared(request, ids)
+        # Opened on the engine that tokenized it, even if a registry swap happens in between.
+        return Prepared(request, ids, {"engine": engine})
 
     def _encode_text(self, text: str) -> list[int]:
         return [int(i) for i in self.engine.tokenizer(text, add_special_tokens=True)["input_ids"]]
 
     async def open(self, prepared: Prepared) -> AsyncIterator[Chunk]:
-        engine = self.engine
+        engine = prepared.extra.get("engine") or self.engine
         assert prepared.prompt_ids is not None, "a LocalClient request is prepared by LocalClient.prepare"
         model = prepared.request.model
         adapter = None if model == self.model_name else model

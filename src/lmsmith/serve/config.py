@@ -100,6 +100,10 @@ class ServeConfig(StrictModel):
     packed_weights: Optional[bool] = Field(
         None, description="On CPU, keep a row-kernel copy of every projection (faster decode, their memory "
                           "again); None: when it fits in half the free memory.")
+    registry: Optional[str] = Field(
+        None, description="Serve this registry name's current version (`lmsmith registry`) and follow promotes "
+        "and rollbacks without a restart; no model folder is given then.")
+    registry_poll_s: float = Field(2.0, gt=0, description="Seconds between checks of the registry's current version.")
     variant: Optional[str] = Field(
         None, description="Serve the run's compressed variant of this name (RUN/compress/<name>, the compress "
         "stage's variants) instead of its tuned model.")
@@ -138,6 +142,8 @@ class ServeConfig(StrictModel):
     def _variant_is_local(self) -> "ServeConfig":
         if self.variant is not None and self.upstreams:
             raise ValueError("variant: a compressed variant is served locally; it does not apply to upstreams")
+        if self.registry is not None and (self.upstreams or self.variant is not None):
+            raise ValueError("registry: a registry version is served locally and names its own variant")
         return self
 
     @field_validator("upstreams")

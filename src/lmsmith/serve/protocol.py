@@ -248,6 +248,14 @@ class KeyCreate(BaseModel):
     expires: Optional[str] = Field(None, pattern=r"^\d+[dhms]$", description="e.g. 30d, 12h")
 
 
+class Promote(BaseModel):
+    """`POST /admin/registry/{name}/promote`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+
+
 class AdapterLoad(BaseModel):
     """`POST /admin/loras`."""
 
