@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import closing
 
 from lmsmith.gateway.keys import ROLES, KeyStore, parse_duration, state_dir
 
@@ -25,23 +26,17 @@ def _say(text: str) -> None:
 
 def _create(args: argparse.Namespace) -> int:
     models = [m.strip() for group in args.models for m in group.split(",") if m.strip()]
-    store = _store(args)
-    try:
+    with closing(_store(args)) as store:
         secret, key = store.create(args.name or f"{args.role}-key", args.role, models, args.rpm, args.tpm,
                                    args.concurrency, args.quota, parse_duration(args.expires) if args.expires else None)
-    finally:
-        store.close()
     print(secret)
     _say(f"created key {key.id} ({key.role}); it is shown once: store it now")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with closing(_store(args)) as store:
         keys = [key.public() for key in store.list()]
-    finally:
-        store.close()
     if args.json:
         print(json.dumps(keys, indent=2))
         return 0
@@ -54,21 +49,15 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with closing(_store(args)) as store:
         key = store.revoke(args.key_id)
-    finally:
-        store.close()
     _say(f"revoked key {key.id}")
     return 0
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
+    with closing(_store(args)) as store:
         secret, key = store.rotate(args.key_id)
-    finally:
-        store.close()
     print(secret)
     _say(f"rotated key {key.id}: the old secret no longer works")
     return 0
@@ -170,24 +159,18 @@ def _actor() -> str:
 
 
 def _registry_add(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    try:
+    with closing(_registry(args)) as registry:
         version = registry.register(args.name, args.run, args.variant, args.note or "", _actor())
         current = registry.current(args.name).version
-    finally:
-        registry.close()
     print(json.dumps(version.public(), ensure_ascii=False))
     _say(f"{args.name} v{version.version} registered; current is v{current}")
     return 0
 
 
 def _registry_list(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    try:
+    with closing(_registry(args)) as registry:
         versions = registry.versions(args.name)
         current = {name: registry.current(name).version for name in {v.name for v in versions}}
-    finally:
-        registry.close()
     for version in versions:
         mark = "*" if current.get(version.name) == version.version else " "
         scores = ", ".join(f"{k}={v:g}" for k, v in list(version.eval_scores.items())[:4])
@@ -197,23 +180,17 @@ def _registry_list(args: argparse.Namespace) -> int:
 
 
 def _registry_move(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    try:
+    with closing(_registry(args)) as registry:
         moved = (registry.promote(args.name, args.version, _actor()) if args.registry_command == "promote"
                  else registry.rollback(args.name, _actor()))
-    finally:
-        registry.close()
     _say(f"{args.name}: current is now v{moved.version} (servers following the registry switch without a restart)")
     return 0
 
 
 def _registry_log(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    try:
+    with closing(_registry(args)) as registry:
         for change in registry.changes(args.name):
             print(json.dumps(change))
-    finally:
-        registry.close()
     return 0
 
 
