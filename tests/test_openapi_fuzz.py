@@ -31,7 +31,14 @@ def build_app():
     (state / "adapters").mkdir()
     store = KeyStore(state)
     admin, _ = store.create("fuzz", "admin", rpm=None)
-    gateway = Gateway(store, GatewayConfig(adapter_root=str(state / "adapters")))
+    import os
+
+    from lmsmith.gateway.audit import AuditLog
+    from lmsmith.gateway.feedback import FeedbackStore
+
+    data_key = os.urandom(32)
+    gateway = Gateway(store, GatewayConfig(adapter_root=str(state / "adapters")), audit=AuditLog(state, data_key),
+                      feedback=FeedbackStore(state, None, data_key))
     client = LocalClient("tiny", engine, adapter_root=state / "adapters")
     app = create_app(client, default_max_tokens=2, gateway=gateway, moderator=TermModerator(["内幕消息"]))
     return app, admin

@@ -161,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(serve.add_argument_group("gateway: keys, roles, limits (docs/security.md)"), GatewayConfig)
     serve.set_defaults(func=_cmd_serve)
 
-    from lmsmith.gateway.cli import add_audit_parser, add_keys_parser, add_registry_parser
+    from lmsmith.gateway.cli import add_audit_parser, add_feedback_parser, add_keys_parser, add_registry_parser
 
     add_keys_parser(sub)
     add_audit_parser(sub)
     add_registry_parser(sub)
+    add_feedback_parser(sub)
 
     from lmsmith.train.export_run import ExportConfig
 

@@ -219,3 +219,50 @@ def add_registry_parser(sub) -> None:
     log_parser.set_defaults(func=_registry_log)
     for action in (add, listing, promote, rollback, log_parser):
         action.add_argument("--state-dir", help=state_help)
+
+
+def _feedback_store(args: argparse.Namespace):
+    import os
+
+    from lmsmith.gateway.audit import load_key
+    from lmsmith.gateway.feedback import FeedbackStore
+
+    return FeedbackStore(state_dir(args.state_dir), os.environ.get("LMSMITH_DATABASE_URL"), load_key(args.key_file))
+
+
+def _feedback_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lmsmith.gateway.feedback import analyze, report_markdown
+
+    with closing(_feedback_store(args)) as store:
+        summary = analyze(store.entries())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "feedback.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "feedback.md").write_text(report_markdown(summary), encoding="utf-8")
+    _say(f"{summary['failed']} failures of {summary['rated']} rated answers; report in {out / 'feedback.md'}")
+    return 0
+
+
+def _feedback_export(args: argparse.Namespace) -> int:
+    from lmsmith.gateway.feedback import export_corrections
+
+    with closing(_feedback_store(args)) as store:
+        count = export_corrections(store.entries(), args.out)
+    _say(f"wrote {count} corrected conversations to {args.out} (use it as data.instructions)")
+    return 0
+
+
+def add_feedback_parser(sub) -> None:
+    feedback = sub.add_parser("feedback", help="Analyse users' ratings; export their corrections as SFT data.")
+    actions = feedback.add_subparsers(dest="feedback_command", required=True)
+    analyze_parser = actions.add_parser("analyze", help="Failures grouped by model and kind, as md and json.")
+    analyze_parser.add_argument("--out", default="feedback-report", help="Folder for feedback.md and feedback.json.")
+    analyze_parser.set_defaults(func=_feedback_analyze)
+    export = actions.add_parser("export", help="Corrections as conversations in the data stage's format (jsonl).")
+    export.add_argument("--out", required=True, help="The jsonl file to write.")
+    export.set_defaults(func=_feedback_export)
+    for action in (analyze_parser, export):
+        action.add_argument("--state-dir", help="The server's state folder (default LMSMITH_STATE_DIR, else ~/.lmsmith).")
+        action.add_argument("--key-file", help="The data key (base64); default LMSMITH_AUDIT_KEY.")

@@ -26,6 +26,12 @@ MIGRATIONS: dict[int, list[str]] = {
         id INTEGER PRIMARY KEY, at DOUBLE PRECISION NOT NULL, actor VARCHAR(200) NOT NULL,
         action VARCHAR(16) NOT NULL, name VARCHAR(200) NOT NULL, version INTEGER NOT NULL,
         previous INTEGER)"""],
+    3: ["""CREATE TABLE request_texts (
+        request_id VARCHAR(64) PRIMARY KEY, key_id VARCHAR(12), model VARCHAR(200), route VARCHAR(64) NOT NULL,
+        prompt TEXT NOT NULL, answer TEXT NOT NULL, finish_reason VARCHAR(32), created_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY, request_id VARCHAR(64) NOT NULL, key_id VARCHAR(12), rating INTEGER NOT NULL,
+        correction TEXT, comment TEXT, created_at DOUBLE PRECISION NOT NULL)"""],
 }
 
 

@@ -61,9 +61,9 @@ class ApiKey:
 
 def parse_duration(text: str) -> float:
     """Seconds in '30d', '12h', '45m' or '90s'."""
-    match = re.fullmatch(r"(\d+)([dhms])", text.strip())
+    match = re.fullmatch(r"(\d{1,6})([dhms])", text.strip())
     if not match:
-        raise UserError(f"--expires {text!r}: expected a number and d, h, m or s (e.g. 30d)")
+        raise UserError(f"--expires {text!r}: expected up to six digits and d, h, m or s (e.g. 30d)")
     return int(match.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[match.group(2)]
 
 
@@ -100,9 +100,10 @@ class KeyStore:
 
         if role not in ROLES:
             raise UserError(f"--role {role!r}: one of {', '.join(ROLES)}")
-        for value, flag in ((rpm, "--rpm"), (tpm, "--tpm"), (concurrency, "--concurrency"), (quota_tokens, "--quota")):
-            if value is not None and value < 1:
-                raise UserError(f"{flag}: must be at least 1 (leave it out for no limit)")
+        for value, flag, most in ((rpm, "--rpm", 2**31 - 1), (tpm, "--tpm", 2**31 - 1),
+                                  (concurrency, "--concurrency", 2**31 - 1), (quota_tokens, "--quota", 2**62)):
+            if value is not None and not 1 <= value <= most:
+                raise UserError(f"{flag}: must be between 1 and {most:,} (leave it out for no limit)")
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         now = time.time()
         row = ApiKey(key_id, name, role, sorted(set(models)), rpm, tpm, concurrency, quota_tokens, 0, now,

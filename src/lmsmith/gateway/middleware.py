@@ -29,10 +29,10 @@ class Gateway:
     """The key store, the limiter and the settings the middleware enforces."""
 
     def __init__(self, store: KeyStore, config: GatewayConfig, limiter: Any = None, audit: "AuditLog | None" = None,
-                 registry: Any = None):
+                 registry: Any = None, feedback: Any = None):
         from lmsmith.gateway.limits import MemoryLimiter, RedisLimiter
 
-        self.store, self.config, self.audit, self.registry = store, config, audit, registry
+        self.store, self.config, self.audit, self.registry, self.feedback = store, config, audit, registry, feedback
         if limiter is None:
             url = config.limits_redis_url
             limiter = RedisLimiter(url.get_secret_value()) if url is not None else MemoryLimiter()
@@ -46,8 +46,9 @@ class Gateway:
     async def close(self) -> None:
         await self.limiter.close()
         self.store.close()
-        if self.registry is not None:
-            self.registry.close()
+        for held in (self.registry, self.feedback):
+            if held is not None:
+                held.close()
 
 
 def _bearer(scope: dict[str, Any]) -> Optional[str]:

@@ -24,6 +24,7 @@ PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/chat/completions"): GENERATE,
     ("POST", "/v1/completions"): GENERATE,
     ("POST", "/v1/embeddings"): GENERATE,
+    ("POST", "/v1/feedback"): GENERATE,
     ("GET", "/admin/loras"): OPERATE,
     ("POST", "/admin/loras"): OPERATE,
     ("DELETE", "/admin/loras/{name}"): OPERATE,

@@ -47,6 +47,7 @@ from lmsmith.serve.metrics import ServeMetrics
 from lmsmith.serve.protocol import (
     AdapterLoad,
     ChatCompletionRequest,
+    FeedbackBody,
     KeyCreate,
     Promote,
     CompletionRequest,
@@ -397,6 +398,40 @@ def create_app(
 
     app.state.moderate_output = moderate_output
 
+    def finished(request: Request, generates: list[GenerateRequest], completions: list[Completion]) -> None:
+        """Keep the prompt and first answer for feedback (when the gateway has a feedback store)."""
+        store = gateway.feedback if gateway is not None else None
+        if store is None or not completions:
+            return
+        from lmsmith.gateway.middleware import key_of
+
+        key = key_of(request)
+        first = generates[0]
+        prompt = first.messages if first.messages is not None else first.prompt
+        try:
+            store.remember(_request_id(request), key.id if key else None, first.model, request.url.path, prompt,
+                           completions[0].text, completions[0].finish_reason)
+        except Exception:  # feedback bookkeeping never fails an answer already made
+            log.exception("could not keep request %s for feedback", _request_id(request))
+
+    app.state.finished = finished
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackBody, request: Request) -> dict[str, Any]:
+        from lmsmith.gateway.middleware import key_of
+
+        store = gateway.feedback if gateway is not None else None
+        if store is None:
+            raise APIError(404, "feedback is off on this server: it keeps user text only encrypted, and was started "
+                                "without a data key (LMSMITH_AUDIT_KEY)")
+        key = key_of(request)
+        try:
+            entry = await asyncio.to_thread(store.add, body.request_id, key.id if key else None, body.rating,
+                                            body.correction, body.comment)
+        except UserError as exc:
+            raise APIError(404, str(exc), param="request_id") from None
+        return {"id": entry, "request_id": body.request_id, "object": "feedback"}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         messages = moderate_input(request, body.template_messages())
@@ -513,8 +548,14 @@ async def _answer(request: Request, frontend: Frontend, body: GenerationFields, 
     if opened is None:
         return _client_left()
     opened = request.app.state.moderate_output(request, opened)
+    finished = request.app.state.finished
+
+    def done(completions: list[Completion]) -> None:
+        _record_usage(request, _usage(completions, shape.per_prompt))
+        finished(request, generates, completions)
+
     if body.stream:
-        events = _sse_events(opened, shape, body.include_usage, lambda usage: _record_usage(request, usage))
+        events = _sse_events(opened, shape, body.include_usage, done)
         # Closing the event generator (also after a disconnect) cancels the requests in the engine.
         return StreamingResponse(
             events,
@@ -525,7 +566,7 @@ async def _answer(request: Request, frontend: Frontend, body: GenerationFields, 
     completions = await _unless_disconnected(request, _collect_all(opened))
     if completions is None:
         return _client_left()
-    _record_usage(request, _usage(completions, shape.per_prompt))
+    done(completions)
     return shape.body(completions)
 
 
@@ -718,20 +759,21 @@ def _record_usage(request: Request, usage: dict[str, int]) -> None:
     request.scope.setdefault("state", {})["usage_tokens"] = int(usage.get("total_tokens", 0))
 
 
-async def _sse_events(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | TextFormat,
-                      include_usage: bool, record: Callable[[dict[str, int]], None] = lambda usage: None,
-                      ) -> AsyncIterator[str]:
+async def _sse_events(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | TextFormat, include_usage: bool,
+                      done: Callable[[list[Completion]], None] = lambda completions: None) -> AsyncIterator[str]:
     last: dict[int, Chunk] = {}
+    texts: dict[int, list[str]] = {}
     try:
-        async for event in _sse_stream(streams, shape, include_usage, last):
+        async for event in _sse_stream(streams, shape, include_usage, last, texts):
             yield event
     finally:  # also when the client left: what was generated was used
         if last:
-            record(_usage([last[index] for index in sorted(last)], shape.per_prompt))
+            done([Completion("".join(texts.get(index, [])), last[index].finish_reason or "cancelled",
+                             last[index].prompt_tokens, last[index].completion_tokens) for index in sorted(last)])
 
 
 async def _sse_stream(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | TextFormat,
-                      include_usage: bool, last: dict[int, Chunk]) -> AsyncIterator[str]:
+                      include_usage: bool, last: dict[int, Chunk], texts: dict[int, list[str]]) -> AsyncIterator[str]:
     for index in range(len(streams)):
         opening = shape.opening(index, include_usage)
         if opening is not None:
@@ -750,6 +792,7 @@ async def _sse_stream(streams: list[AsyncIterator[Chunk]], shape: ChatFormat | T
             for event in shape.pieces(index, item, include_usage):
                 yield _sse(event)
             last[index] = item
+            texts.setdefault(index, []).append(item.text)
             if item.finish_reason is not None:
                 yield _sse(shape.finish(index, item.finish_reason, include_usage))
     if include_usage and len(last) == len(streams):
@@ -901,18 +944,24 @@ def open_gateway(config: ServeConfig, gateway_config: "GatewayConfig") -> "Gatew
     url = gateway_config.database_url
     folder = state_dir(gateway_config.state_dir)
     store = KeyStore(folder, url.get_secret_value() if url is not None else None)
-    audit = None
-    if gateway_config.audit and (gateway_config.audit_key_file or os.environ.get("LMSMITH_AUDIT_KEY")):
+    audit = feedback = None
+    if gateway_config.audit_key_file or os.environ.get("LMSMITH_AUDIT_KEY"):
         from lmsmith.gateway.audit import AuditLog, load_key
+        from lmsmith.gateway.feedback import FeedbackStore
 
-        audit = AuditLog(folder, load_key(gateway_config.audit_key_file))
-        console.print(f"audit log: {audit.path} (AES-256-GCM, hash-chained)", soft_wrap=True)
-    elif gateway_config.audit:
-        console.print("[yellow]audit log off[/]: set LMSMITH_AUDIT_KEY (base64 of 32 bytes) to keep one")
+        key = load_key(gateway_config.audit_key_file)
+        if gateway_config.audit:
+            audit = AuditLog(folder, key)
+            console.print(f"audit log: {audit.path} (AES-256-GCM, hash-chained)", soft_wrap=True)
+        feedback = FeedbackStore(folder, url.get_secret_value() if url is not None else None, key)
+        console.print("feedback on: prompts and answers kept encrypted for POST /v1/feedback")
+    else:
+        console.print("[yellow]audit log and feedback off[/]: set LMSMITH_AUDIT_KEY (base64 of 32 bytes) to keep them")
     from lmsmith.gateway.registry import Registry
 
     gateway = Gateway(store, gateway_config, audit=audit,
-                      registry=Registry(folder, url.get_secret_value() if url is not None else None, audit))
+                      registry=Registry(folder, url.get_secret_value() if url is not None else None, audit),
+                      feedback=feedback)
     if gateway.required:
         console.print(f"API keys required on every route ({len(store.list())} keys in the store)")
         return gateway

@@ -241,11 +241,22 @@ class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     role: str = Field("user", pattern="^(admin|operator|user|viewer)$")
     models: list[str] = Field(default_factory=list, description="Models the key may use; empty: all.")
-    rpm: Optional[int] = Field(None, ge=1)
-    tpm: Optional[int] = Field(None, ge=1)
-    concurrency: Optional[int] = Field(None, ge=1)
-    quota_tokens: Optional[int] = Field(None, ge=1)
-    expires: Optional[str] = Field(None, pattern=r"^\d+[dhms]$", description="e.g. 30d, 12h")
+    rpm: Optional[int] = Field(None, ge=1, le=2**31 - 1)
+    tpm: Optional[int] = Field(None, ge=1, le=2**31 - 1)
+    concurrency: Optional[int] = Field(None, ge=1, le=2**31 - 1)
+    quota_tokens: Optional[int] = Field(None, ge=1, le=2**62)
+    expires: Optional[str] = Field(None, pattern=r"^\d{1,6}[dhms]$", description="e.g. 30d, 12h")
+
+
+class FeedbackBody(BaseModel):
+    """`POST /v1/feedback`: a rating of an earlier answer, by its request id (the X-Request-Id header)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=64)
+    rating: int = Field(ge=1, le=5, description="1-2: wrong or unhelpful; 4-5: right.")
+    correction: Optional[str] = Field(None, max_length=20000, description="The answer it should have given.")
+    comment: Optional[str] = Field(None, max_length=20000)
 
 
 class Promote(BaseModel):
@@ -253,7 +264,7 @@ class Promote(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=2**31 - 1)
 
 
 class AdapterLoad(BaseModel):
