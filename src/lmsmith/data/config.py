@@ -17,14 +17,15 @@ from lmsmith.paths import resolve_existing
 from lmsmith.schema import StrictModel
 
 EMBEDDED = "embedded:finance"
+EMBEDDED_MODERATION = "embedded:moderation"  # instructions only: the moderation classifier's labelled set
 CORPUS_SUFFIXES = (".jsonl", ".txt")
 INSTRUCTION_SUFFIXES = (".jsonl",)
 
 
 def _embedded_or_existing(value: str, info: ValidationInfo) -> str:
     if value.startswith("embedded:"):
-        if value != EMBEDDED:
-            raise ValueError(f"unknown embedded dataset {value!r}; available: {EMBEDDED!r}")
+        if value not in (EMBEDDED, EMBEDDED_MODERATION):
+            raise ValueError(f"unknown embedded dataset {value!r}; available: {EMBEDDED!r}, {EMBEDDED_MODERATION!r}")
         return value
     return str(resolve_existing(value, info))
 
@@ -40,7 +41,7 @@ OpSpec = Annotated[dict[str, Any], AfterValidator(validate_op_spec)]
 
 
 def _check_suffix(value: str, suffixes: tuple[str, ...], what: str) -> str:
-    if value == EMBEDDED or Path(value).is_dir() or Path(value).suffix in suffixes:
+    if value in (EMBEDDED, EMBEDDED_MODERATION) or Path(value).is_dir() or Path(value).suffix in suffixes:
         return value
     allowed = " or ".join(suffixes)
     raise ValueError(f"{value}: {what} must be a {allowed} file, a folder of them, or {EMBEDDED!r}")
@@ -115,7 +116,8 @@ class DataConfig(StrictModel):
     instructions: DataSource = Field(
         EMBEDDED,
         description="Instruction data: jsonl in alpaca, sharegpt or messages format (detected per line), "
-        "a folder of such files, or 'embedded:finance'.",
+        "a folder of such files, 'embedded:finance', or 'embedded:moderation' (the moderation classifier's "
+        "labelled set, docs/security.md).",
     )
     embedded: EmbeddedFinanceConfig = EmbeddedFinanceConfig()
     ops: list[OpSpec] = Field(
@@ -144,6 +146,9 @@ class DataConfig(StrictModel):
     @field_validator("corpus")
     @classmethod
     def _corpus_format(cls, value: str) -> str:
+        if value == EMBEDDED_MODERATION:
+            raise ValueError(f"{EMBEDDED_MODERATION} is a labelled instruction set, not a corpus; use it as "
+                             "data.instructions")
         return _check_suffix(value, CORPUS_SUFFIXES, "corpus")
 
     @field_validator("instructions")

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional
 
 from lmsmith.console import console, track
 from lmsmith.data.cleaning import Ledger, clean, near_dedup, noise_report
-from lmsmith.data.config import EMBEDDED, DataConfig
+from lmsmith.data.config import EMBEDDED, EMBEDDED_MODERATION, DataConfig
 from lmsmith.data.annotate import Annotator, annotate_rows, score, write_conll
 from lmsmith.data.augment import augment
 from lmsmith.data.ops import build_ops
@@ -65,6 +65,11 @@ def read_conversations(config: DataConfig, dataset: Optional[FinanceDataset]) ->
     if config.instructions == EMBEDDED:
         assert dataset is not None
         return embedded_conversations(dataset)
+    if config.instructions == EMBEDDED_MODERATION:
+        from lmsmith.datasets.moderation import generate as moderation_set
+
+        return [Conversation(row["id"], row["task"], row["group"], row["messages"], row["answer"])
+                for row in moderation_set(config.embedded.seed)]
     files = list_files(Path(config.instructions), (".jsonl",))
     conversations: list[Conversation] = []
     with track("reading instructions", total=len(files)) as bar:

@@ -49,6 +49,11 @@ class GatewayConfig(StrictModel):
         "block", description="On a listed term in a request: 400 content_filter, mask it, or only flag it.")
     moderation_output: Literal["block", "mask", "flag", "off"] = Field(
         "block", description="On a listed term in an answer: stop it (finish_reason content_filter), mask it, or flag it.")
+    moderation_classifier: Optional[str] = Field(
+        None, description="A moderation classifier (a run folder or model folder trained by "
+        "recipes/moderation-classifier.yaml) that also checks request text.")
+    moderation_threshold: float = Field(0.5, gt=0, lt=1, description="P(violating) at which the classifier acts.")
+    moderation_classifier_action: Literal["block", "flag"] = Field("block", description="What a classifier hit does.")
     insecure_no_auth: bool = Field(
         False, description="Serve without keys on a non-loopback address (otherwise refused).")
 

@@ -7,6 +7,11 @@ pass. Actions: `block` (a request gets 400 `content_filter`; an answer stops the
 `finish_reason: content_filter`), `mask` (the matched characters become `*`), `flag` (passes, and the
 decision is counted and audited).
 
+A classifier trained by lmsmith's own pipeline (`lmsmith.gateway.classifier`) may add a second check on
+request text: a user message the term list lets through, but the classifier scores at or above its
+threshold, is blocked or flagged. Answers are checked by the term list only (a classifier reads whole
+texts, a stream arrives in pieces).
+
 A stream is checked as it goes: the last (longest term − 1) characters are held back until the next
 piece shows whether they begin a listed term, so no part of a blocked term ever reaches the client.
 """
@@ -61,21 +66,37 @@ class Decision:
 
 
 class TermModerator:
-    def __init__(self, terms: Sequence[str], input_action: Action = "block", output_action: Action = "block"):
+    """The term list, and optionally the trained classifier (`lmsmith.gateway.classifier`) on requests."""
+
+    def __init__(self, terms: Sequence[str], input_action: Action = "block", output_action: Action = "block",
+                 classifier=None, classifier_action: Literal["block", "flag"] = "block"):
         import ahocorasick
 
         folded = sorted({fold(term)[0] for term in terms if term.strip()})
-        if not folded:
-            raise UserError("moderation: the term list is empty")
-        self.automaton = ahocorasick.Automaton()
-        for term in folded:
-            self.automaton.add_word(term, term)
-        self.automaton.make_automaton()
-        self.longest = max(len(term) for term in folded)
+        if not folded and classifier is None:
+            raise UserError("moderation: the term list is empty and no classifier is given")
+        self.automaton = None
+        if folded:
+            self.automaton = ahocorasick.Automaton()
+            for term in folded:
+                self.automaton.add_word(term, term)
+            self.automaton.make_automaton()
+        self.longest = max((len(term) for term in folded), default=1)
         self.input_action, self.output_action = input_action, output_action
+        self.classifier, self.classifier_action = classifier, classifier_action
+
+    def classify(self, text: str, action: Action) -> Decision:
+        """The term decision, then (when it allows) the classifier's on the whole text."""
+        decision = self.decide(text, action)
+        if decision.action == "allow" and self.classifier is not None and action != "off" and text.strip():
+            if self.classifier.flags(text):
+                return Decision(self.classifier_action, ("<classifier>",), text)
+        return decision
 
     def spans(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, folded term) of every match, in original-text character positions."""
+        if self.automaton is None:
+            return []
         folded, origin = fold(text)
         found = []
         for end, term in self.automaton.iter(folded):
@@ -162,14 +183,23 @@ def moderate_messages(moderator: TermModerator, messages: list[dict[str, Any]]) 
         if not isinstance(content, str):
             changed.append(message)
             continue
-        decision = moderator.decide(content, moderator.input_action)
+        decision = moderator.classify(content, moderator.input_action) if message.get("role") == "user" else \
+            moderator.decide(content, moderator.input_action)
         if rank[decision.action] > rank[strongest.action]:
             strongest = decision
         changed.append({**message, "content": decision.text} if decision.action == "mask" else message)
     return changed, strongest
 
 
-def moderator_from(terms: Optional[str], input_action: Action, output_action: Action) -> Optional[TermModerator]:
-    if terms is None or (input_action == "off" and output_action == "off"):
+def moderator_from(terms: Optional[str], input_action: Action, output_action: Action,
+                   classifier: Optional[str] = None, threshold: float = 0.5,
+                   classifier_action: Literal["block", "flag"] = "block") -> Optional[TermModerator]:
+    if (terms is None and classifier is None) or (input_action == "off" and output_action == "off"):
         return None
-    return TermModerator(read_terms(terms), input_action, output_action)
+    model = None
+    if classifier is not None:
+        from lmsmith.gateway.classifier import ModerationClassifier
+
+        model = ModerationClassifier(classifier, threshold)
+    return TermModerator(read_terms(terms) if terms is not None else [], input_action, output_action, model,
+                         classifier_action)

@@ -376,7 +376,7 @@ def create_app(
         if isinstance(texts_or_messages, list) and texts_or_messages and isinstance(texts_or_messages[0], dict):
             changed, decision = moderate_messages(moderator, texts_or_messages)
         else:
-            decision = moderator.decide(texts_or_messages, moderator.input_action)
+            decision = moderator.classify(texts_or_messages, moderator.input_action)
             changed = decision.text
         metrics.moderation.labels("input", decision.action).inc()
         if decision.action != "allow":
@@ -992,7 +992,8 @@ def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: 
     from lmsmith.gateway.moderation import moderator_from
 
     moderator = moderator_from(gateway_config.moderation_terms, gateway_config.moderation_input,
-                               gateway_config.moderation_output)
+                               gateway_config.moderation_output, gateway_config.moderation_classifier,
+                               gateway_config.moderation_threshold, gateway_config.moderation_classifier_action)
     stop_following = threading.Event()
     if config.registry is not None:
         if path is not None:
