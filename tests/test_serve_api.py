@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import socket
+import time
 
 import httpx
 import numpy as np
@@ -406,3 +407,85 @@ def test_long_doc_starts_by_itself_over_the_configured_size(engine, tiny_model_d
         assert engine.stats()["completed"] - completed - 1 >= chunks + 1
         metrics = httpx.get(f"{url}/metrics").text
         assert metric_value(metrics, "lmsmith_long_doc_chunks_total") == chunks
+
+
+def test_fields_we_do_not_honour_are_refused_by_name_and_odd_input_is_a_400(server, tiny_model_dir):
+    url, _ = server
+    base = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 2}
+    for field, value in (("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+                         ("response_format", {"type": "json_object"}), ("tool_choice", "required"),
+                         ("presence_penalty", 0.5), ("logit_bias", {"5": 10})):
+        reply = httpx.post(f"{url}/v1/chat/completions", json={**base, field: value})
+        assert reply.status_code == 400 and reply.json()["error"]["message"].startswith(field), (field, reply.text)
+    # Their "off" values ask for nothing and are accepted.
+    assert httpx.post(f"{url}/v1/chat/completions", json={**base, "tools": [], "presence_penalty": 0,
+                                                          "response_format": None, "user": "u-1"}).status_code == 200
+    tool_turn = {**base, "messages": [*QUESTION, {"role": "assistant", "content": None,
+                                                  "tool_calls": [{"id": "c1", "type": "function"}]}]}
+    assert httpx.post(f"{url}/v1/chat/completions", json=tool_turn).status_code == 400
+    surrogate = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(
+        {**base, "messages": [{"role": "user", "content": "\ud800"}]}), headers={"content-type": "application/json"})
+    assert surrogate.status_code == 400 and "lone surrogate" in surrogate.json()["error"]["message"]
+    big_seed = httpx.post(f"{url}/v1/chat/completions", json={**base, "seed": 2**63 + 5, "temperature": 1})
+    assert big_seed.status_code == 200  # a uint64 seed is a seed
+    assert httpx.post(f"{url}/v1/chat/completions", json={**base, "seed": 2**70}).status_code == 400
+
+
+def test_a_10mb_body_gets_413_at_once_while_another_request_is_served(engine, tiny_model_dir):
+    import threading
+
+    app = create_app(LocalClient(tiny_model_dir.name, engine), default_max_tokens=4)
+    with running_server(app) as url:
+        served: list[int] = []
+        small = threading.Thread(target=lambda: served.append(httpx.post(
+            f"{url}/v1/chat/completions", json={"model": tiny_model_dir.name, "messages": QUESTION}, timeout=30
+        ).status_code))
+        small.start()
+        started = time.perf_counter()
+        big = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (10 * 1024 * 1024),
+                         headers={"content-type": "application/json"}, timeout=30)
+        elapsed = time.perf_counter() - started
+        small.join(timeout=30)
+    assert big.status_code == 413 and elapsed < 1.0, elapsed
+    assert "at most 8,388,608" in big.json()["error"]["message"]
+    assert served == [200]
+
+
+def test_overload_pushes_back_with_503_and_retry_after_then_recovers(engine, tiny_model_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(LocalClient(tiny_model_dir.name, engine, max_waiting=2), default_max_tokens=48)
+    body = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 48, "temperature": 0}
+    with running_server(app) as url:
+        with ThreadPoolExecutor(48) as pool:
+            replies = list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120),
+                                    range(48)))
+        statuses = [reply.status_code for reply in replies]
+        after = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+    pushed = next(reply for reply in replies if reply.status_code == 503)
+    assert pushed.headers["Retry-After"] == "1" and "overloaded" in pushed.json()["error"]["message"]
+    assert after.status_code == 200  # recovered once the burst is over
+
+
+def test_a_request_waiting_past_its_deadline_is_dropped_and_its_slot_freed(tiny_model_dir):
+    from lmsmith.serve.engine import Engine, EngineConfig, Overloaded
+    from lmsmith.serve.sampling import SamplingParams
+
+    engine = Engine.load(tiny_model_dir, config=EngineConfig(max_slots=1, max_queue_wait_s=0.2))
+    try:
+        async def drain(stream) -> None:
+            async for _ in stream:
+                pass
+
+        async def scenario():
+            running = asyncio.ensure_future(drain(engine.stream([5, 6, 7], SamplingParams(max_tokens=300, temperature=0))))
+            await asyncio.sleep(0.05)  # it holds the only slot
+            with pytest.raises(Overloaded, match="waited over 0.2 s"):
+                await drain(engine.stream([8, 9], SamplingParams(max_tokens=2, temperature=0)))
+            await running
+
+        asyncio.run(scenario())
+        assert engine.stats()["waiting"] == 0 and engine.stats()["kv_slots_free"] == 1
+    finally:
+        engine.close()

@@ -51,6 +51,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "prefill_chunk": args.prefill_chunk, "cuda_graphs": args.cuda_graphs,
         "packed_weights": args.packed_weights, "loras": loras, "variant": args.variant, "registry": args.registry, "upstreams": upstreams, "tokenizer": args.tokenizer,
         "health_check_interval_s": args.health_interval, "embedding_model": args.embedding_model,
+        "max_body_mb": args.max_body_mb, "body_timeout_s": args.body_timeout,
+        "max_waiting": args.max_waiting or None, "max_queue_wait_s": args.max_queue_wait or None,
         "cache": {"backend": args.cache, "max_entries": args.cache_size, "ttl_s": args.cache_ttl,
                   "redis_url": args.redis_url},
         "long_doc": {"auto": args.long_doc_auto, "max_input_tokens": args.long_doc_threshold,
@@ -131,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-slots", type=int, help="Requests decoding at once (default: 16 on CPU, 256 on CUDA).")
     serve.add_argument("--max-model-len", type=int, help="Longest prompt + answer (default: the model's).")
     serve.add_argument("--prefill-chunk", type=int, default=256, help="Largest prompt piece per engine step.")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="Largest request body (413 above it).")
+    serve.add_argument("--body-timeout", type=float, default=30.0, help="Seconds a body may stall (408 after).")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="Queued requests beyond which new ones get 503 + Retry-After (0: unbounded).")
+    serve.add_argument("--max-queue-wait", type=float, default=120.0,
+                       help="Seconds a request may wait for a slot before a 503 (0: no limit).")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="Run decode steps eagerly on CUDA.")
     serve.add_argument("--packed-weights", action=argparse.BooleanOptionalAction, default=None,

@@ -115,8 +115,10 @@ class GatewayMiddleware:
             await refuse(key, 403, f"role {key.role} may not call {method} {template}", "permission_error")
             return
         if (method, template) in rbac.MODEL_SCOPED and key.models:
-            body, receive = await _read_body(receive)
-            scope.setdefault("state", {})["request_body"] = body
+            body = scope.setdefault("state", {}).get("request_body")
+            if body is None:
+                body, receive = await _read_body(receive)
+                scope["state"]["request_body"] = body
             model = _model_of(body)
             if model is not None and not key.allows_model(model):
                 await refuse(key, 403, f"this key may not use model {model!r}", "permission_error", "model_not_allowed")
@@ -155,6 +157,8 @@ class GatewayMiddleware:
         record["response_sha256"] = response[0] if response else None
         if refused is not None:
             record["refused"] = refused
+        if state.get("end_user"):
+            record["user"] = state["end_user"]
         await asyncio.to_thread(self.gateway.audit.append, record)
 
     async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, key: Optional[ApiKey], method: str,

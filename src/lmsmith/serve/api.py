@@ -98,9 +98,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
     for status, text in ((400, "invalid request (body, parameters, moderation)"), (401, "missing or invalid API key"),
                          (403, "the key's role or model scope does not allow it"), (404, "no such model or route"),
+                         (408, "the request body stalled"), (413, "the request body is too large"),
                          (429, "over a rate limit or quota (Retry-After)"), (499, "the client disconnected"),
                          (500, "internal error (the body carries the request id)"), (503, "the model is loading"))
 }
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents 422 for validation errors; this server answers them with 400 (OpenAI's status), so
+    the document says 400 and only 400."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _error_response(status: int, message: str, type_: str, param: str | None = None,
@@ -151,6 +166,8 @@ def create_app(
     embedder: Embedder | None = None,
     gateway: "Gateway | None" = None,
     moderator: "TermModerator | None" = None,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    body_timeout_s: float = 30.0,
 ) -> FastAPI:
     """The API over `client` (an `Engine` is wrapped in a `LocalClient` named `model_name`).
 
@@ -181,12 +198,14 @@ def create_app(
 
     app = FastAPI(title="lmsmith", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   responses=ERROR_RESPONSES)
+    app.openapi = lambda: _openapi_without_422(app)
     app.state.client, app.state.frontend, app.state.metrics = client, frontend, metrics
 
     if gateway is not None:
         from lmsmith.gateway.middleware import GatewayMiddleware
 
         app.add_middleware(GatewayMiddleware, gateway=gateway, router=app.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(RequestIdMiddleware, metrics=metrics)  # outermost: refusals get a request id too
 
     @app.exception_handler(APIError)
@@ -195,12 +214,18 @@ def create_app(
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
-        return _error_response(exc.status, str(exc), exc.type_, exc.param, exc.code)
+        response = _error_response(exc.status, str(exc), exc.type_, exc.param, exc.code)
+        if getattr(exc, "retry_after_s", None) is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
         # EngineError messages are written for clients (causes are logged where they happen).
-        return _error_response(500, f"{exc} (request id {_request_id(request)})", "server_error")
+        response = _error_response(exc.status, f"{exc} (request id {_request_id(request)})", "server_error")
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -221,8 +246,11 @@ def create_app(
         log.error("unhandled error in request %s", request_id, exc_info=exc)
         response = _error_response(500, f"internal error; request id {request_id} (the server log has the details)",
                                    "server_error")
-        # Starlette answers unhandled errors outside the middleware stack, so the id header goes on here.
+        # Starlette answers unhandled errors outside the middleware stack, so the id header goes on here,
+        # and the request is counted here (the request-id middleware never sees this response).
         response.headers[REQUEST_ID_HEADER] = request_id
+        route = request.scope.get("route")
+        metrics.http_requests.labels(request.method, getattr(route, "path", "unmatched"), "500").inc()
         return response
 
     # ----- probes -----
@@ -434,6 +462,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        request.scope.setdefault("state", {})["end_user"] = body.user
         messages = moderate_input(request, body.template_messages())
         generates = [
             GenerateRequest(body.model, _sampling(body, default_max_tokens, choice), messages=messages)
@@ -444,6 +473,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        request.scope.setdefault("state", {})["end_user"] = body.user
         prompts = body.prompts()
         if moderator is not None and any(not isinstance(prompt, str) for prompt in prompts):
             raise APIError(400, "prompt: token-id prompts cannot be moderated on this server; send text",
@@ -480,6 +510,60 @@ def create_app(
         return embeddings_body(embedder.model_id, [encode_vector(v, body.encoding_format) for v in vectors], tokens)
 
     return app
+
+
+class BodyLimitMiddleware:
+    """Push-back at the edge: a body over `max_bytes` gets 413 before it is read (by its Content-Length,
+    or as soon as a chunked body passes the limit), and a body that stalls longer than `timeout_s` between
+    pieces gets 408, so neither holds a worker. The body is read here once and replayed to the app."""
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_error(send, 413, f"the request body is {int(declared):,} bytes; this server takes at "
+                                         f"most {self.max_bytes:,}")
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                await _send_error(send, 408, f"the request body stalled for {self.timeout_s:g} s")
+                return
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await _send_error(send, 413, f"the request body is over {self.max_bytes:,} bytes")
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        scope.setdefault("state", {})["request_body"] = body
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(send: Any, status: int, message: str) -> None:
+    body = json.dumps(error_body(message, "invalid_request_error")).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestIdMiddleware:
@@ -885,7 +969,7 @@ def build_client(path: str | Path | None, config: ServeConfig,
     if path is None:
         raise UserError("lmsmith serve: give a model or run folder, --registry NAME, or --upstream URL[,URL...]")
     resolved = resolve_model(path, config.variant)
-    client = LocalClient(resolved.name, adapter_root=adapter_root)
+    client = LocalClient(resolved.name, adapter_root=adapter_root, max_waiting=config.max_waiting)
 
     def load() -> None:
         engine = Engine.load(resolved.path, device=config.device, dtype=config.dtype, config=config.engine_config())
@@ -901,7 +985,7 @@ def follow_registry(registry: Any, config: ServeConfig, adapter_root: Path | Non
     each promote or rollback loads the new version beside the old one and swaps it in."""
     name = config.registry
     current = registry.current(name)
-    client = LocalClient(name, adapter_root=adapter_root)
+    client = LocalClient(name, adapter_root=adapter_root, max_waiting=config.max_waiting)
     client.version = current.public()
 
     def load_version(version: Any) -> Engine:
@@ -1003,7 +1087,8 @@ def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: 
         client, load = build_client(path, config, adapter_root)
     embedder = None if config.embedding_model == "none" else Embedder(config.embedding_model)
     app = create_app(client, default_max_tokens=config.max_new_tokens, cache=build_cache(config.cache),
-                     long_doc=config.long_doc, embedder=embedder, gateway=gateway, moderator=moderator)
+                     long_doc=config.long_doc, embedder=embedder, gateway=gateway, moderator=moderator,
+                     max_body_bytes=int(config.max_body_mb * 1024 * 1024), body_timeout_s=config.body_timeout_s)
     sock = bind_socket(config.host, config.port)
     url = base_url(sock)
     server = _uvicorn_server(app, log_level="info")

@@ -72,6 +72,14 @@ class ClientError(Exception):
         self.code = code
 
 
+class Busy(ClientError):
+    """The queue is full: 503 with Retry-After (push-back, not a failure)."""
+
+    status = 503
+    type_ = "server_error"
+    retry_after_s = 1
+
+
 class Forbidden(ClientError):
     status = 403
     type_ = "permission_error"
@@ -152,9 +160,11 @@ class ModelClient(Protocol):
 class LocalClient:
     """The in-process engine behind the API. Created empty, so the server can answer /readyz while loading."""
 
-    def __init__(self, model_name: str, engine: Engine | None = None, adapter_root: Path | None = None):
+    def __init__(self, model_name: str, engine: Engine | None = None, adapter_root: Path | None = None,
+                 max_waiting: int | None = None):
         self.model_name = model_name
         self.adapter_root = adapter_root
+        self.max_waiting = max_waiting  # requests queued for a slot beyond which new ones are turned away
         self.created = int(time.time())
         self._engine = engine
         self._adapters: dict[str, str] = {}  # name -> folder, of the adapters loaded through this client
@@ -298,6 +308,8 @@ class LocalClient:
     async def prepare(self, request: GenerateRequest) -> Prepared:
         """Tokenize on the tokenizer pool: the chat template for messages, the plain text for a prompt."""
         engine = self.engine
+        if self.max_waiting is not None and engine.stats()["waiting"] >= self.max_waiting:
+            raise Busy(f"the server is overloaded: {self.max_waiting} requests are already waiting; retry later")
         loop = asyncio.get_running_loop()
         if request.messages is not None:
             try:

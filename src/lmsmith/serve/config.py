@@ -100,6 +100,14 @@ class ServeConfig(StrictModel):
     packed_weights: Optional[bool] = Field(
         None, description="On CPU, keep a row-kernel copy of every projection (faster decode, their memory "
                           "again); None: when it fits in half the free memory.")
+    max_body_mb: float = Field(8.0, gt=0, description="Largest request body; larger ones get 413 before they are read.")
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body that stalls this long between pieces gets 408.")
+    max_waiting: Optional[int] = Field(
+        256, ge=1, description="Requests waiting for a KV slot beyond which new ones get 503 with Retry-After "
+        "(None: unbounded).")
+    max_queue_wait_s: Optional[float] = Field(
+        120.0, gt=0, description="A request still waiting for a slot after this long is dropped with 503 "
+        "(None: it waits).")
     registry: Optional[str] = Field(
         None, description="Serve this registry name's current version (`lmsmith registry`) and follow promotes "
         "and rollbacks without a restart; no model folder is given then.")
@@ -128,7 +136,7 @@ class ServeConfig(StrictModel):
 
         return EngineConfig(max_slots=self.max_slots, max_model_len=self.max_model_len,
                             prefill_chunk=self.prefill_chunk, cuda_graphs=self.cuda_graphs,
-                            packed_weights=self.packed_weights)
+                            packed_weights=self.packed_weights, max_queue_wait_s=self.max_queue_wait_s)
 
     @field_validator("loras")
     @classmethod

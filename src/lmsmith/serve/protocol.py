@@ -1,10 +1,12 @@
 """The OpenAI wire format: request schemas (pydantic) and response bodies for chat completions, text
 completions, embeddings and models.
 
-Only what the server can honour is declared; other OpenAI fields a client may send (`user`, `metadata`,
-...) are ignored, as an OpenAI-compatible server is expected to do, and fields it cannot honour
-(`best_of` above n, `suffix`) are refused. Two vLLM extensions (`top_k`, `repetition_penalty`) and
-lmsmith's `long_doc` ride in the request body as extra fields. Logprob bodies are built in `logprobs.py`.
+Only what the server can honour is declared. Every other field of OpenAI's request schemas is refused
+with a 400 naming it (`NOT_HONOURED`: tools, response_format, penalties other than 0, ...), never
+accepted and ignored; `user` is kept for the audit log. Every string is checked for lone surrogates and
+every number and list is bounded, so no input reaches the engine in a form that would fail there. Two
+vLLM extensions (`top_k`, `repetition_penalty`) and lmsmith's `long_doc` ride in the request body as
+extra fields. Logprob bodies are built in `logprobs.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,53 @@ from lmsmith.serve.sampling import MAX_TOP_LOGPROBS, SamplingParams
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # n: answers per prompt
 MAX_PROMPTS = 256  # prompts in one /v1/completions batch
+MAX_MESSAGES = 1024
+MAX_TEXT_CHARS = 1_000_000  # one message or prompt; the body-size limit bounds the whole request first
+MAX_PROMPT_TOKENS = 1_000_000
+UINT64_MAX = 2**64 - 1
+# OpenAI request fields this server does not honour: refused by name (a 400), never silently ignored.
+# A field holding its "off" value (null, false, 0, an empty list) is accepted, as it asks for nothing.
+NOT_HONOURED = {
+    "tools": "tools (function calling) is not supported by this server yet",
+    "tool_choice": "tool_choice needs tools, which this server does not support yet",
+    "parallel_tool_calls": "parallel_tool_calls needs tools, which this server does not support yet",
+    "functions": "functions (the deprecated tools) is not supported",
+    "function_call": "function_call (the deprecated tool_choice) is not supported",
+    "response_format": "response_format (JSON mode, JSON schema) is not supported by this server yet",
+    "frequency_penalty": "frequency_penalty is not supported; repetition_penalty is",
+    "presence_penalty": "presence_penalty is not supported; repetition_penalty is",
+    "logit_bias": "logit_bias is not supported",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "reasoning_effort is not supported",
+    "web_search_options": "web search is not supported",
+    "service_tier": "service tiers are not supported",
+    "metadata": "metadata (stored completions) is not supported",
+    "store": "store (stored completions) is not supported",
+}
+
+
+def _off(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == [] or value == {} or value == "none" \
+        or value == ["text"]
+
+
+def check_text(value: Any, where: str = "") -> None:
+    """Refuse lone surrogates anywhere in a JSON value (they cannot be encoded, so they would fail in
+    the tokenizer), naming where."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where or 'body'}: contains a lone surrogate (not valid Unicode text)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_text(item, f"{where}[{index}]")
 
 
 class TextPart(BaseModel):
@@ -32,10 +81,29 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[TextPart], None] = Field(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _honoured_fields(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for field in ("tool_calls", "function_call", "name", "refusal", "audio"):
+                if not _off(value.get(field)):
+                    raise ValueError(f"{field}: message {field} is not supported by this server yet")
+            value = {key: item for key, item in value.items() if key not in ("tool_calls", "function_call",
+                                                                             "name", "refusal", "audio")}
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        text = value if isinstance(value, str) else "".join(part.text for part in value or [])
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"a message holds at most {MAX_TEXT_CHARS:,} characters")
+        return value
 
     def as_template_message(self) -> dict[str, str]:
         # Chat templates know "system"; OpenAI's newer "developer" role means the same thing.
@@ -74,24 +142,37 @@ class GenerationFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    model: str = Field(max_length=256)
+    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1, description="vLLM's extension; -1 or 0: off.")
+    top_k: Optional[int] = Field(None, ge=-1, le=1_000_000, description="vLLM's extension; -1 or 0: off.")
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10, description="vLLM's extension; 1: off.")
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=UINT64_MAX - MAX_CHOICES, description="A uint64.")
+    user: Optional[str] = Field(None, max_length=256, description="The end user's id, kept in the audit log.")
     stop: Union[str, list[str], None] = None
     n: Optional[int] = Field(None, ge=1, le=MAX_CHOICES, description="Answers per prompt.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     long_doc: Union[bool, LongDocRequest, None] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _honoured_and_valid_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for field, reason in NOT_HONOURED.items():
+                if field in value and not _off(value[field]):
+                    raise ValueError(f"{field}: {reason}")
+            check_text(value)
+        return value
+
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, value: Union[str, list[str], None]) -> Union[str, list[str], None]:
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
+        if any(len(stop) > 1000 for stop in ([value] if isinstance(value, str) else value or [])):
+            raise ValueError("a stop sequence holds at most 1,000 characters")
         return value
 
     def requested_max_tokens(self) -> Optional[int]:
@@ -136,8 +217,8 @@ class GenerationFields(BaseModel):
 
 
 class ChatCompletionRequest(GenerationFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -169,11 +250,11 @@ class CompletionRequest(GenerationFields):
     """
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(None, ge=0)
+    max_tokens: Optional[int] = Field(None, ge=0, le=MAX_PROMPT_TOKENS)
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    best_of: Optional[int] = Field(None, ge=1)
-    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_CHOICES)
+    suffix: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
 
     @field_validator("prompt")
     @classmethod
@@ -188,6 +269,13 @@ class CompletionRequest(GenerationFields):
             if any(isinstance(item, int) and item < 0 for item in value) or any(
                     isinstance(item, list) and min(item) < 0 for item in value):
                 raise ValueError("token ids must be >= 0")
+            if any(isinstance(item, int) and item > 2**31 for item in value) or any(
+                    isinstance(item, list) and max(item) > 2**31 for item in value):
+                raise ValueError("token ids must fit the vocabulary (< 2^31)")
+            if isinstance(value[0], int) and len(value) > MAX_PROMPT_TOKENS:
+                raise ValueError(f"a token-id prompt holds at most {MAX_PROMPT_TOKENS:,} tokens")
+        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            raise ValueError(f"a prompt holds at most {MAX_TEXT_CHARS:,} characters")
         return value
 
     @model_validator(mode="after")
@@ -215,18 +303,27 @@ class CompletionRequest(GenerationFields):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    model: str
-    input: Union[str, list[str]]
+    model: str = Field(max_length=256)
+    input: Union[str, list[str]] = Field(max_length=MAX_TEXT_CHARS)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Optional[int] = Field(None, ge=1)
+    dimensions: Optional[int] = Field(None, ge=1, le=65536)
+    user: Optional[str] = Field(None, max_length=256, description="The end user's id, kept in the audit log.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        check_text(value)
+        return value
 
     @field_validator("input")
     @classmethod
     def _non_empty(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
         if isinstance(value, list) and not value:
             raise ValueError("input must not be empty")
+        if isinstance(value, list) and len(value) > 2048:
+            raise ValueError("at most 2,048 inputs per request")
         return value
 
     def texts(self) -> list[str]:

@@ -10,7 +10,7 @@
 from lmsmith.serve.engine.config import EngineConfig
 from lmsmith.serve.engine.core import Engine, resolve_device
 from lmsmith.serve.engine.lora import LoraInfo
-from lmsmith.serve.engine.request import Chunk, Completion, EngineError, UnknownAdapterError
+from lmsmith.serve.engine.request import Chunk, Completion, EngineError, Overloaded, UnknownAdapterError
 from lmsmith.serve.sampling import SamplingParams
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineError",
+    "Overloaded",
     "LoraInfo",
     "SamplingParams",
     "UnknownAdapterError",

@@ -46,6 +46,9 @@ class EngineConfig:
     # LoRA adapters loaded at once, and the largest rank accepted (the adapter bank is preallocated).
     max_loras: int = 8
     max_lora_rank: int = 64
+    # A request still waiting for a KV slot after this many seconds is dropped (503, Retry-After);
+    # None: it waits for as long as it takes.
+    max_queue_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_slots is not None and self.max_slots < 1:
@@ -79,6 +82,7 @@ class EngineConfig:
             packed_weights=self.packed_weights,
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
+            max_queue_wait_s=self.max_queue_wait_s,
         )
 
 
@@ -96,3 +100,4 @@ class ResolvedEngineConfig:
     packed_weights: bool | None  # None: decided from the memory available when the runner loads
     max_loras: int
     max_lora_rank: int
+    max_queue_wait_s: float | None = None

@@ -35,6 +35,7 @@ from lmsmith.serve.engine.request import (
     Completion,
     EngineError,
     Event,
+    Overloaded,
     Sequence,
     Sink,
     TokenDelta,
@@ -313,6 +314,10 @@ class Engine:
                 break
             for seq in plan.cancelled:
                 self._finish(seq, seq.cancel_reason)
+            if self.config.max_queue_wait_s is not None:
+                for seq in self._scheduler.expired(self.config.max_queue_wait_s):
+                    self._fail(seq, Overloaded(f"the server is overloaded: the request waited over "
+                                               f"{self.config.max_queue_wait_s:g} s for a slot; retry later"))
             if not plan.chunks:
                 continue
             try:

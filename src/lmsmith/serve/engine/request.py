@@ -7,6 +7,8 @@ strings never cost an engine step.
 
 from __future__ import annotations
 
+import time
+
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -86,7 +88,18 @@ class Completion:
 
 
 class EngineError(RuntimeError):
-    """Generation failed inside the engine (not the caller's fault)."""
+    """Generation failed inside the engine (not the caller's fault); `status` is the HTTP status the API
+    answers with."""
+
+    status = 500
+    retry_after_s: int | None = None
+
+
+class Overloaded(EngineError):
+    """Dropped because the server is saturated: the client should come back later."""
+
+    status = 503
+    retry_after_s = 1
 
 
 class UnknownAdapterError(ValueError):
@@ -122,6 +135,7 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
         self.cancel_reason = "cancelled"
+        self.arrived = time.monotonic()  # when it was submitted: the queue deadline counts from here
         self._cancelled = threading.Event()
 
     def cancel(self, reason: str = "cancelled") -> None:

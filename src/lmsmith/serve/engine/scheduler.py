@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self._free_slots = list(range(max_slots))  # a heap: the lowest free slot first keeps runs repeatable
         self._waiting: deque[Sequence] = deque()
+        self.queue_wait_s, self.admitted = 0.0, 0  # time admitted requests spent waiting for a slot
         self._running: list[Sequence] = []
         self._condition = threading.Condition()
         self._woken = False
@@ -92,6 +94,8 @@ class Scheduler:
                 "waiting": len(self._waiting),
                 "kv_slots_used": self.max_slots - len(self._free_slots),
                 "kv_slots_free": len(self._free_slots),
+                "queue_wait_seconds_total": round(self.queue_wait_s, 6),
+                "admitted_total": self.admitted,
             }
 
     # ----- from the engine's worker thread -----
@@ -146,6 +150,15 @@ class Scheduler:
                 still.append(seq)
         self._running = still
 
+    def expired(self, max_wait_s: float) -> list[Sequence]:
+        """Waiting sequences older than `max_wait_s`, taken out of the queue (they never got a slot)."""
+        with self._condition:
+            deadline = time.monotonic() - max_wait_s
+            late = [seq for seq in self._waiting if seq.arrived < deadline and not seq.finished]
+            if late:
+                self._waiting = deque(seq for seq in self._waiting if seq not in late)
+            return late
+
     def _take_cancelled(self) -> list[Sequence]:
         cancelled = [seq for seq in [*self._running, *self._waiting] if seq.cancelled and not seq.finished]
         if cancelled:
@@ -170,6 +183,8 @@ class Scheduler:
                 budget -= count
         while self._waiting and self._free_slots and budget > 0:
             seq = self._waiting.popleft()
+            self.queue_wait_s += time.monotonic() - seq.arrived
+            self.admitted += 1
             seq.slot = heapq.heappop(self._free_slots)
             self._running.append(seq)
             count = min(seq.num_pending, budget, self.prefill_chunk)
