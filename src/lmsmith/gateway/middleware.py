@@ -3,7 +3,8 @@ their limits, and what did the call cost.
 
 Plain ASGI (like the request-id middleware), so streamed answers pass through unbuffered. It matches the
 route itself with the app's router (Starlette's own matching) to read the permission table before any
-endpoint runs. A generation route's body is read once to check the key's model scope, then replayed.
+endpoint runs. The request body, read and bounded once by the body-limit middleware outside it
+(`lmsmith.serve.api.BodyLimitMiddleware`), gives the model a key's scope is checked against.
 Tokens are counted from what the endpoint leaves in the request state (`usage_tokens`) once the
 response has been sent, stream or not.
 """
@@ -22,7 +23,6 @@ from lmsmith.gateway.config import GatewayConfig
 from lmsmith.gateway.keys import ApiKey, KeyStore
 from lmsmith.serve.protocol import error_body
 
-MAX_SCOPED_BODY = 32 * 1024 * 1024
 
 
 class Gateway:
@@ -115,11 +115,7 @@ class GatewayMiddleware:
             await refuse(key, 403, f"role {key.role} may not call {method} {template}", "permission_error")
             return
         if (method, template) in rbac.MODEL_SCOPED and key.models:
-            body = scope.setdefault("state", {}).get("request_body")
-            if body is None:
-                body, receive = await _read_body(receive)
-                scope["state"]["request_body"] = body
-            model = _model_of(body)
+            model = _model_of(scope.setdefault("state", {}).get("request_body", b""))
             if model is not None and not key.allows_model(model):
                 await refuse(key, 403, f"this key may not use model {model!r}", "permission_error", "model_not_allowed")
                 return
@@ -171,8 +167,7 @@ class GatewayMiddleware:
         import time
 
         state = scope.setdefault("state", {})
-        if state.get("request_body") is None:
-            state["request_body"], receive = await _read_body(receive)
+        state.setdefault("request_body", b"")  # read (and bounded) by the body-limit middleware outside
         model = _model_of(state["request_body"])
         full = key is not None and (key.id in self.gateway.config.audit_full_text
                                     or (model is not None and model in self.gateway.config.audit_full_text))
@@ -193,31 +188,6 @@ class GatewayMiddleware:
         finally:
             await self._audit(scope, key, method, template, status[0], (digest.hexdigest(), b"".join(kept)),
                               1000 * (time.perf_counter() - started), full=full)
-
-
-async def _read_body(receive: Any) -> tuple[bytes, Any]:
-    """The whole request body, and a `receive` that hands it to the app again."""
-    chunks, more, size = [], True, 0
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        more = message.get("more_body", False)
-        if size > MAX_SCOPED_BODY:
-            break
-    body = b"".join(chunks)
-    replayed = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, replay
 
 
 def _model_of(body: bytes) -> Optional[str]:

@@ -284,14 +284,21 @@ class LocalClient:
         if self.adapter_root is None:
             raise Forbidden("this server loads adapters only at start (--lora); start it with --adapter-root DIR "
                             "to load them by name over the API", "path")
+        refused = ClientError(f"path: {path!r} must be a folder name relative to the adapter root", "path")
+        if not path.strip() or "\x00" in path or len(path.encode("utf-8", "replace")) > 1024:
+            raise refused
         root = self.adapter_root.resolve()
         relative = Path(path)
-        if relative.is_absolute() or ".." in relative.parts or not path.strip():
-            raise ClientError(f"path: {path!r} must be a folder name relative to the adapter root", "path")
-        folder = (root / relative).resolve()
-        if not folder.is_relative_to(root):  # a symlink out of the root
-            raise ClientError(f"path: {path!r} must be a folder name relative to the adapter root", "path")
-        if not folder.is_dir():
+        if relative.is_absolute() or ".." in relative.parts or path.startswith("~"):
+            raise refused
+        try:
+            folder = (root / relative).resolve()
+            if not folder.is_relative_to(root):  # a symlink out of the root
+                raise refused
+            found = folder.is_dir()
+        except (OSError, ValueError, RuntimeError):  # too long a name, a symlink loop: never a 500
+            raise refused from None
+        if not found:
             raise ClientError(f"path: no adapter {path!r} under the adapter root", "path")
         return folder
 
