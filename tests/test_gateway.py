@@ -315,13 +315,14 @@ def test_audit_log_is_unreadable_without_its_key_and_rotates(tmp_path):
     from lmsmith.gateway.audit import AuditLog
 
     old, new = audit_key(), audit_key()
-    AuditLog(tmp_path, old).append({"request_id": "r1", "prompt": "华信银行的资产负债率是多少?"})
+    # "-" is outside base64's alphabet, so the id cannot turn up inside a ciphertext by chance.
+    AuditLog(tmp_path, old).append({"request_id": "req-visible-1", "prompt": "华信银行的资产负债率是多少?"})
     text = (tmp_path / "audit.log").read_text()
-    assert "r1" not in text and "华信银行" not in text
+    assert "req-visible-1" not in text and "华信银行" not in text
     with pytest.raises(UserError, match="does not open with this key"):
         list(AuditLog(tmp_path, new).read())
     assert AuditLog(tmp_path, old).rotate(new) == 1
-    assert [r["request_id"] for r in AuditLog(tmp_path, new).read()] == ["r1"]
+    assert [r["request_id"] for r in AuditLog(tmp_path, new).read()] == ["req-visible-1"]
     assert AuditLog(tmp_path, new).verify() == []
     with pytest.raises(UserError):
         list(AuditLog(tmp_path, old).read())
