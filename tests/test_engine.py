@@ -390,3 +390,25 @@ def test_logprob_counts_are_validated():
         SamplingParams(logprobs=21)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=-1)
+
+
+def test_a_failing_worker_loop_fails_held_requests_instead_of_hanging(tiny_model_dir, monkeypatch):
+    engine = Engine.load(tiny_model_dir, config=EngineConfig(max_slots=1, max_queue_wait_s=60))
+
+    def broken(max_wait_s):
+        raise RuntimeError("a bug outside any step")
+
+    monkeypatch.setattr(engine._scheduler, "expired", broken)
+    try:
+        async def run():
+            async for _ in engine.stream([5, 6, 7], SamplingParams(max_tokens=50, temperature=0)):
+                pass
+
+        started = time.monotonic()
+        with pytest.raises(EngineError, match="stopped unexpectedly"):
+            asyncio.run(asyncio.wait_for(run(), 30))
+        assert time.monotonic() - started < 10
+        engine._worker.join(timeout=5)
+        assert not engine.healthy
+    finally:
+        engine.close()

@@ -307,6 +307,17 @@ class Engine:
     # ----- the worker thread -----
 
     def _work(self) -> None:
+        """The worker thread. Should the loop itself fail (outside a step, which fails only its own
+        requests), every held request fails at once rather than hang, and the engine reports unhealthy."""
+        try:
+            self._work_loop()
+        except BaseException:
+            log.exception("the engine's worker stopped")
+            self._scheduler.close()
+            for seq in self._scheduler.drain():
+                self._fail(seq, EngineError("the engine stopped unexpectedly (the server log has why)"))
+
+    def _work_loop(self) -> None:
         while True:
             self._run_commands()
             plan = self._scheduler.next_step()
