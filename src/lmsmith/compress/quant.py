@@ -17,6 +17,7 @@ variant is saved with safetensors, never pickle; the packed kernel form is rebui
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 import warnings
 from typing import Callable, Iterator, Optional
@@ -87,7 +88,7 @@ def activation_qparams(low: float, high: float, symmetric: bool) -> tuple[float,
     return scale, int(min(max(round(-low / scale), 0), ACT_QMAX))
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """Base: flattens the leading dimensions, keeps the kernel's packed form out of the state dict."""
 
     kind = ""
@@ -117,11 +118,13 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         return self.matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    @abc.abstractmethod
     def pack(self):
-        raise NotImplementedError
+        """The kernel's form of the weights (built once, on first use)."""
 
+    @abc.abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """`x` (rows × in_features) times the weights, bias included."""
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
