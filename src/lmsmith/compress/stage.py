@@ -74,6 +74,17 @@ def run(config: CompressConfig, ctx: StageContext) -> StageResult:
     texts = [tokenizer.apply_chat_template(list(messages), tokenize=False) for messages in test]
     probe = measure.encode_texts(tokenizer, texts)
 
+    # Each model's next-token argmaxes and perplexity on the probe, measured while it is in memory anyway.
+    argmax: dict[str, torch.Tensor] = {}
+    perplexities: dict[str, float | None] = {}
+
+    def probe_model(label: str, model) -> None:
+        argmax[label] = measure.next_token_argmax(model, probe, config.batch_size)
+        perplexities[label] = _perplexity(model, tokenizer, texts, config.batch_size, label)
+
+    source_model = load_causal_lm(tuned_dir)
+    probe_model(SOURCE, source_model)
+    del source_model
     folders: dict[str, Path] = {SOURCE: tuned_dir}
     facts: dict[str, dict[str, Any]] = {}
     for variant in config.variants:
@@ -91,6 +102,7 @@ def run(config: CompressConfig, ctx: StageContext) -> StageResult:
             raise RuntimeError(f"{folder}: the saved variant differs from the built one by {diff} in logits")
         facts[variant.name] = {**built.facts, "reload_max_abs_diff": diff}
         folders[variant.name] = folder
+        probe_model(variant.name, reloaded)  # the saved folder is what is measured
         del built, reloaded
         gc.collect()
 
@@ -99,17 +111,11 @@ def run(config: CompressConfig, ctx: StageContext) -> StageResult:
     speed = SpeedConfig(requests=config.speed_requests, new_tokens=config.speed_new_tokens, batch=config.speed_batch)
     results = evaluate_models(entries, tasks, out, config.batch_size, speed, tokenizer_path=tuned_dir, write=False)
 
-    argmax: dict[str, torch.Tensor] = {}
     for label, folder in folders.items():
-        model = load_causal_lm(folder)
-        argmax[label] = measure.next_token_argmax(model, probe, config.batch_size)
-        ppl = _perplexity(model, tokenizer, texts, config.batch_size, label)
         entry = results["models"][label]
-        entry["perplexity"] = ppl
+        entry["perplexity"] = perplexities[label]
         entry["peak_memory_mb"] = (measure.peak_memory_mb(folder, tuned_dir, config.speed_batch, 8)
                                    if config.peak_memory else None)
-        del model
-        gc.collect()
     results["models"][SOURCE]["agreement"] = 100.0
     failed = []
     for variant in config.variants:
