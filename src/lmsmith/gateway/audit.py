@@ -192,12 +192,17 @@ class AuditLog:
         return len(records)
 
 
+def utc(stamp: Optional[float] = None) -> str:
+    """`stamp` (default now) as an ISO-8601 UTC time to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
 def request_record(*, request_id: str, key_id: str | None, role: str | None, method: str, route: str,
                    model: str | None, status: int, tokens: int, latency_ms: float, moderation: str | None,
                    request_body: bytes, response_body: bytes, full_text: bool) -> dict[str, Any]:
     """What the audit log keeps of one request: who, what, outcome, and hashes of what was said."""
     record: dict[str, Any] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "request_id": request_id, "key_id": key_id,
+        "time": utc(), "request_id": request_id, "key_id": key_id,
         "role": role, "route": f"{method} {route}", "model": model, "status": status, "tokens": tokens,
         "latency_ms": round(latency_ms, 1), "moderation": moderation,
         "prompt_sha256": hashlib.sha256(request_body).hexdigest(),

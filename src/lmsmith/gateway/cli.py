@@ -12,6 +12,8 @@ from contextlib import closing
 
 from lmsmith.gateway.keys import ROLES, KeyStore, parse_duration, state_dir
 
+STATE_DIR_HELP = "The server's state folder (default LMSMITH_STATE_DIR, else ~/.lmsmith)."
+
 
 def _store(args: argparse.Namespace) -> KeyStore:
     import os
@@ -68,8 +70,7 @@ def add_keys_parser(sub) -> None:
     actions = keys.add_subparsers(dest="keys_command", required=True)
 
     def with_state(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--state-dir", help="The server's state folder (default LMSMITH_STATE_DIR, else "
-                            "~/.lmsmith); LMSMITH_DATABASE_URL selects another database.")
+        parser.add_argument("--state-dir", help=STATE_DIR_HELP + " LMSMITH_DATABASE_URL selects another database.")
         return parser
 
     create = with_state(actions.add_parser("create", help="A new key, printed once on stdout."))
@@ -131,7 +132,7 @@ def add_audit_parser(sub) -> None:
                                                        "on any problem."),
                              ("rotate-key", _audit_rotate, "Re-encrypt every record under a new key.")):
         action = actions.add_parser(name, help=text)
-        action.add_argument("--state-dir", help="The server's state folder (default LMSMITH_STATE_DIR, else ~/.lmsmith).")
+        action.add_argument("--state-dir", help=STATE_DIR_HELP)
         action.add_argument("--key-file", help="The audit key (base64); default the environment variable "
                             "LMSMITH_AUDIT_KEY.")
         if name == "rotate-key":
@@ -197,7 +198,6 @@ def _registry_log(args: argparse.Namespace) -> int:
 def add_registry_parser(sub) -> None:
     registry = sub.add_parser("registry", help="Versions of served models: add, list, promote, rollback, log.")
     actions = registry.add_subparsers(dest="registry_command", required=True)
-    state_help = "The server's state folder (default LMSMITH_STATE_DIR, else ~/.lmsmith)."
     add = actions.add_parser("add", help="Register a run (or one of its compressed variants) as a new version.")
     add.add_argument("name")
     add.add_argument("run", help="A run folder.")
@@ -218,7 +218,7 @@ def add_registry_parser(sub) -> None:
     log_parser.add_argument("name", nargs="?")
     log_parser.set_defaults(func=_registry_log)
     for action in (add, listing, promote, rollback, log_parser):
-        action.add_argument("--state-dir", help=state_help)
+        action.add_argument("--state-dir", help=STATE_DIR_HELP)
 
 
 def _feedback_store(args: argparse.Namespace):
@@ -264,5 +264,5 @@ def add_feedback_parser(sub) -> None:
     export.add_argument("--out", required=True, help="The jsonl file to write.")
     export.set_defaults(func=_feedback_export)
     for action in (analyze_parser, export):
-        action.add_argument("--state-dir", help="The server's state folder (default LMSMITH_STATE_DIR, else ~/.lmsmith).")
+        action.add_argument("--state-dir", help=STATE_DIR_HELP)
         action.add_argument("--key-file", help="The data key (base64); default LMSMITH_AUDIT_KEY.")

@@ -149,7 +149,7 @@ class GatewayMiddleware:
             tokens=int(state.get("usage_tokens", 0)), latency_ms=latency_ms, moderation=state.get("moderation"),
             request_body=body or b"", response_body=response[1] if response else b"", full_text=full)
         if body is None:
-            record["prompt_sha256"] = None  # refused before the body was read
+            record["prompt_sha256"] = None  # a route without a body (GET, DELETE)
         record["response_sha256"] = response[0] if response else None
         if refused is not None:
             record["refused"] = refused

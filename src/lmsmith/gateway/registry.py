@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmsmith.errors import UserError
+from lmsmith.gateway.audit import utc
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ModelVersion:
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "run": self.run_dir, "variant": self.variant,
                 "manifest_hash": self.manifest_hash, "eval_scores": self.eval_scores, "note": self.note,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at))}
+                "created": utc(self.created_at)}
 
 
 def describe_run(run: str | Path, variant: Optional[str]) -> tuple[Path, str, dict[str, float]]:
@@ -139,7 +140,7 @@ class Registry:
         with self._engine.connect() as db:
             rows = db.execute(text(f"SELECT at, actor, action, name, version, previous FROM registry_changes {where} "
                                    "ORDER BY id"), {"n": name}).all()
-        return [{"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r[0])), "actor": r[1], "action": r[2],
+        return [{"time": utc(r[0]), "actor": r[1], "action": r[2],
                  "name": r[3], "version": r[4], "previous": r[5]} for r in rows]
 
     def _set_current(self, name: str, version: int, actor: str, action: str) -> None:
@@ -161,5 +162,5 @@ class Registry:
                             "VALUES (:t, :a, :act, :n, :v, :p)"),
                        {"t": time.time(), "a": actor, "act": action, "n": name, "v": version, "p": previous})
         if self.audit is not None:
-            self.audit.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": f"registry.{action}",
+            self.audit.append({"time": utc(), "event": f"registry.{action}",
                                "actor": actor, "model": name, "version": version, "previous": previous})
