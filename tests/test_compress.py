@@ -373,3 +373,18 @@ def test_a_recipe_names_only_variants_it_makes():
     recipe = Recipe(pretrain={}, sft={}, compress={}, eval={"variants": ["int8"]}, serve={"variant": "int8"})
     requires = {spec.name: spec.requires(recipe) if callable(spec.requires) else spec.requires for spec in STAGES}
     assert "compress" in requires["eval"] and "compress" in requires["serve"]
+
+
+def test_a_setting_the_variant_does_not_use_is_refused_not_ignored():
+    for make, message in ((lambda: cc.StaticInt8(name="s", percentile=99.0), "percentile: not used by the minmax"),
+                          (lambda: cc.WeightOnly(name="w", group_size=32), "group_size: not used by INT8"),
+                          (lambda: cc.Prune(name="p", mlp=0.5), "mlp: not used by magnitude pruning"),
+                          (lambda: cc.Prune(name="p", kind="structured", mlp=0.5, sparsity=0.3), "sparsity: not used"),
+                          (lambda: cc.Distill(name="d", layers=1, skip=["lm_head"]), "skip: not used by distill"),
+                          (lambda: cc.Distill(name="d", layers=1, calibration_samples=8), "calibration_samples")):
+        with pytest.raises(ValueError, match=message):
+            make()
+    # A saved recipe repeats every default; validating it again must still pass.
+    demo = cc.CompressConfig(variants=[{"name": "student", "method": "distill", "layers": 2},
+                                       {"name": "w8", "method": "weight_only"}])
+    assert cc.CompressConfig.model_validate(demo.model_dump(mode="json")) == demo

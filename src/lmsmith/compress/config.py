@@ -14,6 +14,15 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8_weight", "int4_weight")
 Precision = Literal["fp32", "bf16", "fp16", "int8", "int8_weight", "int4_weight"]
 
 
+def refuse_inapplicable(variant: StrictModel, fields: tuple[str, ...], why: str) -> None:
+    """A field this variant's settings do not use, given another value than its default, is an error
+    rather than ignored. (By value, not by what was typed: a saved recipe.json repeats every default.)"""
+    given = [name for name in fields
+             if getattr(variant, name) != variant.model_fields[name].get_default(call_default_factory=True)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used {why}")
+
+
 class VariantBase(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="Folder under RUN/compress/ and the name `lmsmith serve --variant` takes.")
@@ -50,6 +59,12 @@ class StaticInt8(VariantBase):
         None, ge=0, le=1, description="SmoothQuant's alpha: move activation outliers into the weights "
         "(s = max|X|^a / max|W|^(1-a)) before quantizing; None: off.")
 
+    @model_validator(mode="after")
+    def _observer(self) -> "StaticInt8":
+        if self.observer != "percentile":
+            refuse_inapplicable(self, ("percentile",), "by the minmax observer")
+        return self
+
 
 class WeightOnly(VariantBase):
     """INT8 or INT4 weights, bf16 activations (ATen's int8/int4 weight-packed matmuls)."""
@@ -62,6 +77,8 @@ class WeightOnly(VariantBase):
     def _group(self) -> "WeightOnly":
         if self.bits == 4 and self.group_size not in (32, 64, 128, 256):
             raise ValueError("group_size: INT4 groups are 32, 64, 128 or 256 weights")
+        if self.bits == 8:
+            refuse_inapplicable(self, ("group_size",), "by INT8 weights (one scale per row)")
         return self
 
 
@@ -103,6 +120,10 @@ class Prune(VariantBase):
             raise ValueError("structured pruning: set heads and/or mlp to the share removed")
         if self.kind == "2:4" and "sparsity" in self.model_fields_set and self.sparsity != 0.5:
             raise ValueError("sparsity: 2:4 pruning is always 0.5 (two of every four weights)")
+        if self.kind == "structured":
+            refuse_inapplicable(self, ("sparsity",), "by structured pruning (it removes heads and channels)")
+        else:
+            refuse_inapplicable(self, ("heads", "mlp", "calibration_samples"), f"by {self.kind} pruning")
         return self
 
 
@@ -134,6 +155,9 @@ class Distill(VariantBase):
             raise ValueError("distill: give layers or keep_layers, not both")
         if self.layers is None and self.keep_layers is None and not (self.mlp or self.heads):
             raise ValueError("distill: the student must be smaller: set layers, keep_layers, mlp or heads")
+        refuse_inapplicable(self, ("modules", "skip"), "by distill (the student is the whole model)")
+        if not (self.mlp or self.heads):
+            refuse_inapplicable(self, ("calibration_samples",), "unless mlp or heads narrow the student")
         return self
 
 
