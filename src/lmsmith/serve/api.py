@@ -528,6 +528,7 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await _send_error(send, 413, f"the request body is {int(declared):,} bytes; this server takes at "
                                          f"most {self.max_bytes:,}")
+            await _linger(receive)
             return
         chunks, size, more = [], 0, True
         while more:
@@ -542,6 +543,7 @@ class BodyLimitMiddleware:
             size += len(chunks[-1])
             if size > self.max_bytes:
                 await _send_error(send, 413, f"the request body is over {self.max_bytes:,} bytes")
+                await _linger(receive)
                 return
             more = message.get("more_body", False)
         body = b"".join(chunks)
@@ -556,6 +558,25 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+LINGER_S, LINGER_BYTES = 1.0, 64 * 1024 * 1024
+
+
+async def _linger(receive: Any) -> None:
+    """After an early answer, read and drop what the client is still sending, for a moment: closing a
+    socket with unread data resets it, and the reset can destroy the answer before the client reads it
+    (a lingering close, as HTTP servers do). Bounded in time and bytes, nothing kept."""
+    loop = asyncio.get_running_loop()
+    deadline, dropped = loop.time() + LINGER_S, 0
+    while dropped < LINGER_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        dropped += len(message.get("body", b""))
 
 
 async def _send_error(send: Any, status: int, message: str) -> None:
