@@ -53,7 +53,7 @@ def test_keys_are_stored_as_hashes_and_stop_when_revoked_rotated_or_expired(tmp_
     secret, key = store.create("ci", "user", ["finance"], rpm=60, tpm=20000)
     assert re.fullmatch(r"lms_[0-9a-f]{12}_[A-Za-z0-9_-]{40,}", secret)
     assert store.authenticate(secret).id == key.id and store.authenticate(secret + "x") is None
-    assert secret.split("_")[2].encode() not in (tmp_path / "lmsmith.db").read_bytes()
+    assert secret.split("_", 2)[2].encode() not in (tmp_path / "lmsmith.db").read_bytes()
     rotated, _ = store.rotate(key.id)
     assert store.authenticate(secret) is None and store.authenticate(rotated).id == key.id
     store.revoke(key.id)
@@ -264,7 +264,7 @@ def test_keys_cli_prints_only_the_key_and_mirrors_the_store(tmp_path, capsys):
     assert key.models == ["finance", "finance-rag"] and (key.rpm, key.tpm) == (60, 20000) and key.expires_at
     assert main(["keys", "list", *state]) == 0
     listed = capsys.readouterr().out
-    assert key.id in listed and secret.split("_")[2] not in listed
+    assert key.id in listed and secret.split("_", 2)[2] not in listed
     assert main(["keys", "rotate", key.id, *state]) == 0
     rotated = capsys.readouterr().out.strip()
     assert main(["keys", "revoke", key.id, *state]) == 0
