@@ -13,16 +13,6 @@ from pathlib import Path
 
 import pytest
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 SAMPLE_TEXTS = [
     "星辰科技2023年营业收入为12.5亿元,同比增长15.2%。",
@@ -66,11 +56,13 @@ def build_tiny_tokenizer(vocab_size: int = 600):
         unk_token=None,
         additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
     )
-    fast.chat_template = CHATML_TEMPLATE
+    from lmsmith.tokenizer.chat import chatml_template
+
+    fast.chat_template = chatml_template()
     return fast
 
 
-def build_tiny_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0):
+def build_tiny_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0, max_positions: int = 512):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -82,7 +74,7 @@ def build_tiny_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: in
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -412,13 +412,12 @@ def test_long_doc_starts_by_itself_over_the_configured_size(engine, tiny_model_d
 def test_fields_we_do_not_honour_are_refused_by_name_and_odd_input_is_a_400(server, tiny_model_dir):
     url, _ = server
     base = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 2}
-    for field, value in (("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-                         ("response_format", {"type": "json_object"}), ("tool_choice", "required"),
-                         ("presence_penalty", 0.5), ("logit_bias", {"5": 10})):
+    for field, value in (("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto"),
+                         ("presence_penalty", 0.5), ("logit_bias", {"5": 10}), ("audio", {"voice": "x"})):
         reply = httpx.post(f"{url}/v1/chat/completions", json={**base, field: value})
         assert reply.status_code == 400 and reply.json()["error"]["message"].startswith(field), (field, reply.text)
     # Their "off" values ask for nothing and are accepted.
-    assert httpx.post(f"{url}/v1/chat/completions", json={**base, "tools": [], "presence_penalty": 0,
+    assert httpx.post(f"{url}/v1/chat/completions", json={**base, "functions": [], "presence_penalty": 0,
                                                           "response_format": None, "user": "u-1"}).status_code == 200
     tool_turn = {**base, "messages": [*QUESTION, {"role": "assistant", "content": None,
                                                   "tool_calls": [{"id": "c1", "type": "function"}]}]}

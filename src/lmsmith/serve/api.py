@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from contextlib import aclosing, asynccontextmanager, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
@@ -67,6 +68,7 @@ from lmsmith.serve.protocol import (
     usage_body,
 )
 from lmsmith.serve.sampling import SamplingParams
+from lmsmith.serve.structured import StructureError, ToolCallReader, split_tool_calls
 
 if TYPE_CHECKING:
     from lmsmith.gateway.config import GatewayConfig
@@ -463,13 +465,19 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         request.scope.setdefault("state", {})["end_user"] = body.user
+        try:
+            plan = body.output_plan()
+        except StructureError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
         messages = moderate_input(request, body.template_messages())
         generates = [
-            GenerateRequest(body.model, _sampling(body, default_max_tokens, choice), messages=messages)
+            GenerateRequest(body.model, replace(_sampling(body, default_max_tokens, choice), grammar=plan.grammar),
+                            messages=messages, tools=body.template_tools())
             for choice in range(body.n or 1)
         ]
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await _answer(request, frontend, body, generates, ChatFormat(body.model, client, top, len(generates)))
+        shape = ChatFormat(body.model, client, top, len(generates), tool_calls=plan.tools)
+        return await _answer(request, frontend, body, generates, shape)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -718,12 +726,16 @@ class ChatFormat:
 
     endpoint = "chat"
 
-    def __init__(self, model: str, client: ModelClient, top_logprobs: int | None, choices: int):
+    def __init__(self, model: str, client: ModelClient, top_logprobs: int | None, choices: int,
+                 tool_calls: bool = False):
         self.model = model
         self.id = new_completion_id("chatcmpl")
         self.created = int(time.time())
         self.per_prompt = choices  # chat has one conversation; every choice answers it
         self._logprobs = None if top_logprobs is None else ChatLogprobs(client.tokenizer, top_logprobs)
+        # with tools offered, each choice's text is read for tool calls (streamed: as they complete)
+        self._readers = {index: ToolCallReader() for index in range(choices)} if tool_calls else None
+        self._calls_sent: dict[int, int] = {}
 
     def _logprob_body(self, chunk_or_completion: Chunk | Completion) -> dict[str, Any] | None:
         if self._logprobs is None:
@@ -731,8 +743,16 @@ class ChatFormat:
         return {"content": self._logprobs.content(chunk_or_completion.logprobs)}
 
     def body(self, completions: list[Completion]) -> dict[str, Any]:
-        choices = [chat_choice(index, completion, self._logprob_body(completion))
-                   for index, completion in enumerate(completions)]
+        choices = []
+        for index, completion in enumerate(completions):
+            choice = chat_choice(index, completion, self._logprob_body(completion))
+            if self._readers is not None:
+                content, calls = split_tool_calls(completion.text)
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content or None,
+                                         "tool_calls": [call.body() for call in calls]}
+                    choice["finish_reason"] = _with_calls(completion.finish_reason)
+            choices.append(choice)
         return completion_body(self.id, self.model, choices, _usage(completions, self.per_prompt))
 
     def opening(self, index: int, include_usage: bool) -> dict[str, Any] | None:
@@ -740,16 +760,35 @@ class ChatFormat:
                           with_usage_field=include_usage, index=index)
 
     def pieces(self, index: int, chunk: Chunk, include_usage: bool) -> list[dict[str, Any]]:
-        if not chunk.text and not chunk.logprobs:
-            return []
-        return [chunk_body(self.id, self.created, self.model, {"content": chunk.text}, with_usage_field=include_usage,
-                           index=index, logprobs=self._logprob_body(chunk))]
+        if self._readers is None:
+            deltas: list[dict[str, Any]] = [{"content": chunk.text}] if chunk.text else []
+        else:
+            deltas = []
+            for piece in self._readers[index].feed(chunk.text, final=chunk.finish_reason is not None):
+                if isinstance(piece, str):
+                    deltas.append({"content": piece})
+                else:
+                    number = self._calls_sent.get(index, 0)
+                    self._calls_sent[index] = number + 1
+                    deltas.append({"tool_calls": [{"index": number, **piece.body()}]})
+        if chunk.logprobs and not deltas:
+            deltas = [{"content": ""}]
+        return [chunk_body(self.id, self.created, self.model, delta, with_usage_field=include_usage, index=index,
+                           logprobs=self._logprob_body(chunk) if position == 0 else None)
+                for position, delta in enumerate(deltas)]
 
     def finish(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
+        if self._calls_sent.get(index):
+            reason = _with_calls(reason)
         return chunk_body(self.id, self.created, self.model, {}, reason, with_usage_field=include_usage, index=index)
 
     def usage(self, usage: dict[str, int]) -> dict[str, Any]:
         return chunk_body(self.id, self.created, self.model, None, usage=usage, with_usage_field=True)
+
+
+def _with_calls(reason: str) -> str:
+    """An answer that ended by itself after making tool calls finishes with "tool_calls", as OpenAI's do."""
+    return "tool_calls" if reason == "stop" else reason
 
 
 class TextFormat:

@@ -53,6 +53,7 @@ def cache_key(request: GenerateRequest, long_doc: LongDocSettings | None = None)
         "model": request.model,
         "kind": request.kind,
         "messages": request.messages,
+        "tools": request.tools,
         "prompt": request.prompt,
         "prompt_ids": request.prompt_ids,
         "sampling": dataclasses.asdict(request.params),

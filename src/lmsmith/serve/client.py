@@ -34,9 +34,10 @@ class GenerateRequest:
 
     model: str
     params: SamplingParams
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     prompt_ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None  # functions the chat template shows the model
 
     @property
     def kind(self) -> str:
@@ -318,11 +319,20 @@ class LocalClient:
         if self.max_waiting is not None and engine.stats()["waiting"] >= self.max_waiting:
             raise Busy(f"the server is overloaded: {self.max_waiting} requests are already waiting; retry later")
         loop = asyncio.get_running_loop()
+        extra: dict[str, Any] = {"engine": engine}
+        if request.params.grammar is not None:
+            try:
+                extra["constraint"] = await loop.run_in_executor(self._tokenizer_pool, engine.constrain,
+                                                                 request.params.grammar)
+            except ValueError as exc:
+                raise ClientError(f"the requested structure cannot be enforced with this model's tokenizer: {exc}",
+                                  "tools" if request.tools else "response_format") from None
         if request.messages is not None:
             try:
-                ids = await loop.run_in_executor(self._tokenizer_pool, engine.encode_chat, request.messages)
+                ids = await loop.run_in_executor(self._tokenizer_pool, engine.encode_chat, request.messages,
+                                                 request.tools)
             except ValueError as exc:
-                raise ClientError(str(exc), "messages") from None
+                raise ClientError(str(exc), "tools" if str(exc).startswith("tools:") else "messages") from None
         elif request.prompt_ids is not None:
             ids = list(request.prompt_ids)
             vocab = engine.vocab_size
@@ -333,7 +343,7 @@ class LocalClient:
             if not ids:
                 raise ClientError("the prompt is empty", "prompt")
         # Opened on the engine that tokenized it, even if a registry swap happens in between.
-        return Prepared(request, ids, {"engine": engine})
+        return Prepared(request, ids, extra)
 
     def _encode_text(self, text: str) -> list[int]:
         return [int(i) for i in self.engine.tokenizer(text, add_special_tokens=True)["input_ids"]]
@@ -343,7 +353,8 @@ class LocalClient:
         assert prepared.prompt_ids is not None, "a LocalClient request is prepared by LocalClient.prepare"
         model = prepared.request.model
         adapter = None if model == self.model_name else model
-        return engine.stream(prepared.prompt_ids, prepared.request.params, lora=adapter)
+        return engine.stream(prepared.prompt_ids, prepared.request.params, lora=adapter,
+                             constraint=prepared.extra.get("constraint"))
 
     def stats(self) -> dict[str, Any]:
         if self._engine is None:

@@ -44,12 +44,16 @@ class Frontend:
             hit = await self._cache_get(key)
             if hit is not None:
                 return self._measured(_replay(hit), timer, key=None)
-        if long_doc is not None and (request.wants_logprobs or request.prompt_ids is not None):
-            raise ClientError("long_doc: a map-reduce answer has no logprobs and needs a text prompt", "long_doc")
+        structured = request.tools is not None or request.params.grammar is not None
+        if long_doc is not None and (request.wants_logprobs or request.prompt_ids is not None or structured):
+            raise ClientError("long_doc: a map-reduce answer has no logprobs, no tools or response_format, and "
+                              "needs a text prompt", "long_doc")
         if long_doc is None:
             prepared = await self.client.prepare(request)
-            # Logprobs belong to the prompt as sent, so such a request is never cut into a map-reduce.
-            if not request.wants_logprobs and request.prompt_ids is None and self._over_long_doc_threshold(prepared):
+            # Logprobs belong to the prompt as sent, and a structure to the whole answer, so such a request is
+            # never cut into a map-reduce.
+            if not (request.wants_logprobs or structured) and request.prompt_ids is None \
+                    and self._over_long_doc_threshold(prepared):
                 long_doc = self.long_doc_defaults()
             else:
                 self.check_fits(prepared)

@@ -2,8 +2,9 @@
 completions, embeddings and models.
 
 Only what the server can honour is declared. Every other field of OpenAI's request schemas is refused
-with a 400 naming it (`NOT_HONOURED`: tools, response_format, penalties other than 0, ...), never
-accepted and ignored; `user` is kept for the audit log. Every string is checked for lone surrogates and
+with a 400 naming it (`NOT_HONOURED`: penalties other than 0, logit_bias, audio, ...), never
+accepted and ignored; chat's `response_format`, `tools` and `tool_choice` are enforced by a grammar
+(`structured.py`); `user` is kept for the audit log. Every string is checked for lone surrogates and
 every number and list is bounded, so no input reaches the engine in a form that would fail there. Two
 vLLM extensions (`top_k`, `repetition_penalty`) and lmsmith's `long_doc` ride in the request body as
 extra fields. Logprob bodies are built in `logprobs.py`.
@@ -11,15 +12,19 @@ extra fields. Logprob bodies are built in `logprobs.py`.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmsmith.serve.config import ADAPTER_NAME, LongDocSettings
 from lmsmith.serve.engine import Completion
 from lmsmith.serve.sampling import MAX_TOP_LOGPROBS, SamplingParams
+
+if TYPE_CHECKING:
+    from lmsmith.serve.structured import OutputPlan
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # n: answers per prompt
@@ -30,13 +35,16 @@ MAX_PROMPT_TOKENS = 1_000_000
 UINT64_MAX = 2**64 - 1
 # OpenAI request fields this server does not honour: refused by name (a 400), never silently ignored.
 # A field holding its "off" value (null, false, 0, an empty list) is accepted, as it asks for nothing.
+CHAT_STRUCTURE_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+MAX_TOOLS = 128
+MAX_SCHEMA_DEPTH = 32
 NOT_HONOURED = {
-    "tools": "tools (function calling) is not supported by this server yet",
-    "tool_choice": "tool_choice needs tools, which this server does not support yet",
-    "parallel_tool_calls": "parallel_tool_calls needs tools, which this server does not support yet",
-    "functions": "functions (the deprecated tools) is not supported",
-    "function_call": "function_call (the deprecated tool_choice) is not supported",
-    "response_format": "response_format (JSON mode, JSON schema) is not supported by this server yet",
+    "tools": "tools (function calling) is served on /v1/chat/completions only",
+    "tool_choice": "tool_choice is served on /v1/chat/completions only",
+    "parallel_tool_calls": "parallel_tool_calls is served on /v1/chat/completions only",
+    "functions": "functions (the deprecated form of tools) is not supported; send tools",
+    "function_call": "function_call (the deprecated form of tool_choice) is not supported; send tool_choice",
+    "response_format": "response_format (JSON mode, JSON schema) is served on /v1/chat/completions only",
     "frequency_penalty": "frequency_penalty is not supported; repetition_penalty is",
     "presence_penalty": "presence_penalty is not supported; repetition_penalty is",
     "logit_bias": "logit_bias is not supported",
@@ -80,22 +88,81 @@ class TextPart(BaseModel):
     text: str
 
 
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(item) for item in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(item) for item in value), default=0)
+    return 0
+
+
+def _bounded_schema(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and _depth(value) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"a schema nests at most {MAX_SCHEMA_DEPTH} levels")
+    return value
+
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str = Field(max_length=MAX_TEXT_CHARS, description="A JSON object, as a string.")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("arguments must be a JSON object (as a string)") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object (as a string)")
+        return value
+
+
+class AssistantToolCall(BaseModel):
+    """A call the assistant made in an earlier turn, sent back with the conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = Field(None)
+    tool_calls: Optional[list[AssistantToolCall]] = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: Optional[str] = Field(None, min_length=1, max_length=256)
 
     @model_validator(mode="before")
     @classmethod
     def _honoured_fields(cls, value: Any) -> Any:
         if isinstance(value, dict):
-            for field in ("tool_calls", "function_call", "name", "refusal", "audio"):
+            for field in ("function_call", "name", "refusal", "audio"):
                 if not _off(value.get(field)):
-                    raise ValueError(f"{field}: message {field} is not supported by this server yet")
-            value = {key: item for key, item in value.items() if key not in ("tool_calls", "function_call",
-                                                                             "name", "refusal", "audio")}
+                    raise ValueError(f"{field}: message {field} is not supported by this server")
+            value = {key: item for key, item in value.items() if key not in ("function_call", "name", "refusal",
+                                                                             "audio")}
         return value
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message holds tool calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError("tool_call_id: only a tool message answers a call")
+        if self.role == "tool" and self.content is None:
+            raise ValueError("content: a tool message holds the tool's result")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -105,12 +172,19 @@ class ChatMessage(BaseModel):
             raise ValueError(f"a message holds at most {MAX_TEXT_CHARS:,} characters")
         return value
 
-    def as_template_message(self) -> dict[str, str]:
+    def as_template_message(self) -> dict[str, Any]:
         # Chat templates know "system"; OpenAI's newer "developer" role means the same thing.
         role = "system" if self.role == "developer" else self.role
-        if isinstance(self.content, list):
-            return {"role": role, "content": "".join(part.text for part in self.content)}
-        return {"role": role, "content": self.content or ""}
+        content = "".join(part.text for part in self.content) if isinstance(self.content, list) else self.content
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            # Templates render the arguments as JSON themselves (`tojson`), so they get the object.
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": json.loads(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class StreamOptions(BaseModel):
@@ -156,12 +230,14 @@ class GenerationFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     long_doc: Union[bool, LongDocRequest, None] = None
 
+    honoured: ClassVar[tuple[str, ...]] = ()  # fields of NOT_HONOURED that this endpoint does serve
+
     @model_validator(mode="before")
     @classmethod
     def _honoured_and_valid_text(cls, value: Any) -> Any:
         if isinstance(value, dict):
             for field, reason in NOT_HONOURED.items():
-                if field in value and not _off(value[field]):
+                if field in value and field not in cls.honoured and not _off(value[field]):
                     raise ValueError(f"{field}: {reason}")
             check_text(value)
         return value
@@ -216,11 +292,88 @@ class GenerationFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: Optional[bool] = Field(None, description="Always enforced: the answer follows the schema either way.")
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _bounded_schema(value)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: give it exactly when type is json_schema")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"type": self.type}
+        if self.json_schema is not None:
+            body["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_}
+        return body
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
+    parameters: Optional[dict[str, Any]] = Field(None, description="A JSON schema of the arguments object.")
+    strict: Optional[bool] = Field(None, description="Always enforced: the arguments follow the schema either way.")
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        return _bounded_schema(value)
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def as_dict(self) -> dict[str, Any]:
+        """The tool as the chat template and the grammar read it (unset fields left out)."""
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True, exclude={"strict"})}
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class ChatCompletionRequest(GenerationFields):
+    honoured: ClassVar[tuple[str, ...]] = CHAT_STRUCTURE_FIELDS
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
@@ -234,8 +387,19 @@ class ChatCompletionRequest(GenerationFields):
     def logprob_counts(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, None
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [message.as_template_message() for message in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [tool.as_dict() for tool in self.tools] if self.tools else None
+
+    def output_plan(self) -> "OutputPlan":
+        """The grammar the answer must follow and whether it may hold tool calls (StructureError: a 400)."""
+        from lmsmith.serve.structured import plan_output
+
+        tool_choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        return plan_output(self.response_format.as_dict() if self.response_format else None, self.template_tools(),
+                           tool_choice, self.parallel_tool_calls)
 
 
 Prompt = Union[str, list[int]]

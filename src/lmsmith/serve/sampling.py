@@ -24,6 +24,8 @@ class SamplingParams:
     prompt or the answer, as transformers' `repetition_penalty` does). max_tokens 0 computes the prompt
     and generates nothing (to read its prompt logprobs). `logprobs` / `prompt_logprobs`: None reports
     none; k >= 0 reports each generated / prompt token's logprob with the k most likely alternatives.
+    `grammar`: an llguidance grammar (`lmsmith.serve.structured` writes them) the answer must follow;
+    the engine masks every token it does not allow.
     """
 
     max_tokens: int = 256
@@ -35,6 +37,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:

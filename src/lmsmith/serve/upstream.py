@@ -186,6 +186,10 @@ class UpstreamClient:
                               "tokenizers may differ); send text", "prompt")
         if request.params.max_tokens == 0:
             raise ClientError("max_tokens 0 is not relayed by a server fronting upstreams", "max_tokens")
+        if request.tools or request.params.grammar is not None:
+            raise ClientError("tools and response_format are enforced by lmsmith's own engine, and a server "
+                              "fronting upstreams relays text only; ask an upstream directly",
+                              "tools" if request.tools else "response_format")
         return Prepared(request)  # the upstream tokenizes
 
     def pick(self, model: str, tried: set[str]) -> Upstream | None:

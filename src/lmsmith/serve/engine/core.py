@@ -29,6 +29,7 @@ import torch
 
 from lmsmith.errors import UserError
 from lmsmith.serve.engine.config import EngineConfig
+from lmsmith.serve.engine.grammar import Constraint, GrammarError, GrammarTokens, mask_rows
 from lmsmith.serve.engine.lora import LoraInfo, read_peft_adapter
 from lmsmith.serve.engine.request import (
     Chunk,
@@ -91,6 +92,8 @@ class Engine:
         self._runner = ModelRunner(model, self.config)
         self._scheduler = Scheduler(self.config.max_slots, self.config.max_step_tokens, self.config.prefill_chunk)
         self._eos_ids = self._find_eos_ids(model, tokenizer)
+        logits_width = int(getattr(model.config, "vocab_size", None) or self.vocab_size)
+        self._grammar_tokens = GrammarTokens(tokenizer, logits_width, self._eos_ids)
         self.max_context: int = self.config.max_model_len
         self._ids = itertools.count(1)
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
@@ -155,20 +158,38 @@ class Engine:
 
     # ----- requests -----
 
-    def encode_chat(self, messages: Messages) -> list[int]:
-        """Prompt token ids for `messages`, ending with the assistant's turn opener."""
+    def encode_chat(self, messages: Messages, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt token ids for `messages` (and the `tools` the model may call), ending with the assistant's
+        turn opener."""
         from jinja2 import TemplateError
 
+        if tools and not self.renders_tools:
+            raise ValueError("tools: this model's chat template does not show tools to the model, so it cannot "
+                             "call them; serve a model whose template renders `tools` (lmsmith's ChatML does)")
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages, tools=tools or None, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except TemplateError as exc:
             raise ValueError(f"the chat template rejected the messages: {exc}") from None
         return [int(i) for i in ids]
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, lora: str | None = None) -> Sequence:
-        """Queue a request; its `TokenDelta`s (or an EngineError) are passed to `sink` from the worker thread."""
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template shows a request's `tools` to the model."""
+        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
+
+    def constrain(self, grammar: str) -> Constraint:
+        """A matcher for `grammar` (GrammarError, a ValueError, when it does not compile). The first call
+        wraps the tokenizer for llguidance (about a second on a large vocabulary): call it off the event loop."""
+        return self._grammar_tokens.matcher(grammar)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, lora: str | None = None,
+               constraint: Constraint | None = None) -> Sequence:
+        """Queue a request; its `TokenDelta`s (or an EngineError) are passed to `sink` from the worker thread.
+
+        A request whose params carry a grammar is constrained by it: pass the matcher from `constrain`, or
+        it is compiled here."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
@@ -179,16 +200,21 @@ class Engine:
                 if lora not in self._lora_rows:
                     raise UnknownAdapterError(f"no LoRA adapter named {lora!r} is loaded")
                 lora_index = self._lora_rows[lora]
-        sequence = Sequence(next(self._ids), list(prompt_ids), params, sink, self._runner.device, lora, lora_index)
+        if params.grammar is not None and constraint is None:
+            constraint = self.constrain(params.grammar)
+        sequence = Sequence(next(self._ids), list(prompt_ids), params, sink, self._runner.device, lora, lora_index,
+                            constraint)
         self._scheduler.add(sequence)
         return sequence
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None,
+                     constraint: Constraint | None = None) -> AsyncIterator[Chunk]:
         """Chunks as they are generated. Closing the iterator early cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         assembler = TextAssembler(self.tokenizer, params.stop)
-        sequence = self.submit(prompt_ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), lora)
+        sequence = self.submit(prompt_ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                               lora, constraint)
         try:
             while True:
                 chunk = self._assemble(sequence, assembler, await events.get())
@@ -365,8 +391,10 @@ class Engine:
         if step.sampling:
             logits = step.logits[:len(step.sampling)]
             seqs = [chunk.seq for chunk in step.sampling]
+            constrained = [(row, seq.constraint) for row, seq in enumerate(seqs) if seq.constraint is not None]
             tokens = sample_rows(
-                logits, [seq.params for seq in seqs], [seq.generator for seq in seqs],
+                mask_rows(logits, constrained) if constrained else logits,
+                [seq.params for seq in seqs], [seq.generator for seq in seqs],
                 [seq.token_ids if seq.params.repetition_penalty != 1.0 else () for seq in seqs],
             )
             for index, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -377,6 +405,12 @@ class Engine:
                 if seq.params.logprobs is not None:
                     [(value, top)] = token_logprobs(logits[index:index + 1], [token], seq.params.logprobs)
                     logprob = TokenLogprob(token, value, tuple(top))
+                if seq.constraint is not None:
+                    try:
+                        seq.constraint.consume(token)
+                    except GrammarError as exc:  # the mask allowed it, so this is a bug: fail this request only
+                        self._fail(seq, exc)
+                        continue
                 self._advance(seq, token, logprob)
         with self._stats_lock:
             self._stats["steps"] += 1

@@ -11,11 +11,14 @@ import time
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 
 from lmsmith.serve.sampling import SamplingParams, make_generator
+
+if TYPE_CHECKING:
+    from lmsmith.serve.engine.grammar import Constraint
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,8 @@ class Sequence:
     """
 
     def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams, sink: Sink,
-                 device: torch.device, lora_name: str | None = None, lora_index: int = 0):
+                 device: torch.device, lora_name: str | None = None, lora_index: int = 0,
+                 constraint: "Constraint | None" = None):
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
         self.num_prompt = len(prompt_ids)
@@ -130,6 +134,7 @@ class Sequence:
         self.lora_index = lora_index  # row of the adapter bank; 0 is the base model
         self.slot: int | None = None  # KV slot, assigned by the scheduler on admission
         self.generator = make_generator(params, device)
+        self.constraint = constraint  # the grammar's matcher, when params.grammar asks for one
         self.finish_reason: str | None = None
         # filled while the prompt is computed, when params.prompt_logprobs asks; delivered with the first delta
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
