@@ -18,7 +18,7 @@ import torch
 from lmsmith.serve.api import create_app, running_server
 from lmsmith.serve.cache import CachedAnswer, MemoryCache, RedisCache
 from lmsmith.serve.client import LocalClient
-from lmsmith.serve.config import LongDocConfig
+from lmsmith.serve.config import LongDocConfig, PushBack
 from lmsmith.serve.embeddings import Embedder
 from lmsmith.serve.long_doc import split_document, token_windows
 
@@ -453,7 +453,7 @@ def test_a_10mb_body_gets_413_at_once_while_another_request_is_served(engine, ti
 def test_overload_pushes_back_with_503_and_retry_after_then_recovers(engine, tiny_model_dir):
     from concurrent.futures import ThreadPoolExecutor
 
-    app = create_app(LocalClient(tiny_model_dir.name, engine, max_waiting=2), default_max_tokens=48)
+    app = create_app(LocalClient(tiny_model_dir.name, engine, push_back=PushBack(max_waiting=2)), default_max_tokens=48)
     body = {"model": tiny_model_dir.name, "messages": QUESTION, "max_tokens": 48, "temperature": 0}
     with running_server(app) as url:
         with ThreadPoolExecutor(48) as pool:
@@ -488,3 +488,89 @@ def test_a_request_waiting_past_its_deadline_is_dropped_and_its_slot_freed(tiny_
         assert engine.stats()["waiting"] == 0 and engine.stats()["kv_slots_free"] == 1
     finally:
         engine.close()
+
+
+def test_a_request_past_its_own_timeout_gets_504_and_frees_its_slot(tiny_model_dir):
+    import threading
+
+    from lmsmith.serve.engine import DeadlineExceeded, Engine, EngineConfig
+    from lmsmith.serve.sampling import SamplingParams
+
+    engine = Engine.load(tiny_model_dir, config=EngineConfig(max_slots=1))
+    try:
+        async def drain(stream) -> None:
+            async for _ in stream:
+                pass
+
+        # running: dropped mid-answer once its timeout passes
+        with pytest.raises(DeadlineExceeded, match="timeout of 0.1 s"):
+            asyncio.run(drain(engine.stream([5, 6, 7], SamplingParams(max_tokens=400, temperature=0, timeout_s=0.1))))
+        assert engine.stats()["kv_slots_free"] == 1 and engine.stats()["running"] == 0
+        # waiting behind another request, over HTTP: a 504 naming the timeout
+        app = create_app(LocalClient(tiny_model_dir.name, engine), default_max_tokens=8)
+        with running_server(app) as url:
+            body = {"model": tiny_model_dir.name, "messages": QUESTION, "temperature": 0}
+            holder = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json={
+                "model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0}, timeout=120))
+            holder.start()
+            time.sleep(0.2)
+            late = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 2, "timeout": 0.2}, timeout=60)
+            holder.join()
+            assert late.status_code == 504 and "timeout of 0.2 s" in late.json()["error"]["message"], late.text
+            assert httpx.post(f"{url}/v1/chat/completions", json={**body, "timeout": 0}).status_code == 400
+        assert engine.stats()["waiting"] == 0 and engine.stats()["kv_slots_free"] == 1
+    finally:
+        engine.close()
+
+
+def test_the_queue_is_bounded_by_waiting_prompt_tokens(tiny_model_dir):
+    import threading
+
+    from lmsmith.serve.engine import Engine, EngineConfig
+
+    engine = Engine.load(tiny_model_dir, config=EngineConfig(max_slots=1))
+    try:
+        client = LocalClient(tiny_model_dir.name, engine, push_back=PushBack(max_waiting=None, max_waiting_tokens=4))
+        app = create_app(client, default_max_tokens=8)
+        with running_server(app) as url:
+            body = {"model": tiny_model_dir.name, "messages": QUESTION, "temperature": 0}
+            replies: list[int] = []
+            long = {"model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 300, "temperature": 0}
+            threads = [threading.Thread(target=lambda: replies.append(httpx.post(
+                f"{url}/v1/completions", json=long, timeout=120).status_code)) for _ in range(2)]
+            for thread in threads:  # one holds the slot, one waits with its prompt's tokens
+                thread.start()
+                time.sleep(0.15)
+            assert engine.stats()["waiting_tokens"] > 0
+            pushed = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60)
+            for thread in threads:
+                thread.join()
+            assert pushed.status_code == 503 and "prompt tokens are already waiting" in pushed.text
+            assert pushed.headers["Retry-After"] == "1"
+            assert replies == [200, 200]
+    finally:
+        engine.close()
+
+
+def test_headers_trickled_slower_than_the_header_timeout_lose_the_connection(engine, tiny_model_dir):
+    app = create_app(LocalClient(tiny_model_dir.name, engine), default_max_tokens=4)
+    with running_server(app, header_timeout_s=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            closed_after = None
+            for _ in range(20):  # a header byte every 0.2 s: uvicorn's keep-alive timer alone would never fire
+                time.sleep(0.2)
+                try:
+                    sock.sendall(b"X")
+                    if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                        closed_after = time.monotonic() - started
+                        break
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    closed_after = time.monotonic() - started
+                    break
+        assert closed_after is not None and closed_after < 1.5, closed_after
+        assert httpx.get(f"{url}/healthz").status_code == 200  # a normal client is unaffected

@@ -32,8 +32,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from lmsmith.cli_options import config_from_arguments
     from lmsmith.serve.api import serve_forever
-    from lmsmith.serve.config import ServeConfig
+    from lmsmith.serve.config import PushBack, ServeConfig
 
     loras: dict[str, str] = {}
     for item in args.lora:
@@ -51,8 +52,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "prefill_chunk": args.prefill_chunk, "cuda_graphs": args.cuda_graphs,
         "packed_weights": args.packed_weights, "loras": loras, "variant": args.variant, "registry": args.registry, "upstreams": upstreams, "tokenizer": args.tokenizer,
         "health_check_interval_s": args.health_interval, "embedding_model": args.embedding_model,
-        "max_body_mb": args.max_body_mb, "body_timeout_s": args.body_timeout,
-        "max_waiting": args.max_waiting or None, "max_queue_wait_s": args.max_queue_wait or None,
+        "push_back": config_from_arguments(args, PushBack, "lmsmith serve").model_dump(),
         "cache": {"backend": args.cache, "max_entries": args.cache_size, "ttl_s": args.cache_ttl,
                   "redis_url": args.redis_url},
         "long_doc": {"auto": args.long_doc_auto, "max_input_tokens": args.long_doc_threshold,
@@ -64,7 +64,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"])
         raise UserError(f"lmsmith serve: {where}: {problem['msg']}") from None
-    from lmsmith.cli_options import config_from_arguments
     from lmsmith.gateway.config import GatewayConfig
 
     serve_forever(args.path, config, config_from_arguments(args, GatewayConfig, "lmsmith serve"))
@@ -133,12 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-slots", type=int, help="Requests decoding at once (default: 16 on CPU, 256 on CUDA).")
     serve.add_argument("--max-model-len", type=int, help="Longest prompt + answer (default: the model's).")
     serve.add_argument("--prefill-chunk", type=int, default=256, help="Largest prompt piece per engine step.")
-    serve.add_argument("--max-body-mb", type=float, default=8.0, help="Largest request body (413 above it).")
-    serve.add_argument("--body-timeout", type=float, default=30.0, help="Seconds a body may stall (408 after).")
-    serve.add_argument("--max-waiting", type=int, default=256,
-                       help="Queued requests beyond which new ones get 503 + Retry-After (0: unbounded).")
-    serve.add_argument("--max-queue-wait", type=float, default=120.0,
-                       help="Seconds a request may wait for a slot before a 503 (0: no limit).")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="Run decode steps eagerly on CUDA.")
     serve.add_argument("--packed-weights", action=argparse.BooleanOptionalAction, default=None,
@@ -165,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="/v1/embeddings model: minilm (bundled), a sentence-transformers folder, or none.")
     from lmsmith.cli_options import add_config_arguments
     from lmsmith.gateway.config import GatewayConfig
+    from lmsmith.serve.config import PushBack
 
+    add_config_arguments(serve.add_argument_group("push-back: limits that answer 413/408/503 (docs/serving.md)"),
+                         PushBack)
     add_config_arguments(serve.add_argument_group("gateway: keys, roles, limits (docs/security.md)"), GatewayConfig)
     serve.set_defaults(func=_cmd_serve)
 

@@ -67,8 +67,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type[BaseModel
 
 def config_from_arguments(args: argparse.Namespace, config: type[BaseModel], command: str,
                           positional: tuple[str, ...] = ()) -> BaseModel:
-    """Validate the parsed arguments into `config`; unset flags keep the config's defaults."""
+    """Validate the parsed arguments into `config`; unset flags keep the config's defaults, and `none`
+    clears a field that may be None (an Optional limit: unbounded)."""
     given = {name: getattr(args, name) for name in config.model_fields if getattr(args, name, None) is not None}
+    for name, value in given.items():
+        if value == "none" and _plain(config.model_fields[name].annotation)[1]:
+            given[name] = None
     try:
         return config.model_validate(given)
     except ValidationError as exc:

@@ -102,7 +102,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                          (403, "the key's role or model scope does not allow it"), (404, "no such model or route"),
                          (408, "the request body stalled"), (413, "the request body is too large"),
                          (429, "over a rate limit or quota (Retry-After)"), (499, "the client disconnected"),
-                         (500, "internal error (the body carries the request id)"), (503, "the model is loading"))
+                         (500, "internal error (the body carries the request id)"),
+                         (503, "the model is loading, or the server is overloaded (Retry-After)"),
+                         (504, "the request's own timeout passed before its answer was complete"))
 }
 
 
@@ -985,20 +987,59 @@ def base_url(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
-def _uvicorn_server(app: FastAPI, log_level: str) -> uvicorn.Server:
+def _uvicorn_server(app: FastAPI, log_level: str, header_timeout_s: float = 10.0) -> uvicorn.Server:
     # The app's lifespan starts and closes its client. A short graceful-shutdown window: an open stream
     # should not hold Ctrl-C for long.
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=3,
+                            http=header_deadline_protocol(header_timeout_s))
     return uvicorn.Server(config)
+
+
+def header_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose next request line and headers do not arrive
+    within `timeout_s` (from the connection's start, then from the end of each response).
+
+    uvicorn's keep-alive timer is cancelled by any byte received, so a client trickling a header byte at
+    a time would hold the connection forever (slowloris); this deadline is not reset by data."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _header_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            # A new request starts a new cycle: the deadline holds if the cycle is still the one it saw.
+            self._header_deadline = self.loop.call_later(timeout_s, self._headers_late, self.cycle)
+
+        def _headers_late(self, cycle_then: Any) -> None:
+            if self.cycle is cycle_then and not self.transport.is_closing():
+                log.info("closed a connection whose request headers took over %g s", timeout_s)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
 
 
 @contextmanager
 def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                   startup_timeout: float = 30.0) -> Iterator[str]:
+                   startup_timeout: float = 30.0, header_timeout_s: float = 10.0) -> Iterator[str]:
     """Serve `app` on a background thread for the duration of the block; yields the base URL."""
     sock = bind_socket(host, port)
     url = base_url(sock)
-    server = _uvicorn_server(app, log_level="warning")
+    server = _uvicorn_server(app, log_level="warning", header_timeout_s=header_timeout_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lmsmith-http", daemon=True)
     thread.start()
     try:
@@ -1029,7 +1070,7 @@ def build_client(path: str | Path | None, config: ServeConfig,
     if path is None:
         raise UserError("lmsmith serve: give a model or run folder, --registry NAME, or --upstream URL[,URL...]")
     resolved = resolve_model(path, config.variant)
-    client = LocalClient(resolved.name, adapter_root=adapter_root, max_waiting=config.max_waiting)
+    client = LocalClient(resolved.name, adapter_root=adapter_root, push_back=config.push_back)
 
     def load() -> None:
         engine = Engine.load(resolved.path, device=config.device, dtype=config.dtype, config=config.engine_config())
@@ -1045,7 +1086,7 @@ def follow_registry(registry: Any, config: ServeConfig, adapter_root: Path | Non
     each promote or rollback loads the new version beside the old one and swaps it in."""
     name = config.registry
     current = registry.current(name)
-    client = LocalClient(name, adapter_root=adapter_root, max_waiting=config.max_waiting)
+    client = LocalClient(name, adapter_root=adapter_root, push_back=config.push_back)
     client.version = current.public()
 
     def load_version(version: Any) -> Engine:
@@ -1148,10 +1189,11 @@ def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: 
     embedder = None if config.embedding_model == "none" else Embedder(config.embedding_model)
     app = create_app(client, default_max_tokens=config.max_new_tokens, cache=build_cache(config.cache),
                      long_doc=config.long_doc, embedder=embedder, gateway=gateway, moderator=moderator,
-                     max_body_bytes=int(config.max_body_mb * 1024 * 1024), body_timeout_s=config.body_timeout_s)
+                     max_body_bytes=int(config.push_back.max_body_mb * 1024 * 1024),
+                     body_timeout_s=config.push_back.body_timeout_s)
     sock = bind_socket(config.host, config.port)
     url = base_url(sock)
-    server = _uvicorn_server(app, log_level="info")
+    server = _uvicorn_server(app, log_level="info", header_timeout_s=config.push_back.header_timeout_s)
     failure: list[BaseException] = []
 
     def load_in_background() -> None:

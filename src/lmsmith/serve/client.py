@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 from lmsmith.errors import UserError
+from lmsmith.serve.config import PushBack
 from lmsmith.serve.engine import Chunk, Engine
 from lmsmith.serve.protocol import model_card
 from lmsmith.serve.sampling import SamplingParams
@@ -162,10 +163,12 @@ class LocalClient:
     """The in-process engine behind the API. Created empty, so the server can answer /readyz while loading."""
 
     def __init__(self, model_name: str, engine: Engine | None = None, adapter_root: Path | None = None,
-                 max_waiting: int | None = None):
+                 push_back: PushBack | None = None):
         self.model_name = model_name
         self.adapter_root = adapter_root
-        self.max_waiting = max_waiting  # requests queued for a slot beyond which new ones are turned away
+        # the queue's bounds: requests (and their prompt tokens) waiting for a slot beyond which new ones are
+        # turned away; unbounded unless given (the server passes its settings)
+        self.push_back = push_back or PushBack(max_waiting=None, max_waiting_tokens=None)
         self.created = int(time.time())
         self._engine = engine
         self._adapters: dict[str, str] = {}  # name -> folder, of the adapters loaded through this client
@@ -316,8 +319,9 @@ class LocalClient:
     async def prepare(self, request: GenerateRequest) -> Prepared:
         """Tokenize on the tokenizer pool: the chat template for messages, the plain text for a prompt."""
         engine = self.engine
-        if self.max_waiting is not None and engine.stats()["waiting"] >= self.max_waiting:
-            raise Busy(f"the server is overloaded: {self.max_waiting} requests are already waiting; retry later")
+        limit = self.push_back.max_waiting
+        if limit is not None and engine.stats()["waiting"] >= limit:
+            raise Busy(f"the server is overloaded: {limit} requests are already waiting; retry later")
         loop = asyncio.get_running_loop()
         extra: dict[str, Any] = {"engine": engine}
         if request.params.grammar is not None:
@@ -342,6 +346,10 @@ class LocalClient:
             ids = await loop.run_in_executor(self._tokenizer_pool, self._encode_text, request.prompt or "")
             if not ids:
                 raise ClientError("the prompt is empty", "prompt")
+        limit = self.push_back.max_waiting_tokens
+        waiting_tokens = engine.stats()["waiting_tokens"]
+        if limit is not None and waiting_tokens and waiting_tokens + len(ids) > limit:
+            raise Busy(f"the server is overloaded: {waiting_tokens:,} prompt tokens are already waiting; retry later")
         # Opened on the engine that tokenized it, even if a registry swap happens in between.
         return Prepared(request, ids, extra)
 

@@ -80,6 +80,25 @@ class LongDocConfig(LongDocSettings):
     )
 
 
+class PushBack(StrictModel):
+    """How the server turns work away rather than drown in it: each limit answers at once with a clear
+    status (docs/serving.md, "push-back"). The `lmsmith serve` flags are generated from these fields."""
+
+    max_body_mb: float = Field(8.0, gt=0, description="Largest request body; larger ones get 413 before they are read.")
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body that stalls this long between pieces gets 408.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose request line and headers take longer than this is closed.")
+    max_waiting: Optional[int] = Field(
+        256, ge=1, description="Requests waiting for a KV slot beyond which new ones get 503 with Retry-After "
+        "(none: unbounded).")
+    max_waiting_tokens: Optional[int] = Field(
+        262_144, ge=1, description="Prompt tokens waiting for a KV slot beyond which new requests get 503 with "
+        "Retry-After; a request is always let into an empty queue (none: unbounded).")
+    max_queue_wait_s: Optional[float] = Field(
+        120.0, gt=0, description="A request still waiting for a slot after this long is dropped with 503 "
+        "(none: it waits).")
+
+
 class ServeConfig(StrictModel):
     """Serving settings; in a recipe, the serve stage starts the server and asks it held-out questions."""
 
@@ -100,14 +119,7 @@ class ServeConfig(StrictModel):
     packed_weights: Optional[bool] = Field(
         None, description="On CPU, keep a row-kernel copy of every projection (faster decode, their memory "
                           "again); None: when it fits in half the free memory.")
-    max_body_mb: float = Field(8.0, gt=0, description="Largest request body; larger ones get 413 before they are read.")
-    body_timeout_s: float = Field(30.0, gt=0, description="A request body that stalls this long between pieces gets 408.")
-    max_waiting: Optional[int] = Field(
-        256, ge=1, description="Requests waiting for a KV slot beyond which new ones get 503 with Retry-After "
-        "(None: unbounded).")
-    max_queue_wait_s: Optional[float] = Field(
-        120.0, gt=0, description="A request still waiting for a slot after this long is dropped with 503 "
-        "(None: it waits).")
+    push_back: PushBack = Field(default_factory=PushBack)
     registry: Optional[str] = Field(
         None, description="Serve this registry name's current version (`lmsmith registry`) and follow promotes "
         "and rollbacks without a restart; no model folder is given then.")
@@ -136,7 +148,7 @@ class ServeConfig(StrictModel):
 
         return EngineConfig(max_slots=self.max_slots, max_model_len=self.max_model_len,
                             prefill_chunk=self.prefill_chunk, cuda_graphs=self.cuda_graphs,
-                            packed_weights=self.packed_weights, max_queue_wait_s=self.max_queue_wait_s)
+                            packed_weights=self.packed_weights, max_queue_wait_s=self.push_back.max_queue_wait_s)
 
     @field_validator("loras")
     @classmethod

@@ -229,6 +229,9 @@ class GenerationFields(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     long_doc: Union[bool, LongDocRequest, None] = None
+    timeout: Optional[float] = Field(
+        None, gt=0, le=86_400, description="lmsmith's extension: seconds after which the server drops the request "
+        "(504) if its answer is not complete, freeing its place; the OpenAI SDK's own `timeout` is client-side.")
 
     honoured: ClassVar[tuple[str, ...]] = ()  # fields of NOT_HONOURED that this endpoint does serve
 
@@ -271,6 +274,7 @@ class GenerationFields(BaseModel):
             "stop": tuple(stop for stop in stops if stop),
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
+            "timeout_s": self.timeout,
         }
         # The engine's own defaults stand for the extensions a request leaves out.
         if self.top_k is not None:

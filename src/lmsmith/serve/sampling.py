@@ -24,7 +24,8 @@ class SamplingParams:
     prompt or the answer, as transformers' `repetition_penalty` does). max_tokens 0 computes the prompt
     and generates nothing (to read its prompt logprobs). `logprobs` / `prompt_logprobs`: None reports
     none; k >= 0 reports each generated / prompt token's logprob with the k most likely alternatives.
-    `grammar`: an llguidance grammar (`lmsmith.serve.structured` writes them) the answer must follow;
+    `timeout_s`: the request is dropped (freeing its KV slot) if its answer is not complete this many
+    seconds after it was submitted. `grammar`: an llguidance grammar (`lmsmith.serve.structured` writes them) the answer must follow;
     the engine masks every token it does not allow.
     """
 
@@ -38,8 +39,11 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     grammar: str | None = None
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError("timeout must be > 0 seconds")
         if self.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         for name in ("logprobs", "prompt_logprobs"):

@@ -34,6 +34,7 @@ from lmsmith.serve.engine.lora import LoraInfo, read_peft_adapter
 from lmsmith.serve.engine.request import (
     Chunk,
     Completion,
+    DeadlineExceeded,
     EngineError,
     Event,
     Overloaded,
@@ -346,6 +347,7 @@ class Engine:
     def _work_loop(self) -> None:
         while True:
             self._run_commands()
+            self._drop_overdue()  # before planning, so no step computes for a request already dropped
             plan = self._scheduler.next_step()
             if plan is None:
                 break
@@ -367,6 +369,12 @@ class Engine:
         self._run_commands()
         for seq in self._scheduler.drain():
             self._fail(seq, EngineError("the engine shut down before the request finished"))
+
+    def _drop_overdue(self) -> None:
+        now = time.monotonic()
+        for seq in self._scheduler.abort(lambda seq: seq.deadline is not None and seq.deadline < now):
+            self._fail(seq, DeadlineExceeded(f"the request's timeout of {seq.params.timeout_s:g} s passed before "
+                                             f"its answer was complete ({seq.num_output} tokens made)"))
 
     def _run_commands(self) -> None:
         while True:

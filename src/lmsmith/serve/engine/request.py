@@ -105,6 +105,12 @@ class Overloaded(EngineError):
     retry_after_s = 1
 
 
+class DeadlineExceeded(EngineError):
+    """The request's own `timeout` passed before its answer was complete; its KV slot is freed."""
+
+    status = 504
+
+
 class UnknownAdapterError(ValueError):
     """A request named a LoRA adapter that is not loaded (never was, or was removed)."""
 
@@ -141,6 +147,7 @@ class Sequence:
         self.prompt_logprobs_sent = False
         self.cancel_reason = "cancelled"
         self.arrived = time.monotonic()  # when it was submitted: the queue deadline counts from here
+        self.deadline = None if params.timeout_s is None else self.arrived + params.timeout_s
         self._cancelled = threading.Event()
 
     def cancel(self, reason: str = "cancelled") -> None:

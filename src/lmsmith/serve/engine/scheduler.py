@@ -92,6 +92,7 @@ class Scheduler:
             return {
                 "running": sum(1 for seq in self._running if not seq.finished),
                 "waiting": len(self._waiting),
+                "waiting_tokens": sum(seq.num_pending for seq in self._waiting),
                 "kv_slots_used": self.max_slots - len(self._free_slots),
                 "kv_slots_free": len(self._free_slots),
                 "queue_wait_seconds_total": round(self.queue_wait_s, 6),
@@ -117,6 +118,8 @@ class Scheduler:
         """Remove (and free the slots of) every held sequence matching `predicate`; they are returned."""
         with self._condition:
             hit = [seq for seq in [*self._running, *self._waiting] if not seq.finished and predicate(seq)]
+            if not hit:
+                return hit
             self._running = [seq for seq in self._running if seq not in hit]
             self._waiting = deque(seq for seq in self._waiting if seq not in hit)
             for seq in hit:
