@@ -20,6 +20,14 @@ Backends:
 The model is random-init (nothing is downloaded) with a byte-level BPE tokenizer trained here; both are
 written to a temporary folder. Prints a table and one JSON object (`--json-out` writes it to a file).
 
+`--overload` (lmsmith only) measures push-back: first the capacity (3 x `--concurrency` requests, all at
+once, at most `--concurrency` in flight: completed requests per second), then two fresh servers, one with
+push-back (`--max-waiting` one batch, `--max-queue-wait-s` twice the SLO) and one with every queue limit
+lifted, each get Poisson arrivals at `--overload-factor` (2) x capacity for `--overload-seconds` (60) with
+no client-side cap. It reports the statuses, goodput (requests answered 200 within the end-to-end SLO,
+per second of arrivals and as a share of them, as `vllm bench serve --goodput` counts), latency of the
+200s, the server's RSS sampled every second, and the next request after the burst.
+
 `--rounds N` repeats the batching backends N times in alternating order (A B, B A, ...), because a
 shared machine's speed drifts by tens of percent over minutes: each round's ratio compares neighbours in
 time, and the table shows each metric's median over the rounds. `hf-generate` runs in the first round only.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -62,6 +71,7 @@ class Record:
     output_tokens: int = 0
     gaps: list[float] = field(default_factory=list)
     error: str | None = None
+    status: int | None = None  # the HTTP status (None: no answer, e.g. a connection error)
 
 
 Send = Callable[[list[dict[str, str]], int], Awaitable[Record]]
@@ -109,6 +119,7 @@ def http_sender(client: httpx.AsyncClient, url: str, model: str, tokenizer: Any)
         text, last, usage = [], None, None
         try:
             async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                record.status = response.status_code
                 if response.status_code != 200:
                     record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                     return record
@@ -219,13 +230,14 @@ class Subprocess:
                 self.process.wait()
 
 
-def start_server(backend: str, model_dir: Path, args: argparse.Namespace, logs: Path) -> tuple[Subprocess, str]:
+def start_server(backend: str, model_dir: Path, args: argparse.Namespace, logs: Path,
+                 extra: tuple[str, ...] = ()) -> tuple[Subprocess, str]:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     bin_dir = Path(sys.executable).parent
     if backend == "lmsmith":
         command = [sys.executable, "-m", "lmsmith.cli", "serve", str(model_dir), "--port", "{port}",
                    "--device", args.device, "--dtype", args.dtype, "--embedding-model", "none",
-                   "--max-slots", str(max(args.concurrency, 1))]
+                   "--max-slots", str(max(args.concurrency, 1)), *extra]
         server = Subprocess(command, "/readyz", logs / "lmsmith.log", env)
         return server, model_dir.name
     # transformers serve lists models from the hub cache folder; it must exist even offline.
@@ -302,6 +314,14 @@ def main() -> None:
     parser.add_argument("--dtype")
     parser.add_argument("--rounds", type=int, default=1, help="Repeat the batching backends, alternating order.")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--overload", action="store_true",
+                        help="Overload mode: lmsmith only, arrivals at --overload-factor x measured capacity for "
+                             "--overload-seconds, with push-back and without; goodput, statuses, memory.")
+    parser.add_argument("--overload-seconds", type=float, default=60.0)
+    parser.add_argument("--overload-factor", type=float, default=2.0)
+    parser.add_argument("--overload-max-waiting", type=int, help="Push-back run's --max-waiting (default: the slots).")
+    parser.add_argument("--slo-e2e-s", type=float,
+                        help="Goodput's latency target, end to end (default: twice the unloaded p50).")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     for key in ("num_requests", "concurrency", "request_rate", "prompt_tokens", "max_tokens", "device", "dtype",
@@ -321,6 +341,16 @@ def main() -> None:
             parameters = build_model(model_dir, preset)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         prompts = make_prompts(args.num_requests, args.prompt_tokens, tokenizer)
+        if args.overload:
+            report = asyncio.run(run_overload(args, model_dir, tokenizer, prompts, work))
+            report |= {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "preset": args.preset,
+                       "parameters": parameters, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                       "slots": args.concurrency, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+            print_overload(report)
+            print(json.dumps(report, indent=2))
+            if args.json_out:
+                args.json_out.write_text(json.dumps(report, indent=2))
+            return
         rounds = run_rounds(args, model_dir, tokenizer, prompts, work)
         results = {backend: median_summary([r[backend] for r in rounds if backend in r]) for backend in args.backends}
         report = {
@@ -415,6 +445,132 @@ async def run_backend(backend: str, model_dir: Path, tokenizer: Any, prompts: li
         return summarize(records, duration) | {"requests_run": len(prompts)}
     finally:
         server.stop()
+
+
+# ----- overload: arrivals past capacity, with and without push-back -----
+
+OVERLOAD_SETTINGS = {
+    # one batch may wait behind the running one; a request that still waits 2 SLOs long is dropped
+    "push-back": lambda args, slo: ("--max-waiting", str(args.overload_max_waiting or args.concurrency),
+                                    "--max-queue-wait-s", f"{2 * slo:.1f}"),
+    "no push-back": lambda args, slo: ("--max-waiting", "none", "--max-waiting-tokens", "none",
+                                       "--max-queue-wait-s", "none"),
+}
+
+
+async def open_loop(send: Send, prompts: list[list[dict[str, str]]], max_tokens: int, rate: float,
+                    seconds: float, seed: int = 3) -> tuple[list[Record], float]:
+    """Poisson arrivals at `rate`/s for `seconds`, no cap on requests in flight (the server must push back)."""
+    rng = random.Random(seed)
+    tasks = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        tasks.append(asyncio.create_task(send(prompts[len(tasks) % len(prompts)], max_tokens)))
+        await asyncio.sleep(rng.expovariate(rate))
+    records = await asyncio.gather(*tasks)
+    return list(records), time.perf_counter() - started
+
+
+async def sample_rss(pid: int, samples: list[float], stop: asyncio.Event) -> None:
+    import psutil
+
+    process = psutil.Process(pid)
+    while not stop.is_set():
+        samples.append(process.memory_info().rss / 2**20)
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+
+
+def overload_summary(records: list[Record], duration: float, slo: float, rss: list[float]) -> dict[str, Any]:
+    statuses: dict[str, int] = {}
+    for record in records:
+        key = str(record.status) if record.status is not None else "no answer"
+        statuses[key] = statuses.get(key, 0) + 1
+    served = [r for r in records if r.status == 200 and r.error is None and r.e2e is not None]
+    good = [r for r in served if r.e2e <= slo]
+    pushed = [r for r in records if r.status in (429, 503)]
+    return {
+        "arrivals": len(records), "statuses": statuses,
+        "server_errors_5xx": sum(1 for r in records if r.status is not None and r.status >= 500 and r.status != 503),
+        "pushed_back_with_retry_after": len(pushed),
+        "goodput_req_s": len(good) / duration, "goodput_share": len(good) / max(len(records), 1),
+        "served_req_s": len(served) / duration,
+        "e2e_p50_s": percentile([r.e2e for r in served], 50), "e2e_p99_s": percentile([r.e2e for r in served], 99),
+        "ttft_p50_s": percentile([r.ttft for r in served if r.ttft is not None], 50),
+        "ttft_p99_s": percentile([r.ttft for r in served if r.ttft is not None], 99),
+        "rss_mb_start": rss[0] if rss else None, "rss_mb_max": max(rss) if rss else None,
+        "rss_mb_end": rss[-1] if rss else None,
+    }
+
+
+@contextlib.asynccontextmanager
+async def lmsmith_serving(args: argparse.Namespace, model_dir: Path, tokenizer: Any, work: Path,
+                          extra: tuple[str, ...], warm_prompt: list[dict[str, str]]):
+    """A fresh `lmsmith serve` with `extra` flags, warmed up; yields (send, server)."""
+    server, model_name = start_server("lmsmith", model_dir, args, work, extra)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, server.wait_ready)
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(1800, connect=30), limits=limits) as client:
+            send = http_sender(client, server.url, model_name, tokenizer)
+            await send(warm_prompt, 4)
+            yield send, server
+    finally:
+        server.stop()
+
+
+async def run_overload(args: argparse.Namespace, model_dir: Path, tokenizer: Any,
+                       prompts: list[list[dict[str, str]]], work: Path) -> dict[str, Any]:
+    """Capacity first (a closed loop at `concurrency`, all at once), then for each setting a fresh server
+    gets Poisson arrivals at `overload_factor` x capacity for `overload_seconds`."""
+    async with lmsmith_serving(args, model_dir, tokenizer, work, (), prompts[0]) as (send, _):
+        records, duration = await run_load(send, prompts[: 3 * args.concurrency], args.max_tokens, math.inf,
+                                           args.concurrency)
+    capacity = len([r for r in records if r.error is None]) / duration
+    slo = args.slo_e2e_s or 2 * percentile([r.e2e for r in records if r.e2e], 50)
+    rate = args.overload_factor * capacity
+    report: dict[str, Any] = {"capacity_req_s": capacity, "slo_e2e_s": slo, "arrival_rate_req_s": rate}
+    print(f"capacity {capacity:.2f} req/s; SLO e2e {slo:.1f} s; arrivals at {rate:.2f} req/s", file=sys.stderr)
+    for label, flags in OVERLOAD_SETTINGS.items():
+        extra = flags(args, slo)
+        async with lmsmith_serving(args, model_dir, tokenizer, work, extra, prompts[0]) as (send, server):
+            rss: list[float] = []
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(sample_rss(server.process.pid, rss, stop))
+            print(f"{label}: {args.overload_seconds:g} s of arrivals ({' '.join(extra)})", file=sys.stderr)
+            records, _ = await open_loop(send, prompts, args.max_tokens, rate, args.overload_seconds)
+            stop.set()
+            await sampler
+            result = overload_summary(records, args.overload_seconds, slo, rss)
+            started = time.perf_counter()
+            after = await send(prompts[1], args.max_tokens)
+            result["recovery"] = {"status": after.status, "e2e_s": time.perf_counter() - started}
+            result["server_flags"] = " ".join(extra)
+            report[label] = result
+    return report
+
+
+def print_overload(report: dict[str, Any]) -> None:
+    labels = [label for label in OVERLOAD_SETTINGS if label in report]
+    rows = [
+        ("arrivals", lambda r: str(r["arrivals"])),
+        ("statuses", lambda r: ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))),
+        ("5xx other than 503", lambda r: str(r["server_errors_5xx"])),
+        ("goodput req/s (share of arrivals)", lambda r: f"{r['goodput_req_s']:.2f} ({r['goodput_share']:.0%})"),
+        ("e2e p50 / p99 of 200s (s)", lambda r: f"{r['e2e_p50_s'] or 0:.1f} / {r['e2e_p99_s'] or 0:.1f}"),
+        ("TTFT p50 / p99 of 200s (s)", lambda r: f"{r['ttft_p50_s'] or 0:.1f} / {r['ttft_p99_s'] or 0:.1f}"),
+        ("server RSS start / max / end (MB)",
+         lambda r: f"{r['rss_mb_start']:.0f} / {r['rss_mb_max']:.0f} / {r['rss_mb_end']:.0f}"),
+        ("next request after the burst", lambda r: f"{r['recovery']['status']} in {r['recovery']['e2e_s']:.1f} s"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    print(f"capacity {report['capacity_req_s']:.2f} req/s, arrivals {report['arrival_rate_req_s']:.2f} req/s, "
+          f"SLO e2e {report['slo_e2e_s']:.1f} s")
+    print(f"{'':{width}}  " + "  ".join(f"{label:>28}" for label in labels))
+    for name, cell in rows:
+        print(f"{name:{width}}  " + "  ".join(f"{cell(report[label]):>28}" for label in labels))
 
 
 if __name__ == "__main__":
