@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parser(sub)
     add_feedback_parser(sub)
 
+    from lmsmith.rag.cli import add_rag_parser
+
+    add_rag_parser(sub)
+
     from lmsmith.train.export_run import ExportConfig
 
     export = sub.add_parser("export", help="Export a run's tuned model: merged HF folder, peft adapter, or a "

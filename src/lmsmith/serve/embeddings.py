@@ -57,7 +57,29 @@ class Embedder:
 
     @property
     def dimensions(self) -> int:
-        return int(self._load().get_sentence_embedding_dimension())
+        model = self._load()
+        dims = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(dims())
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> Any:
+        """Normalized float32 vectors [len(texts), dims], on the calling thread (batch work: building a KB)."""
+        return self._load().encode(texts, convert_to_numpy=True, normalize_embeddings=True, batch_size=batch_size)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._load().tokenizer
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self._load().max_seq_length)
+
+    def fingerprint(self) -> str:
+        """What identifies the model's weights: its name, and each file's name and size."""
+        import hashlib
+
+        path = self._path or bundled_model_path()
+        files = sorted((str(file.relative_to(path)), file.stat().st_size) for file in path.rglob("*") if file.is_file())
+        return hashlib.sha256(repr((self.model_id, files)).encode()).hexdigest()[:16]
 
     def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
         model = self._load()

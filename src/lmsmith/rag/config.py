@@ -1,0 +1,48 @@
+"""Settings of a knowledge base (stored in its manifest) and of a search."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from lmsmith.schema import StrictModel
+
+FLAT_BELOW = 50_000  # chunks: exact search up to here, HNSW above (`index: auto`)
+
+
+class KBConfig(StrictModel):
+    """How documents become searchable chunks. Fixed when the KB is built: `lmsmith rag add` reuses it."""
+
+    embedding_model: str = Field(
+        "minilm", description="sentence-transformers model: minilm (bundled, offline) or a local folder "
+        "(e.g. bge-small-zh).")
+    chunk_tokens: Optional[int] = Field(
+        None, ge=8, description="Largest chunk, in the embedding model's tokens; none: its max sequence length up "
+        "to 512 (256 for MiniLM, 512 for BGE).")
+    overlap_tokens: int = Field(64, ge=0, description="Tokens of the previous chunk repeated at a chunk's start.")
+    split: Literal["sentences", "headings"] = Field(
+        "headings", description="sentences: token windows that end at sentence ends (。！？；.!?); headings: "
+        "the same within each markdown/html section, so no chunk spans two sections.")
+    index: Literal["auto", "flat", "hnsw"] = Field(
+        "auto", description=f"Dense index: flat (exact) or hnsw (approximate); auto: flat below {FLAT_BELOW:,} "
+        "chunks.")
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW: links per node.")
+    hnsw_ef_construction: int = Field(80, ge=8, description="HNSW: candidate list while building.")
+
+
+class SearchConfig(StrictModel):
+    """One search: how many chunks, and how dense and sparse rankings are fused."""
+
+    k: int = Field(5, ge=1, le=1000, description="Chunks returned.")
+    mode: Literal["hybrid", "dense", "sparse"] = Field("hybrid", description="Which retrievers rank.")
+    dense_weight: float = Field(1.0, ge=0, description="Weight of the dense ranking in reciprocal-rank fusion.")
+    sparse_weight: float = Field(1.0, ge=0, description="Weight of the BM25 ranking in reciprocal-rank fusion.")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank fusion constant: 1 / (rrf_k + rank).")
+    candidates: int = Field(50, ge=1, le=10_000, description="Chunks each retriever hands to fusion.")
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW: candidate list while searching.")
+    filter: list[str] = Field(
+        default_factory=list, description="KEY=VALUE: only chunks whose metadata holds it (keys: source, doc_id, "
+        "title, and a jsonl document's metadata fields); several must all hold.")
+    reranker: Optional[str] = Field(
+        None, description="A sentence-transformers cross-encoder folder that reorders the fused candidates.")
