@@ -535,12 +535,14 @@ def test_the_queue_is_bounded_by_waiting_prompt_tokens(tiny_model_dir):
         with running_server(app) as url:
             body = {"model": tiny_model_dir.name, "messages": QUESTION, "temperature": 0}
             replies: list[int] = []
-            long = {"model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 300, "temperature": 0}
+            long = {"model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0}
             threads = [threading.Thread(target=lambda: replies.append(httpx.post(
                 f"{url}/v1/completions", json=long, timeout=120).status_code)) for _ in range(2)]
             for thread in threads:  # one holds the slot, one waits with its prompt's tokens
                 thread.start()
-                time.sleep(0.15)
+            deadline = time.monotonic() + 10
+            while engine.stats()["waiting_tokens"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
             assert engine.stats()["waiting_tokens"] > 0
             pushed = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60)
             for thread in threads:

@@ -34,14 +34,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from lmsmith.cli_options import config_from_arguments
     from lmsmith.serve.api import serve_forever
+    from lmsmith.rag.grounding import RagSettings
     from lmsmith.serve.config import PushBack, ServeConfig
 
-    loras: dict[str, str] = {}
-    for item in args.lora:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"--lora {item!r}: expected NAME=PATH")
-        loras[name] = path
+    def named_paths(items: list[str], flag: str) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for item in items:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise UserError(f"{flag} {item!r}: expected NAME=PATH")
+            found[name] = path
+        return found
+
+    loras = named_paths(args.lora, "--lora")
     upstreams = [url.strip() for group in args.upstream for url in group.split(",") if url.strip()]
     if bool(args.path) + bool(upstreams) + bool(args.registry) != 1:
         raise UserError("lmsmith serve: give one of a model/run folder, --registry NAME or --upstream URL[,URL...], "
@@ -53,6 +58,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "packed_weights": args.packed_weights, "loras": loras, "variant": args.variant, "registry": args.registry, "upstreams": upstreams, "tokenizer": args.tokenizer,
         "health_check_interval_s": args.health_interval, "embedding_model": args.embedding_model,
         "push_back": config_from_arguments(args, PushBack, "lmsmith serve").model_dump(),
+        "kbs": named_paths(args.kb, "--kb"),
+        "rag": config_from_arguments(args, RagSettings, "lmsmith serve", prefix="rag").model_dump(),
         "cache": {"backend": args.cache, "max_entries": args.cache_size, "ttl_s": args.cache_ttl,
                   "redis_url": args.redis_url},
         "long_doc": {"auto": args.long_doc_auto, "max_input_tokens": args.long_doc_threshold,
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "memory again); default: when it fits in half the free memory.")
     serve.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                        help="Load a peft adapter at start; requests select it with model=NAME (repeatable).")
+    serve.add_argument("--kb", action="append", default=[], metavar="NAME=FOLDER",
+                       help="Serve model NAME: answers grounded in the knowledge base FOLDER (`lmsmith rag build`), "
+                            "with citations (repeatable).")
     serve.add_argument("--upstream", action="append", default=[], metavar="URL[,URL...]",
                        help="Front these OpenAI-compatible servers instead of loading a model (repeatable).")
     serve.add_argument("--health-interval", type=float, default=5.0, help="Upstream health checks, seconds.")
@@ -162,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_config_arguments(serve.add_argument_group("push-back: limits that answer 413/408/503 (docs/serving.md)"),
                          PushBack)
+    from lmsmith.rag.grounding import RagSettings
+
+    add_config_arguments(serve.add_argument_group("rag: how --kb models answer (docs/rag.md)"), RagSettings,
+                         prefix="rag")
     add_config_arguments(serve.add_argument_group("gateway: keys, roles, limits (docs/security.md)"), GatewayConfig)
     serve.set_defaults(func=_cmd_serve)
 

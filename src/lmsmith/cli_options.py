@@ -33,8 +33,9 @@ def _plain(annotation) -> tuple[Any, bool]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config: type[BaseModel],
-                         positional: tuple[str, ...] = ()) -> None:
-    """One argument per field of `config`: `positional` ones in order, the rest as `--field-name`."""
+                         positional: tuple[str, ...] = (), prefix: str = "") -> None:
+    """One argument per field of `config`: `positional` ones in order, the rest as `--field-name`
+    (`--PREFIX-field-name` with a prefix, for a config nested in a command's own)."""
     from pydantic import SecretStr
 
     for name, field in config.model_fields.items():
@@ -45,31 +46,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type[BaseModel
         if name in positional:
             parser.add_argument(name, help=help_text)
             continue
-        flag = "--" + name.replace("_", "-")
+        dest = f"{prefix}_{name}" if prefix else name
+        flag = "--" + dest.replace("_", "-")
         required = field.is_required()
         default = None if required else field.default
         shown = "" if required or default is None else f" (default: {default})"
         if typing.get_origin(annotation) is list:
-            parser.add_argument(flag, dest=name, action="append", required=required, default=None,
+            parser.add_argument(flag, dest=dest, action="append", required=required, default=None,
                                 metavar=name.upper(), help=help_text + " (repeatable)" + shown)
         elif annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text + shown)
         elif typing.get_origin(annotation) is typing.Literal:
-            parser.add_argument(flag, dest=name, choices=[str(arg) for arg in typing.get_args(annotation)],
+            parser.add_argument(flag, dest=dest, choices=[str(arg) for arg in typing.get_args(annotation)],
                                 required=required, default=None, help=help_text + shown)
         elif annotation in _SCALARS or isinstance(annotation, type) and issubclass(annotation, _SCALARS):
-            parser.add_argument(flag, dest=name, required=required, default=None, metavar=name.upper(),
+            parser.add_argument(flag, dest=dest, required=required, default=None, metavar=name.upper(),
                                 help=help_text + shown)
         else:
             raise TypeError(f"{config.__name__}.{name}: {annotation} has no command-line form")
 
 
 def config_from_arguments(args: argparse.Namespace, config: type[BaseModel], command: str,
-                          positional: tuple[str, ...] = ()) -> BaseModel:
+                          positional: tuple[str, ...] = (), prefix: str = "") -> BaseModel:
     """Validate the parsed arguments into `config`; unset flags keep the config's defaults, and `none`
     clears a field that may be None (an Optional limit: unbounded)."""
-    given = {name: getattr(args, name) for name in config.model_fields if getattr(args, name, None) is not None}
+    def dest(name: str) -> str:
+        return f"{prefix}_{name}" if prefix else name
+
+    given = {name: getattr(args, dest(name)) for name in config.model_fields if getattr(args, dest(name), None) is not None}
     for name, value in given.items():
         if value == "none" and _plain(config.model_fields[name].annotation)[1]:
             given[name] = None
@@ -78,5 +83,5 @@ def config_from_arguments(args: argparse.Namespace, config: type[BaseModel], com
     except ValidationError as exc:
         problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"])
-        flag = where if where in positional else "--" + where.replace("_", "-")
+        flag = where if where in positional else "--" + dest(where).replace("_", "-")
         raise UserError(f"{command}: {flag}: {problem['msg'].removeprefix('Value error, ')}") from None

@@ -24,6 +24,7 @@ PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/chat/completions"): GENERATE,
     ("POST", "/v1/completions"): GENERATE,
     ("POST", "/v1/embeddings"): GENERATE,
+    ("POST", "/v1/rag/search"): GENERATE,
     ("POST", "/v1/feedback"): GENERATE,
     ("GET", "/admin/loras"): OPERATE,
     ("POST", "/admin/loras"): OPERATE,
@@ -37,7 +38,8 @@ PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/admin/registry/{name}/rollback"): ADMIN,
 }
 # Routes whose request body names a model: a key scoped to some models may use only those.
-MODEL_SCOPED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings")})
+MODEL_SCOPED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+                          ("POST", "/v1/rag/search")})
 
 
 def allowed(method: str, template: str, role: str) -> bool:

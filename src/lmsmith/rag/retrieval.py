@@ -16,16 +16,22 @@ from typing import Any
 import numpy as np
 
 _WORD = re.compile(r"\w", re.U)
+# Function words that say nothing about what a passage is about: a question sharing only these with a
+# chunk does not match it.
+STOPWORDS = frozenset(
+    "的 了 是 在 和 与 及 或 也 都 就 而 为 以 于 对 把 被 从 到 由 这 那 其 之 个 些 有 多少 什么 哪 哪些 哪个 吗 呢 吧 啊 "
+    "我 你 他 她 它 我们 你们 他们 请 如何 怎么 怎样 是否 可以 能 会 a an the of to in on for and or is are was were be "
+    "by with as at from that this what which who how do does did".split())
 
 
 def words(text: str) -> list[str]:
-    """BM25 tokens: jieba's search-mode words, lowercased, without punctuation or white space."""
+    """BM25 tokens: jieba's search-mode words, lowercased, without punctuation, white space or STOPWORDS."""
     import logging
 
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
-    return [word for word in jieba.lcut_for_search(text.lower()) if _WORD.search(word)]
+    return [word for word in jieba.lcut_for_search(text.lower()) if _WORD.search(word) and word not in STOPWORDS]
 
 
 class DenseIndex:

@@ -55,6 +55,7 @@ from lmsmith.serve.protocol import (
     EmbeddingRequest,
     GenerationFields,
     Prompt,
+    RagSearchRequest,
     chat_choice,
     chunk_body,
     completion_body,
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
     from lmsmith.gateway.config import GatewayConfig
     from lmsmith.gateway.moderation import TermModerator
     from lmsmith.gateway.middleware import Gateway
+    from lmsmith.rag.grounding import GroundedModel
 
 log = logging.getLogger("lmsmith.serve")
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -172,13 +174,16 @@ def create_app(
     moderator: "TermModerator | None" = None,
     max_body_bytes: int = 8 * 1024 * 1024,
     body_timeout_s: float = 30.0,
+    kbs: "dict[str, GroundedModel] | None" = None,
 ) -> FastAPI:
     """The API over `client` (an `Engine` is wrapped in a `LocalClient` named `model_name`).
 
     Requests without max_tokens get `default_max_tokens`. The app starts the client with its lifespan and
     closes the client, the cache and the embedder when it stops. `gateway` (`lmsmith.gateway`) puts keys,
     roles and limits in front of every route; `moderator` checks requests and answers against a term list.
+    `kbs`: model names answered from a knowledge base with the client's model (`lmsmith.rag.grounding`).
     """
+    kbs = kbs or {}
     if isinstance(client, Engine):
         if model_name is None:
             raise ValueError("serving an Engine needs a model_name")
@@ -281,6 +286,8 @@ def create_app(
 
     def cards() -> list[dict[str, Any]]:
         listed = client.model_cards() if client.ready else []
+        if client.ready:
+            listed += [model_card(name, getattr(client, "created", 0), parent=client.model_name) for name in kbs]
         if embedder is not None:
             listed.append(model_card(embedder.model_id, getattr(client, "created", 0), owned_by="sentence-transformers"))
         return listed
@@ -472,14 +479,37 @@ def create_app(
         except StructureError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         messages = moderate_input(request, body.template_messages())
+        grounded = kbs.get(body.model)
+        model, grounding = body.model, None
+        if grounded is not None:
+            _require_ready(client)
+            try:
+                grounding = await grounded.ground(messages, client.tokenizer)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+            model, messages = client.model_name, grounding.messages
         generates = [
-            GenerateRequest(body.model, replace(_sampling(body, default_max_tokens, choice), grammar=plan.grammar),
+            GenerateRequest(model, replace(_sampling(body, default_max_tokens, choice), grammar=plan.grammar),
                             messages=messages, tools=body.template_tools())
             for choice in range(body.n or 1)
         ]
         top = (body.top_logprobs or 0) if body.logprobs else None
-        shape = ChatFormat(body.model, client, top, len(generates), tool_calls=plan.tools)
-        return await _answer(request, frontend, body, generates, shape)
+        shape = ChatFormat(body.model, client, top, len(generates), tool_calls=plan.tools,
+                           citations=grounding.citations if grounding is not None else None)
+        return await _answer(request, frontend, body, generates, shape,
+                             refusal=grounding.refusal if grounding is not None else None)
+
+    @app.post("/v1/rag/search")
+    async def rag_search(body: RagSearchRequest) -> dict[str, Any]:
+        grounded = kbs.get(body.model)
+        if grounded is None:
+            raise APIError(404, f"no knowledge base named {body.model!r}; this server has: "
+                                f"{', '.join(sorted(kbs)) or 'none'}", param="model", code="model_not_found")
+        try:
+            hits = await asyncio.to_thread(grounded.kb.search, body.query, body.search_config())
+        except UserError as exc:
+            raise APIError(400, str(exc), param="query") from None
+        return {"object": "list", "model": body.model, "data": [hit.body() for hit in hits]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -646,7 +676,7 @@ def _sampling(body: GenerationFields, default_max_tokens: int, choice: int) -> S
 
 
 async def _answer(request: Request, frontend: Frontend, body: GenerationFields, generates: list[GenerateRequest],
-                  shape: "ChatFormat | TextFormat") -> Any:
+                  shape: "ChatFormat | TextFormat", refusal: str | None = None) -> Any:
     """Open every answer (errors become HTTP errors here), then send them as SSE or as one JSON body.
 
     One request can hold several answers (n per prompt, several prompts): each is its own engine request,
@@ -659,7 +689,10 @@ async def _answer(request: Request, frontend: Frontend, body: GenerationFields, 
         where = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         raise APIError(400, f"long_doc{'.' + where if where else ''}: {message}", param="long_doc") from None
-    opened = await _unless_disconnected(request, _open_all(frontend, generates, long_doc, shape.endpoint))
+    if refusal is not None:  # answered without the model (a knowledge base that cannot back an answer)
+        opened: list[AsyncIterator[Chunk]] | None = [_said(refusal) for _ in generates]
+    else:
+        opened = await _unless_disconnected(request, _open_all(frontend, generates, long_doc, shape.endpoint))
     if opened is None:
         return _client_left()
     opened = request.app.state.moderate_output(request, opened)
@@ -698,6 +731,10 @@ async def _open_all(frontend: Frontend, generates: list[GenerateRequest], long_d
     return opened
 
 
+async def _said(text: str) -> AsyncIterator[Chunk]:
+    yield Chunk(text, 0, 0, "stop")
+
+
 def _client_left() -> JSONResponse:
     # Nobody reads this; 499 is the de-facto status for a request its client abandoned.
     return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
@@ -729,7 +766,7 @@ class ChatFormat:
     endpoint = "chat"
 
     def __init__(self, model: str, client: ModelClient, top_logprobs: int | None, choices: int,
-                 tool_calls: bool = False):
+                 tool_calls: bool = False, citations: list[dict[str, Any]] | None = None):
         self.model = model
         self.id = new_completion_id("chatcmpl")
         self.created = int(time.time())
@@ -738,6 +775,7 @@ class ChatFormat:
         # with tools offered, each choice's text is read for tool calls (streamed: as they complete)
         self._readers = {index: ToolCallReader() for index in range(choices)} if tool_calls else None
         self._calls_sent: dict[int, int] = {}
+        self.citations = citations  # the knowledge-base chunks the answer was grounded in
 
     def _logprob_body(self, chunk_or_completion: Chunk | Completion) -> dict[str, Any] | None:
         if self._logprobs is None:
@@ -755,11 +793,17 @@ class ChatFormat:
                                          "tool_calls": [call.body() for call in calls]}
                     choice["finish_reason"] = _with_calls(completion.finish_reason)
             choices.append(choice)
-        return completion_body(self.id, self.model, choices, _usage(completions, self.per_prompt))
+        body = completion_body(self.id, self.model, choices, _usage(completions, self.per_prompt))
+        if self.citations is not None:
+            body["citations"] = self.citations
+        return body
 
     def opening(self, index: int, include_usage: bool) -> dict[str, Any] | None:
-        return chunk_body(self.id, self.created, self.model, {"role": "assistant", "content": ""},
-                          with_usage_field=include_usage, index=index)
+        event = chunk_body(self.id, self.created, self.model, {"role": "assistant", "content": ""},
+                           with_usage_field=include_usage, index=index)
+        if self.citations is not None and index == 0:  # the sources come before the answer
+            event["citations"] = self.citations
+        return event
 
     def pieces(self, index: int, chunk: Chunk, include_usage: bool) -> list[dict[str, Any]]:
         if self._readers is None:
@@ -1163,6 +1207,23 @@ def open_gateway(config: ServeConfig, gateway_config: "GatewayConfig") -> "Gatew
     return gateway
 
 
+def open_knowledge_bases(config: ServeConfig) -> "dict[str, GroundedModel]":
+    """The `--kb NAME=FOLDER` models, opened (and checked) before the server listens."""
+    if config.kbs and config.upstreams:
+        raise UserError("--kb: knowledge-base models answer with the local model; they do not apply to upstreams")
+    from lmsmith.rag.grounding import GroundedModel
+
+    kbs = {}
+    for name, folder in config.kbs.items():
+        if name in config.loras:
+            raise UserError(f"--kb {name}: an adapter has that name already")
+        try:
+            kbs[name] = GroundedModel(name, folder, config.rag)
+        except ValueError as exc:
+            raise UserError(f"--kb {name}={folder}: {exc}") from None
+    return kbs
+
+
 def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: "GatewayConfig | None" = None) -> None:
     """`lmsmith serve`: serve a run folder's or model folder's model (or front upstreams) until interrupted.
 
@@ -1187,10 +1248,11 @@ def serve_forever(path: str | Path | None, config: ServeConfig, gateway_config: 
     else:
         client, load = build_client(path, config, adapter_root)
     embedder = None if config.embedding_model == "none" else Embedder(config.embedding_model)
+    kbs = open_knowledge_bases(config)
     app = create_app(client, default_max_tokens=config.max_new_tokens, cache=build_cache(config.cache),
                      long_doc=config.long_doc, embedder=embedder, gateway=gateway, moderator=moderator,
                      max_body_bytes=int(config.push_back.max_body_mb * 1024 * 1024),
-                     body_timeout_s=config.push_back.body_timeout_s)
+                     body_timeout_s=config.push_back.body_timeout_s, kbs=kbs)
     sock = bind_socket(config.host, config.port)
     url = base_url(sock)
     server = _uvicorn_server(app, log_level="info", header_timeout_s=config.push_back.header_timeout_s)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from lmsmith.rag.grounding import RagSettings
 from lmsmith.schema import StrictModel
 
 if TYPE_CHECKING:
@@ -140,6 +141,10 @@ class ServeConfig(StrictModel):
     embedding_model: str = Field(
         "minilm", description="sentence-transformers model for /v1/embeddings: minilm (bundled), a folder, or none."
     )
+    kbs: dict[str, str] = Field(
+        default_factory=dict, description="Model names answered from a knowledge base with the served model, "
+        "name -> KB folder (`lmsmith rag build`).")
+    rag: RagSettings = Field(default_factory=RagSettings)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     long_doc: LongDocConfig = Field(default_factory=LongDocConfig)
 
@@ -150,7 +155,7 @@ class ServeConfig(StrictModel):
                             prefill_chunk=self.prefill_chunk, cuda_graphs=self.cuda_graphs,
                             packed_weights=self.packed_weights, max_queue_wait_s=self.push_back.max_queue_wait_s)
 
-    @field_validator("loras")
+    @field_validator("loras", "kbs")
     @classmethod
     def _adapter_names_are_model_ids(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:

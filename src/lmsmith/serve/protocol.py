@@ -498,6 +498,29 @@ class EmbeddingRequest(BaseModel):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+class RagSearchRequest(BaseModel):
+    """`POST /v1/rag/search`: the chunks a knowledge-base model name would ground an answer in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=256, description="A knowledge-base model name (`lmsmith serve --kb NAME=KB`).")
+    query: str = Field(min_length=1, max_length=20_000)
+    k: int = Field(5, ge=1, le=100)
+    mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    filter: list[str] = Field(default_factory=list, max_length=32, description="KEY=VALUE metadata filters.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        check_text(value)
+        return value
+
+    def search_config(self) -> Any:
+        from lmsmith.rag.config import SearchConfig
+
+        return SearchConfig(k=self.k, mode=self.mode, filter=self.filter)
+
+
 class KeyCreate(BaseModel):
     """`POST /admin/keys` (the fields of `lmsmith keys create`)."""
 
