@@ -124,6 +124,16 @@ def extract_number(text: str) -> float | None:
     letter is a range or a dash, not a sign ("2022-2023"). An unsigned number right after a word of
     decrease ("下降3.2%") is negative.
     """
+    found = numbers_in(text)
+    if not found:
+        return None
+    percentages = [value for value, is_percent in found if is_percent]
+    return percentages[-1] if percentages else found[-1][0]
+
+
+def numbers_in(text: str) -> list[tuple[float, bool]]:
+    """Every number in `text` as (value in base units, whether it is a percentage), in order; the sign
+    rules are `extract_number`'s."""
     text = normalize_numeric_text(text)
     found: list[tuple[float, bool]] = []
     for match in _NUMBER.finditer(text):
@@ -137,10 +147,12 @@ def extract_number(text: str) -> float | None:
         elif sign is None and _DECREASE.search(before[-12:]):
             value = -value
         found.append((value, match.group("percent") is not None))
-    if not found:
-        return None
-    percentages = [value for value, is_percent in found if is_percent]
-    return percentages[-1] if percentages else found[-1][0]
+    return found
+
+
+def holds_number(text: str, expected: float, rel_tol: float) -> bool:
+    """Whether any number in `text` equals `expected` within `rel_tol` (a passage that states the answer)."""
+    return any(abs(value - expected) <= max(rel_tol * abs(expected), 0.005) for value, _ in numbers_in(text))
 
 
 def numeric_match(text: str, expected: float, rel_tol: float) -> bool:

@@ -36,6 +36,7 @@ from lmsmith.errors import UserError
 from lmsmith.eval.tasks import (
     ChoiceQuestion,
     LabeledText,
+    RelevanceJudgement,
     Reference,
     TaggedSentence,
     TaskConfig,
@@ -261,11 +262,55 @@ def score_multiple_choice(task: TaskConfig, backend, items: list[ChoiceQuestion]
     return scores
 
 
+def answer_items(task: TaskConfig, backend, items: list[Reference]) -> tuple[list[str], list[Any]]:
+    """The model's answers, and each item's grounding when the task has a kb (else None): the kb's chunks go
+    into the prompt as `lmsmith serve --kb` puts them, and a question the kb cannot back gets its refusal
+    without asking the model."""
+    if task.kb is None:
+        return backend.answers([item.messages for item in items], task.max_new_tokens,
+                               f"{task.name}: answers"), [None] * len(items)
+    from lmsmith.rag.grounding import GroundedModel, RagSettings
+
+    grounded = GroundedModel(task.name, task.kb, RagSettings(top_k=task.kb_top_k))
+    groundings = [grounded.ground_now(list(item.messages)) for item in items]
+    asked = [index for index, grounding in enumerate(groundings) if grounding.refusal is None]
+    texts = backend.answers([groundings[index].messages for index in asked], task.max_new_tokens,
+                            f"{task.name}: answers with {Path(task.kb).name}")
+    answers = [grounding.refusal or "" for grounding in groundings]
+    for index, text in zip(asked, texts):
+        answers[index] = text
+    return answers, groundings
+
+
+def kb_scores(groundings: list[Any], answers: list[str], truths: list[float], rel_tol: float) -> dict[str, Any]:
+    """How the kb served a numeric task: context_recall (the retrieved chunks state the truth), refusals,
+    citation_rate (answers citing a chunk as [n]) and citation_precision (cited chunks that state the truth)."""
+    import re
+
+    from lmsmith.eval.metrics import holds_number
+
+    recall = [100.0 * any(holds_number(c["text"], truth, rel_tol) for c in g.citations)
+              for g, truth in zip(groundings, truths)]
+    scores: dict[str, Any] = {}
+    scores["context_recall"], scores["context_recall_stderr"] = _mean_with_stderr(recall)
+    scores["refusal_rate"] = 100.0 * sum(g.refusal is not None for g in groundings) / len(groundings)
+    cited_total = cited_right = citing = 0
+    for grounding, answer, truth in zip(groundings, answers, truths):
+        numbers = {int(n) for n in re.findall(r"\[(\d+)\]", answer)}
+        cited = [c for c in grounding.citations if c["index"] in numbers]
+        citing += bool(cited)
+        cited_total += len(cited)
+        cited_right += sum(holds_number(c["text"], truth, rel_tol) for c in cited)
+    scores["citation_rate"] = 100.0 * citing / len(groundings)
+    scores["citation_precision"] = 100.0 * cited_right / cited_total if cited_total else None
+    return scores
+
+
 def score_generation(task: TaskConfig, backend, items: list[Reference]) -> dict[str, Any]:
     from lmsmith.eval.metrics import bleu4, chrf, corpus_statistics, edit_rates, exact_match, rouge_l_scores
     from lmsmith.eval.stats import bootstrap_stderr_of_sums
 
-    answers = backend.answers([item.messages for item in items], task.max_new_tokens, f"{task.name}: answers")
+    answers, _ = answer_items(task, backend, items)
     references = [item.reference for item in items]
     scores: dict[str, Any] = {"items": len(items)}
     for name, values in (("rougeL", rouge_l_scores(answers, references)), ("exact_match", exact_match(answers, references)),
@@ -290,11 +335,42 @@ def score_numeric(task: TaskConfig, backend, items: list[Reference]) -> dict[str
             raise UserError(f"{task.dataset}: item {item.id} has no numeric truth (answer.value, or a number in "
                             "its reference)")
         truths.append(truth)
-    texts = backend.answers([item.messages for item in items], task.max_new_tokens, f"{task.name}: answers")
+    texts, groundings = answer_items(task, backend, items)
     values = [100.0 * numeric_match(text, truth, task.rel_tol) for text, truth in zip(texts, truths)]
     scores: dict[str, Any] = {"items": len(items)}
     scores["numeric_acc"], scores["numeric_acc_stderr"] = _mean_with_stderr(values)
     scores["no_number_rate"] = 100.0 * sum(extract_number(text) is None for text in texts) / len(items)
+    if task.kb is not None:
+        scores |= kb_scores(groundings, texts, truths, task.rel_tol)
+    return scores
+
+
+def score_retrieval(task: TaskConfig, backend, items: list[RelevanceJudgement]) -> dict[str, Any]:
+    """recall@k (share of an item's relevant documents in the top k), MRR (1 / rank of the first relevant
+    document, 0 past the candidates) and nDCG@k (binary gains), each with a bootstrap standard error;
+    documents are ranked by their best chunk."""
+    from lmsmith.rag.config import SearchConfig
+    from lmsmith.rag.kb import KnowledgeBase
+
+    kb = KnowledgeBase.open(task.kb)
+    k = task.retrieval_k
+    settings = SearchConfig(k=max(k * 4, 50), candidates=max(k * 4, 50))
+    recall, mrr, ndcg = [], [], []
+    for item in items:
+        ranked: list[str] = []
+        for hit in kb.search(item.query, settings):
+            if hit.chunk["doc_id"] not in ranked:
+                ranked.append(hit.chunk["doc_id"])
+        relevant = set(item.relevant)
+        recall.append(100.0 * len(relevant & set(ranked[:k])) / len(relevant))
+        first = next((rank for rank, doc in enumerate(ranked, start=1) if doc in relevant), None)
+        mrr.append(100.0 / first if first else 0.0)
+        gain = sum(1 / math.log2(rank + 1) for rank, doc in enumerate(ranked[:k], start=1) if doc in relevant)
+        ideal = sum(1 / math.log2(rank + 1) for rank in range(1, min(len(relevant), k) + 1))
+        ndcg.append(100.0 * gain / ideal)
+    scores: dict[str, Any] = {"items": len(items)}
+    for name, values in ((f"recall@{k}", recall), ("mrr", mrr), (f"ndcg@{k}", ndcg)):
+        scores[name], scores[f"{name}_stderr"] = _mean_with_stderr(values)
     return scores
 
 
@@ -423,7 +499,7 @@ def evaluate_task(task: TaskConfig, backend) -> dict[str, Any]:
     if task.type == "multiple_choice":
         return score_multiple_choice(task, backend, items, shots)
     scorer = {"generate": score_generation, "numeric": score_numeric, "classification": score_classification,
-              "extraction": score_extraction, "perplexity": score_perplexity}[task.type]
+              "extraction": score_extraction, "perplexity": score_perplexity, "retrieval": score_retrieval}[task.type]
     return scorer(task, backend, items)
 
 

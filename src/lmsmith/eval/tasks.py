@@ -15,7 +15,8 @@ Layouts read:
   read from the reference text (`12.5亿元` is 1.25e9);
 - `text_label`: a CSV with columns text and label, or JSONL `{"text", "label"}` (classification);
 - `documents`: JSONL `{"text"}` or a .txt file, one document per blank-line-separated block (perplexity);
-- `conll`: one `token tag` pair a line (BIO tags last), a blank line between sentences (extraction).
+- `conll`: one `token tag` pair a line (BIO tags last), a blank line between sentences (extraction);
+- `qrels`: JSONL `{"query", "relevant": [document ids]}` (retrieval against the task's `kb`).
 """
 
 from __future__ import annotations
@@ -43,14 +44,16 @@ class TaskConfig(StrictModel):
     """One eval task: where its items come from, how they are asked, and how answers are scored."""
 
     name: str = Field(..., description="Task name in results and tables.")
-    type: Literal["multiple_choice", "generate", "numeric", "classification", "extraction", "perplexity"] = Field(
+    type: Literal["multiple_choice", "generate", "numeric", "classification", "extraction", "perplexity",
+                  "retrieval"] = Field(
         ..., description="multiple_choice: options scored by log-likelihood and/or by generation; generate: free "
         "answers against references; numeric: the answer's number against the truth within rel_tol; "
         "classification: a label per text (by log-likelihood or generation); extraction: entities listed by "
-        "the model against BIO-tagged text; perplexity: on documents.")
+        "the model against BIO-tagged text; perplexity: on documents; retrieval: the kb's ranking of each "
+        "query against its relevant documents (recall@k, MRR, nDCG@k; the model is not asked).")
     dataset: InputPath = Field(..., description="The items' file (relative paths: from the task file's folder).")
     format: Literal["auto", "mc_csv", "mc_jsonl", "alpaca", "sharegpt", "messages", "text_label", "documents",
-                    "conll"] = Field(
+                    "conll", "qrels"] = Field(
         "auto", description="auto: from the suffix (.csv: mc_csv) and the first record's keys.")
     prompt: Optional[str] = Field(None, description="multiple_choice: the question's template with {question} and "
                                   "{options} (one 'A. text' line each), default '{question}\\n{options}\\n答案：'; "
@@ -73,6 +76,11 @@ class TaskConfig(StrictModel):
     few_shot_file: Optional[InputPath] = Field(None, description="Where the few-shot examples come from.")
     limit: Optional[int] = Field(None, ge=1, description="Score only the first N items.")
     max_new_tokens: int = Field(64, ge=1, description="Answer length cap when generating.")
+    kb: Optional[InputPath] = Field(
+        None, description="A knowledge base (`lmsmith rag build`): generate and numeric tasks answer with its "
+        "chunks in the prompt, as `lmsmith serve --kb` does; retrieval tasks rank it.")
+    kb_top_k: int = Field(4, ge=1, le=50, description="generate/numeric with a kb: chunks in the prompt.")
+    retrieval_k: int = Field(10, ge=1, le=1000, description="retrieval: the cut-off k of recall@k and nDCG@k.")
 
     @model_validator(mode="after")
     def _fits_type(self) -> "TaskConfig":
@@ -87,6 +95,10 @@ class TaskConfig(StrictModel):
             raise ValueError("labels apply to classification tasks only")
         if not self.scoring:
             raise ValueError("scoring: name at least one of loglikelihood, generate")
+        if self.kb is not None and self.type not in ("generate", "numeric", "retrieval"):
+            raise ValueError("kb applies to generate, numeric and retrieval tasks only")
+        if self.type == "retrieval" and self.kb is None:
+            raise ValueError("kb: a retrieval task ranks a knowledge base; name its folder")
         if self.prompt is not None:
             import string
 
@@ -139,6 +151,15 @@ class TaggedSentence:
     id: str
     tokens: tuple[str, ...]
     tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RelevanceJudgement:
+    """A retrieval item: the query and the ids of the documents that answer it."""
+
+    id: str
+    query: str
+    relevant: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -300,7 +321,8 @@ def _detect(path: Path) -> str:
     for _, row in iter_jsonl(path):
         for keys, layout in ((("question",), "mc_jsonl"), (("instruction", "output"), "alpaca"),
                              (("conversations",), "sharegpt"), (("messages",), "messages"),
-                             (("text", "label"), "text_label"), (("text",), "documents")):
+                             (("text", "label"), "text_label"), (("text",), "documents"),
+                             (("query", "relevant"), "qrels")):
             if all(key in row for key in keys):
                 return layout
         raise UserError(f"{path}:1: cannot tell the layout from keys {sorted(row)}; set format")
@@ -314,7 +336,20 @@ LAYOUTS = {
     "classification": ("text_label",),
     "extraction": ("conll",),
     "perplexity": ("documents",),
+    "retrieval": ("qrels",),
 }
+
+
+def _qrels(path: Path) -> list[RelevanceJudgement]:
+    items = []
+    for number, row in iter_jsonl(path):
+        relevant = row.get("relevant")
+        if not isinstance(row.get("query"), str) or not row["query"].strip():
+            raise UserError(f"{path}:{number}: 'query' must be a non-empty string")
+        if not isinstance(relevant, list) or not relevant or not all(isinstance(doc, str) for doc in relevant):
+            raise UserError(f"{path}:{number}: 'relevant' must be a non-empty list of document ids")
+        items.append(RelevanceJudgement(str(row.get("id", number)), row["query"], tuple(relevant)))
+    return items
 
 
 def read_items(task: TaskConfig, path: Path | None = None) -> list:
@@ -335,6 +370,8 @@ def read_items(task: TaskConfig, path: Path | None = None) -> list:
         items = _documents(path)
     elif layout == "conll":
         items = _conll(path)
+    elif layout == "qrels":
+        items = _qrels(path)
     else:
         items = _references(path, layout)
     if not items:

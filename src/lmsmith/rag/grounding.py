@@ -58,9 +58,11 @@ class GroundedModel:
             raise ValueError("rag prompt: it must hold {context}, where the chunks go")
 
     async def ground(self, messages: list[dict[str, Any]], tokenizer: Any) -> Grounding:
-        return await asyncio.to_thread(self._ground, messages, tokenizer)
+        return await asyncio.to_thread(self.ground_now, messages, tokenizer)
 
-    def _ground(self, messages: list[dict[str, Any]], tokenizer: Any) -> Grounding:
+    def ground_now(self, messages: list[dict[str, Any]], tokenizer: Any = None) -> Grounding:
+        """`ground` on the calling thread (batch work: evaluation); without a tokenizer the budget counts
+        characters."""
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user" and m["content"].strip()), None)
         if query is None:
             raise ValueError("messages: a knowledge-base model needs a user message to search for")
