@@ -320,7 +320,8 @@ def test_eval_stage_writes_the_finance_suite_held_out_of_the_runs_companies(tmp_
     paths = task_files(["finance-suite"], ctx, tmp_path / "tasks", max_items=5)
     tasks = [load_task(path) for path in paths]
     assert [task.name for task in tasks] == ["finance-mc", "finance-yoy", "finance-entities", "finance-report",
-                                             "finance-news"]
+                                             "finance-news", "finance-kbqa", "finance-kbqa-closed",
+                                             "finance-retrieval"]
     assert all(task.limit == 5 for task in tasks)
     suite_text = "".join((tmp_path / "tasks" / "finance-suite").glob("*.jsonl").__next__().read_text()
                          for _ in range(1))

@@ -29,10 +29,10 @@ def test_retrieval_metrics_match_hand_computed_values(tmp_path, monkeypatch):
                      + json.dumps({"query": "q2", "relevant": ["c"]}) + "\n")
     task = TaskConfig(name="r", type="retrieval", dataset=qrels, kb=tmp_path, retrieval_k=2)
     scores = evaluate_task(task, backend=None)
-    assert scores["recall@2"] == pytest.approx((50.0 + 0.0) / 2)  # q1: a in the top 2, b not
+    assert scores["k"] == 2 and scores["recall_at_k"] == pytest.approx((50.0 + 0.0) / 2)  # q1: a in the top 2, b not
     assert scores["mrr"] == pytest.approx((100.0 + 0.0) / 2)
     ideal = 1 + 1 / 1.584962500721156  # two relevant documents: gains at ranks 1 and 2
-    assert scores["ndcg@2"] == pytest.approx((100.0 * 1 / ideal + 0.0) / 2)
+    assert scores["ndcg_at_k"] == pytest.approx((100.0 * 1 / ideal + 0.0) / 2)
 
 
 class CopyingModel:

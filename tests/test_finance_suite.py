@@ -24,10 +24,11 @@ def suite(tmp_path_factory):
 
 def test_tasks_and_their_sizes_bound_the_standard_error(suite):
     _, tasks = suite
-    assert list(tasks) == ["finance-mc", "finance-yoy", "finance-entities", "finance-report", "finance-news"]
+    assert list(tasks) == ["finance-mc", "finance-yoy", "finance-entities", "finance-report", "finance-news",
+                           "finance-kbqa", "finance-kbqa-closed", "finance-retrieval"]
     sizes = {name: len(read_items(task)) for name, task in tasks.items()}
     # 0/1 scores: the worst case (p = 0.5) standard error sqrt(p(1-p)/n) stays under 3 points.
-    for name in ("finance-mc", "finance-yoy", "finance-news"):
+    for name in ("finance-mc", "finance-yoy", "finance-news", "finance-kbqa", "finance-retrieval"):
         assert 100 * math.sqrt(0.25 / sizes[name]) < 3.0, (name, sizes[name])
     assert sizes["finance-entities"] >= 140 and sizes["finance-report"] == 60
 

@@ -87,4 +87,4 @@ def test_a_system_message_is_kept_after_the_sources(tmp_path):
     grounding = GroundedModel("kb", folder).ground_now(
         [{"role": "system", "content": "回答要简短。"}, {"role": "user", "content": QUESTION}], None)
     assert grounding.messages[0]["role"] == "system" and grounding.messages[0]["content"].endswith("回答要简短。")
-    assert "[1] huaxin.txt" in grounding.messages[0]["content"] and len(grounding.messages) == 2
+    assert "[1] huaxin\n华信银行" in grounding.messages[0]["content"] and len(grounding.messages) == 2

@@ -37,7 +37,10 @@ NOISE_LABELS = (
     "fragment",
     "pii",
 )
-TASKS = ("report", "yoy", "entities")
+TASKS = ("report", "yoy", "entities", "kbqa")
+KBQA_SEED_OFFSET = 104_729  # grounded questions draw from a stream of their own: the other data stays as it was
+KBQA_FORMS = ("{name}{year}年{metric}是多少？", "请问{name}{year}年的{metric}为多少？",
+              "{name}在{year}年的{metric}是多少？")
 
 # Chance that a base document is damaged in place, and chances of each extra noisy document it spawns.
 # Together they put about 18% of all documents in the noisy class.
@@ -736,7 +739,52 @@ def generate(seed: int = 0, companies: int = 60, years: int = 5) -> FinanceDatas
                 instructions.extend(_yoy_instruction(ctx, metric, rng) for metric in metrics)
             instructions.append(_entities_instruction(ctx, rng))
             previous = statement
+    instructions += kbqa_instructions(company_list, statements, instructions, random.Random(seed + KBQA_SEED_OFFSET))
     return FinanceDataset(company_list, statements, writer.documents, instructions)
+
+
+def report_title(company: Company, year: int) -> str:
+    """The title of a company-year's report paragraph, as a knowledge base of reports labels it."""
+    return f"{company.name}{year}年业绩摘要"
+
+
+def kbqa_instructions(companies: list[Company], statements: list[Statement], instructions: list[Instruction],
+                      rng: random.Random, share: float = 0.5) -> list[Instruction]:
+    """Questions answered from numbered sources, in the form `lmsmith serve --kb` grounds them: the
+    company-year's report paragraph among two others, the answer the figure with the source's number."""
+    from lmsmith.rag.grounding import DEFAULT_PROMPT, source_block, with_sources
+
+    by_ticker = {company.ticker: company for company in companies}
+    by_key = {(s.ticker, s.year): s for s in statements}
+    reports = [row for row in instructions if row.task == "report"]
+    found = []
+    for row in reports:
+        if len(reports) < 3 or rng.random() >= share:
+            continue
+        ticker, year = row.id.removeprefix("fin-report-").rsplit("-", 1)
+        company, statement = by_ticker[ticker], by_key[(ticker, int(year))]
+        sources = [row, *rng.sample([other for other in reports if other is not row], 2)]
+        rng.shuffle(sources)
+
+        def label(source: Instruction) -> str:
+            source_ticker, source_year = source.id.removeprefix("fin-report-").rsplit("-", 1)
+            return report_title(by_ticker[source_ticker], int(source_year))
+
+        blocks = [source_block(index, label(source), source.answer["text"]) for index, source in enumerate(sources, 1)]
+        metric = rng.choice(METRICS)
+        question = rng.choice(KBQA_FORMS).format(name=company.name, year=year, metric=metric.zh)
+        value = statement.amount(metric)
+        found.append(Instruction(
+            id=f"fin-kbqa-{ticker}-{year}-{metric.key}",
+            task="kbqa",
+            group=statement.group,
+            messages=[{"role": "system", "content": with_sources(DEFAULT_PROMPT, blocks)},
+                      {"role": "user", "content": question},
+                      {"role": "assistant",
+                       "content": f"{company.name}{year}年{metric.zh}为{yi(value)}[{sources.index(row) + 1}]。"}],
+            answer={"value": float(value), "source": f"report-{ticker}-{year}"},
+        ))
+    return found
 
 
 def write_jsonl(dataset: FinanceDataset, out_dir: str | Path) -> dict[str, Path]:

@@ -11,9 +11,14 @@ training. Tasks (the file each is written to):
 - `finance-entities`: company, metric, amount and date entities in Chinese disclosures, gold BIO tags
   per character (CoNLL), asked as the training data asks (a JSON answer);
 - `finance-report`: the report paragraph for a company-year, against the reference paragraph;
-- `finance-news`: news items classified by the direction of revenue (增长 / 下降).
+- `finance-news`: news items classified by the direction of revenue (增长 / 下降);
+- `finance-kbqa` / `finance-kbqa-closed`: a figure of a held-out company-year (营业收入, 总资产, ...),
+  asked with the knowledge base `finance-kb` (the held-out companies' report paragraphs, built with
+  `lmsmith.rag`) grounding the answer, and the same questions without it: facts only the KB holds;
+- `finance-retrieval`: the same questions against the KB, each relevant to its company-year's report.
 
-The training data teaches the yoy, entities and report forms; multiple choice and news classification
+The training data teaches the yoy, entities, report and grounded-answer (kbqa, on the training
+companies' reports) forms; multiple choice and news classification
 are not trained, so they show what tuning does to what it did not teach. Item counts are chosen so a
 score's standard error stays under 3 points on 0–100. Every text goes through `rewrite` first: the run's
 own cleaning operators (`lmsmith.data.ops.rewriter`), so the items read the way the training text did
@@ -46,6 +51,7 @@ class SuiteSizes:
     entities: int = 150
     report: int = 60
     news: int = 300
+    kbqa: int = 280
 
 
 # (concept, what it measures, the other three answers) for the terms questions
@@ -222,6 +228,31 @@ def _rewritten_record(row: dict, rewrite: Rewrite) -> dict:
     return row | {"messages": [message | {"content": rewrite(message["content"])} for message in row["messages"]]}
 
 
+KB_NAME = "finance-kb"
+
+
+def _write_knowledge_base(folder: Path, held_out: FinanceDataset, by_task: dict[str, list[dict]], count: int,
+                          rewrite: Rewrite) -> None:
+    """The held-out companies' report paragraphs as a knowledge base, and the kbqa and retrieval items
+    about them (questions only: the kb supplies the sources)."""
+    from lmsmith.datasets.finance import report_title
+    from lmsmith.rag.kb import KnowledgeBase
+
+    names = {company.ticker: company for company in held_out.companies}
+    documents = []
+    for row in by_task.get("report", []):
+        ticker, year = row["id"].removeprefix("fin-report-").rsplit("-", 1)
+        documents.append({"id": f"report-{ticker}-{year}", "title": report_title(names[ticker], int(year)),
+                          "text": row["messages"][-1]["content"]})
+    _write_jsonl(folder / f"{KB_NAME}.jsonl", documents)
+    questions = [row | {"messages": row["messages"][1:]} for row in by_task.get("kbqa", [])][:count]
+    _write_jsonl(folder / "finance-kbqa.jsonl", questions)
+    _write_jsonl(folder / "finance-retrieval.jsonl", [
+        {"id": row["id"], "query": row["messages"][0]["content"], "relevant": [row["answer"]["source"]]}
+        for row in questions])
+    KnowledgeBase.build([folder / f"{KB_NAME}.jsonl"], folder / KB_NAME)
+
+
 def write_suite(folder: str | Path, seed: int = 0, train_companies: Optional[int] = 60, years: int = 5,
                 sizes: SuiteSizes = SuiteSizes(), rewrite: Rewrite = _unchanged) -> list[Path]:
     """Write the suite's data and task YAML files into `folder`; returns the task files in order."""
@@ -242,6 +273,7 @@ def write_suite(folder: str | Path, seed: int = 0, train_companies: Optional[int
                         for sentence in _entity_sentences(held_out, sizes.entities, rewrite))
     (folder / "finance-entities.conll").write_text(conll + "\n", encoding="utf-8")
     _write_jsonl(folder / "finance-news.jsonl", _news_items(held_out, sizes.news, rewrite))
+    _write_knowledge_base(folder, held_out, by_task, sizes.kbqa, rewrite)
 
     from lmsmith.eval.tasks import CLASSIFY_PROMPT, MC_PROMPT
 
@@ -257,5 +289,11 @@ def write_suite(folder: str | Path, seed: int = 0, train_companies: Optional[int
          "max_new_tokens": 160},
         {"name": "finance-news", "type": "classification", "dataset": "finance-news.jsonl", "format": "text_label",
          "labels": list(NEWS_LABELS), "prompt": rewrite(CLASSIFY_PROMPT)},
+        {"name": "finance-kbqa", "type": "numeric", "dataset": "finance-kbqa.jsonl", "format": "messages",
+         "kb": KB_NAME, "kb_top_k": 3, "rel_tol": 0.01, "max_new_tokens": 48},
+        {"name": "finance-kbqa-closed", "type": "numeric", "dataset": "finance-kbqa.jsonl", "format": "messages",
+         "rel_tol": 0.01, "max_new_tokens": 48},
+        {"name": "finance-retrieval", "type": "retrieval", "dataset": "finance-retrieval.jsonl", "kb": KB_NAME,
+         "retrieval_k": 3},
     ]
     return [_write_task(folder, spec) for spec in specs]

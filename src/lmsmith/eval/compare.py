@@ -27,7 +27,9 @@ HEADLINES = {
     "generate": ("rougeL", "chrf", "edit_rate"),
     "classification": ("acc", "macro_f1", "gen_acc"),
     "perplexity": ("perplexity",),
+    "retrieval": ("recall_at_k", "mrr", "ndcg_at_k"),
 }
+MODEL_INDEPENDENT = {"retrieval"}  # task types scored without the model: the same for every row
 LOWER_IS_BETTER = {"perplexity", "edit_rate", "extraction_failure_rate"}
 
 
@@ -186,6 +188,8 @@ def beats(results: dict[str, Any], better: str, worse: str) -> dict[str, bool]:
     """Per headline column: is `better` ahead of `worse` by more than both standard errors together?"""
     verdict = {}
     for task, metric in headline_columns(results):
+        if results["tasks"][task]["type"] in MODEL_INDEPENDENT:
+            continue
         scores = results["tasks"][task]["scores"]
         a, b = scores.get(better, {}), scores.get(worse, {})
         if metric not in a or metric not in b:

@@ -346,8 +346,8 @@ def score_numeric(task: TaskConfig, backend, items: list[Reference]) -> dict[str
 
 
 def score_retrieval(task: TaskConfig, backend, items: list[RelevanceJudgement]) -> dict[str, Any]:
-    """recall@k (share of an item's relevant documents in the top k), MRR (1 / rank of the first relevant
-    document, 0 past the candidates) and nDCG@k (binary gains), each with a bootstrap standard error;
+    """recall_at_k (share of an item's relevant documents in the top k), MRR (1 / rank of the first relevant
+    document, 0 past the candidates) and ndcg_at_k (binary gains), each with a bootstrap standard error;
     documents are ranked by their best chunk."""
     from lmsmith.rag.config import SearchConfig
     from lmsmith.rag.kb import KnowledgeBase
@@ -368,8 +368,8 @@ def score_retrieval(task: TaskConfig, backend, items: list[RelevanceJudgement]) 
         gain = sum(1 / math.log2(rank + 1) for rank, doc in enumerate(ranked[:k], start=1) if doc in relevant)
         ideal = sum(1 / math.log2(rank + 1) for rank in range(1, min(len(relevant), k) + 1))
         ndcg.append(100.0 * gain / ideal)
-    scores: dict[str, Any] = {"items": len(items)}
-    for name, values in ((f"recall@{k}", recall), ("mrr", mrr), (f"ndcg@{k}", ndcg)):
+    scores: dict[str, Any] = {"items": len(items), "k": k}
+    for name, values in (("recall_at_k", recall), ("mrr", mrr), ("ndcg_at_k", ndcg)):
         scores[name], scores[f"{name}_stderr"] = _mean_with_stderr(values)
     return scores
 

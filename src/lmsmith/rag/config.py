@@ -36,7 +36,10 @@ class SearchConfig(StrictModel):
 
     k: int = Field(5, ge=1, le=1000, description="Chunks returned.")
     mode: Literal["hybrid", "dense", "sparse"] = Field("hybrid", description="Which retrievers rank.")
-    dense_weight: float = Field(1.0, ge=0, description="Weight of the dense ranking in reciprocal-rank fusion.")
+    dense_weight: Optional[float] = Field(
+        None, ge=0, description="Weight of the dense ranking in reciprocal-rank fusion; none: 1, but 0 for a Chinese "
+        "query when the KB's embedding model is the bundled English MiniLM (its ranking of Chinese is noise that "
+        "fusion would mix in: docs/rag.md has the measurement).")
     sparse_weight: float = Field(1.0, ge=0, description="Weight of the BM25 ranking in reciprocal-rank fusion.")
     rrf_k: int = Field(60, ge=1, description="Reciprocal-rank fusion constant: 1 / (rrf_k + rank).")
     candidates: int = Field(50, ge=1, le=10_000, description="Chunks each retriever hands to fusion.")

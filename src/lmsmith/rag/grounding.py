@@ -25,6 +25,15 @@ DEFAULT_PROMPT = ("请只根据下面编号的资料回答用户的问题，并�
 DEFAULT_REFUSAL = "资料库中没有与这个问题相关的内容，无法根据资料回答。"
 
 
+def source_block(index: int, label: str, text: str) -> str:
+    """One numbered source as the model reads it (training data for grounded answers uses the same form)."""
+    return f"[{index}] {label}\n{text}"
+
+
+def with_sources(prompt: str, blocks: list[str]) -> str:
+    return prompt.replace("{context}", "\n\n".join(blocks))
+
+
 class RagSettings(StrictModel):
     """How a KB-backed model name answers (`lmsmith serve --kb NAME=FOLDER`)."""
 
@@ -75,15 +84,15 @@ class GroundedModel:
             return Grounding(messages, [], settings.refusal)
         blocks, citations, used = [], [], 0
         for hit in hits:
-            label = " / ".join([hit.chunk["source"], *hit.chunk["title_path"]])
-            block = f"[{len(blocks) + 1}] {label}\n{hit.chunk['text']}"
+            label = " / ".join([hit.chunk["title"] or hit.chunk["source"], *hit.chunk["title_path"]])
+            block = source_block(len(blocks) + 1, label, hit.chunk["text"])
             cost = len(tokenizer(block, add_special_tokens=False)["input_ids"]) if tokenizer is not None else len(block)
             if blocks and used + cost > settings.context_tokens:
                 break
             blocks.append(block)
             used += cost
             citations.append({"index": len(blocks), **hit.body()})
-        system = settings.prompt.replace("{context}", "\n\n".join(blocks))
+        system = with_sources(settings.prompt, blocks)
         if messages and messages[0]["role"] == "system":  # the caller's instructions stay, after the sources
             grounded = [{**messages[0], "content": system + "\n\n" + messages[0]["content"]}, *messages[1:]]
         else:

@@ -14,6 +14,7 @@ leaves the old KB as it was.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from lmsmith.rag.retrieval import DenseIndex, SparseIndex, reciprocal_rank_fusio
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 @dataclass
@@ -263,7 +265,7 @@ class KnowledgeBase:
             dense = self.dense().search(vector, n, allowed, settings.hnsw_ef_search)
         if settings.mode in ("hybrid", "sparse") and self.chunks:
             sparse = self.sparse().search(words(query), n, allowed)
-        weights = {"dense": settings.dense_weight if settings.mode != "sparse" else 0.0,
+        weights = {"dense": self._dense_weight(settings, query) if settings.mode != "sparse" else 0.0,
                    "sparse": settings.sparse_weight if settings.mode != "dense" else 0.0}
         fused = reciprocal_rank_fusion([(dense, weights["dense"]), (sparse, weights["sparse"])], settings.rrf_k)
         dense_scores, sparse_scores = dict(dense), dict(sparse)
@@ -272,6 +274,14 @@ class KnowledgeBase:
         if settings.reranker:
             hits = self._rerank(query, hits, settings.reranker)
         return hits[:settings.k]
+
+    def _dense_weight(self, settings: SearchConfig, query: str) -> float:
+        if settings.dense_weight is not None or settings.mode == "dense":
+            return 1.0 if settings.dense_weight is None else settings.dense_weight
+        from lmsmith.serve.embeddings import BUNDLED
+
+        english_only = self.config.embedding_model == BUNDLED
+        return 0.0 if english_only and _CJK.search(query) else 1.0
 
     def _public(self, row: int) -> dict[str, Any]:
         return {key: value for key, value in self.chunks[row].items() if key != "words"}
