@@ -88,3 +88,19 @@ def test_a_system_message_is_kept_after_the_sources(tmp_path):
         [{"role": "system", "content": "回答要简短。"}, {"role": "user", "content": QUESTION}], None)
     assert grounding.messages[0]["role"] == "system" and grounding.messages[0]["content"].endswith("回答要简短。")
     assert "[1] huaxin\n华信银行" in grounding.messages[0]["content"] and len(grounding.messages) == 2
+
+
+def test_rag_ask_answers_from_the_kb_with_a_local_model(tmp_path, tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    KnowledgeBase.build([write_docs(tmp_path / "docs")], tmp_path / "kb")
+    run = [sys.executable, "-m", "lmsmith.cli", "rag", "ask", str(tmp_path / "kb")]
+    asked = subprocess.run(run + [QUESTION, "--model", str(tiny_model_dir), "--json", "--max-new-tokens", "4"],
+                           check=True, capture_output=True, text=True)
+    reply = json.loads(asked.stdout.strip().splitlines()[-1])
+    assert reply["citations"][0]["doc_id"] == "huaxin.txt" and isinstance(reply["answer"], str)
+    refused = subprocess.run(run + ["月球背面的温度", "--model", str(tiny_model_dir), "--json"],
+                             check=True, capture_output=True, text=True)
+    assert json.loads(refused.stdout.strip().splitlines()[-1]) == {"answer": RagSettings().refusal, "citations": []}

@@ -13,6 +13,7 @@ from lmsmith.console import console
 def add_rag_parser(sub) -> None:
     from lmsmith.cli_options import add_config_arguments
     from lmsmith.rag.config import KBConfig, SearchConfig
+    from lmsmith.rag.grounding import RagSettings
 
     rag = sub.add_parser("rag", help="Knowledge bases over your documents: build, add, remove, search.")
     verbs = rag.add_subparsers(dest="rag_command", required=True)
@@ -33,6 +34,16 @@ def add_rag_parser(sub) -> None:
     remove.add_argument("kb", type=Path)
     remove.add_argument("ids", nargs="+")
     remove.set_defaults(func=_remove)
+
+    ask = verbs.add_parser("ask", help="Answer a question from the knowledge base with a model, citing sources.",
+                           description=RagSettings.__doc__)
+    ask.add_argument("kb", type=Path)
+    ask.add_argument("question")
+    ask.add_argument("--model", required=True, help="A run folder, model folder or run:RUN#STAGE[/OUTPUT].")
+    ask.add_argument("--max-new-tokens", type=int, default=256)
+    ask.add_argument("--json", action="store_true", help="One JSON object: answer and citations.")
+    add_config_arguments(ask, RagSettings)
+    ask.set_defaults(func=_ask)
 
     search = verbs.add_parser("search", help="Print the chunks that best answer a query.",
                               description=SearchConfig.__doc__)
@@ -73,6 +84,39 @@ def _remove(args: argparse.Namespace) -> int:
     from lmsmith.rag.kb import KnowledgeBase
 
     _report(KnowledgeBase.open(args.kb).remove(args.ids), args.kb)
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    """The same grounding as `lmsmith serve --kb`, on the in-process engine, greedy."""
+    from lmsmith.cli_options import config_from_arguments
+    from lmsmith.eval.suite import resolve_model_spec
+    from lmsmith.rag.grounding import GroundedModel, RagSettings
+    from lmsmith.serve.engine import Engine
+    from lmsmith.serve.sampling import SamplingParams
+
+    settings = config_from_arguments(args, RagSettings, "lmsmith rag ask")
+    grounded = GroundedModel("ask", args.kb, settings)
+    with console.status(f"loading {args.model}"):
+        engine = Engine.load(resolve_model_spec(args.model))
+    try:
+        grounding = grounded.ground_now([{"role": "user", "content": args.question}], engine.tokenizer)
+        if grounding.refusal is not None:
+            answer = grounding.refusal
+        else:
+            prompt = engine.encode_chat(grounding.messages)
+            answer = "".join(chunk.text for chunk in engine.stream_sync(
+                prompt, SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)))
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps({"answer": answer, "citations": grounding.citations}, ensure_ascii=False))
+        return 0
+    console.out(answer, highlight=False)
+    for citation in grounding.citations:
+        where = " / ".join([citation["title"] or citation["source"], *citation["title_path"]])
+        console.print(f"[dim][{citation['index']}] {where} [{citation['start']}:{citation['end']}] "
+                      f"score {citation['score']:.4f}[/]", highlight=False, soft_wrap=True)
     return 0
 
 
