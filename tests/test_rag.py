@@ -205,3 +205,11 @@ def test_the_cli_builds_and_searches(tmp_path):
                            check=True, capture_output=True, text=True)
     hit = json.loads(found.stdout.strip().splitlines()[-1])
     assert hit["doc_id"] == "huaxin.txt" and hit["sparse_score"] > 0
+
+
+def test_documents_can_be_cleaned_by_the_data_stage_operators(tmp_path):
+    (tmp_path / "a.txt").write_text("客户的手机号是13812345678，营业收入１２．５亿元。", encoding="utf-8")
+    kb, _ = KnowledgeBase.build([tmp_path / "a.txt"], tmp_path / "kb", KBConfig(clean=["unicode_normalize", "mask_pii"]))
+    assert "13812345678" not in kb.chunks[0]["text"] and "12.5亿元" in kb.chunks[0]["text"]
+    with pytest.raises(ValueError, match="unknown operator"):
+        KBConfig(clean=["nope"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmsmith.schema import StrictModel
 
@@ -24,11 +24,35 @@ class KBConfig(StrictModel):
     split: Literal["sentences", "headings"] = Field(
         "headings", description="sentences: token windows that end at sentence ends (。！？；.!?); headings: "
         "the same within each markdown/html section, so no chunk spans two sections.")
+    clean: list[str] = Field(
+        default_factory=list, description="Data-stage operators (their mappers) run on each document's text before "
+        "chunking, e.g. unicode_normalize, mask_pii, normalize_numbers; 'default' is the data stage's default "
+        "pipeline. Chunk offsets refer to the cleaned text.")
     index: Literal["auto", "flat", "hnsw"] = Field(
         "auto", description=f"Dense index: flat (exact) or hnsw (approximate); auto: flat below {FLAT_BELOW:,} "
         "chunks.")
     hnsw_m: int = Field(32, ge=4, le=128, description="HNSW: links per node.")
     hnsw_ef_construction: int = Field(80, ge=8, description="HNSW: candidate list while building.")
+
+    @field_validator("clean")
+    @classmethod
+    def _known_operators(cls, value: list[str]) -> list[str]:
+        from lmsmith.data.ops import validate_op_spec
+
+        for name in value:
+            if name != "default":
+                validate_op_spec({"op": name})
+        return value
+
+    def cleaner(self):
+        """The text-to-text function of `clean` (None when there is nothing to run)."""
+        if not self.clean:
+            return None
+        from lmsmith.data.ops import DEFAULT_OPS, rewriter
+
+        specs = [dict(spec) for spec in DEFAULT_OPS] if "default" in self.clean else []
+        specs += [{"op": name} for name in self.clean if name != "default"]
+        return rewriter(specs, "corpus")
 
 
 class SearchConfig(StrictModel):

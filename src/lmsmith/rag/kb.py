@@ -145,6 +145,11 @@ class KnowledgeBase:
 
         with console.status("reading documents"):
             documents, skipped, files = read_documents(paths)
+        clean = self.config.cleaner()
+        if clean is not None:
+            for document in documents:
+                document.text = clean(document.text)
+            documents = [document for document in documents if document.text.strip()]
         seen: dict[str, KBDocument] = {}
         for document in documents:
             if document.id in seen:
