@@ -36,7 +36,7 @@ def test_default_size_and_noise_rate(dataset):
     assert len(dataset.companies) == 60
     assert len(dataset.statements) == 300
     assert 800 <= len(dataset.documents) <= 1500
-    assert 900 <= len(dataset.instructions) <= 1250
+    assert 1000 <= len(dataset.instructions) <= 1400
     assert 0.15 <= dataset.noise_rate <= 0.20
     assert len({c.ticker for c in dataset.companies}) == 60
     assert len({c.name for c in dataset.companies}) == 60

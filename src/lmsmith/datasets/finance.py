@@ -749,9 +749,10 @@ def report_title(company: Company, year: int) -> str:
 
 
 def kbqa_instructions(companies: list[Company], statements: list[Statement], instructions: list[Instruction],
-                      rng: random.Random, share: float = 0.5) -> list[Instruction]:
+                      rng: random.Random, share: float = 1.0, distractors: int = 1) -> list[Instruction]:
     """Questions answered from numbered sources, in the form `lmsmith serve --kb` grounds them: the
-    company-year's report paragraph among two others, the answer the figure with the source's number."""
+    company-year's report paragraph among `distractors` others (the suite retrieves as many: sft.max_len
+    must hold them), the answer the figure with the source's number."""
     from lmsmith.rag.grounding import DEFAULT_PROMPT, source_block, with_sources
 
     by_ticker = {company.ticker: company for company in companies}
@@ -759,11 +760,11 @@ def kbqa_instructions(companies: list[Company], statements: list[Statement], ins
     reports = [row for row in instructions if row.task == "report"]
     found = []
     for row in reports:
-        if len(reports) < 3 or rng.random() >= share:
+        if len(reports) <= distractors or rng.random() >= share:
             continue
         ticker, year = row.id.removeprefix("fin-report-").rsplit("-", 1)
         company, statement = by_ticker[ticker], by_key[(ticker, int(year))]
-        sources = [row, *rng.sample([other for other in reports if other is not row], 2)]
+        sources = [row, *rng.sample([other for other in reports if other is not row], distractors)]
         rng.shuffle(sources)
 
         def label(source: Instruction) -> str:

@@ -290,7 +290,7 @@ def write_suite(folder: str | Path, seed: int = 0, train_companies: Optional[int
         {"name": "finance-news", "type": "classification", "dataset": "finance-news.jsonl", "format": "text_label",
          "labels": list(NEWS_LABELS), "prompt": rewrite(CLASSIFY_PROMPT)},
         {"name": "finance-kbqa", "type": "numeric", "dataset": "finance-kbqa.jsonl", "format": "messages",
-         "kb": KB_NAME, "kb_top_k": 3, "rel_tol": 0.01, "max_new_tokens": 48},
+         "kb": KB_NAME, "kb_top_k": 2, "rel_tol": 0.01, "max_new_tokens": 48},
         {"name": "finance-kbqa-closed", "type": "numeric", "dataset": "finance-kbqa.jsonl", "format": "messages",
          "rel_tol": 0.01, "max_new_tokens": 48},
         {"name": "finance-retrieval", "type": "retrieval", "dataset": "finance-retrieval.jsonl", "kb": KB_NAME,
