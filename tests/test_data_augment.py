@@ -34,6 +34,7 @@ from lmsmith.data.augment import (
 from lmsmith.data.quality import embedded_rows
 from lmsmith.data.quality_cli import add_quality_commands
 from lmsmith.data.quality_resources import read_rows, write_rows
+from lmsmith.datasets.finance import TASKS
 from lmsmith.errors import UserError
 
 NUMBER = re.compile(r"\d+(?:\.\d+)?%?")
@@ -303,7 +304,7 @@ def test_augment_runs_eda_then_oversampling(instructions, tmp_path):
     assert counts["output"] == len(rows) == len(instructions) + counts["eda"] + counts["oversample"]
     assert len(set(Counter(row["task"] for row in rows).values())) == 1  # uniform over tasks at the end
     weights = json.loads((tmp_path / "class_weights.json").read_text(encoding="utf-8"))
-    assert set(weights["weights"]) == {"report", "yoy", "entities"}
+    assert set(weights["weights"]) == set(TASKS)
 
 
 def test_cli_augment(tmp_path):

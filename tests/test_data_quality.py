@@ -24,6 +24,7 @@ from lmsmith.data.quality_detectors import (
 )
 from lmsmith.data.quality_metrics import category_distribution, growth_check, term_coverage
 from lmsmith.data.quality_resources import read_yaml, write_rows
+from lmsmith.datasets.finance import TASKS
 from lmsmith.errors import UserError
 
 
@@ -233,7 +234,7 @@ def test_report_sections_and_drop_examples(embedded_report):
         reason: sum(1 for row in dropped if row["reason"] == reason) for reason in {row["reason"] for row in dropped}
     }
     assert all(1 <= len(entry["examples"]) <= 3 for entry in reasons.values())
-    assert report["coverage"]["categories"]["task"]["before"]["counts"].keys() == {"report", "yoy", "entities"}
+    assert report["coverage"]["categories"]["task"]["before"]["counts"].keys() == set(TASKS)
     assert len(report["coverage"]["categories"]["industry"]["before"]["counts"]) == 12
     assert report["coverage"]["terms"]["after"]["covered"] > 10
     assert report["consistency"]["after"]["instructions"]["growth_answers_consistent_rate"] == 1.0
