@@ -196,6 +196,7 @@ def test_removing_an_unknown_document_names_it(kb):
         kb.remove(["nope"])
 
 
+@pytest.mark.slow  # a whole `lmsmith` process
 def test_the_cli_builds_and_searches(tmp_path):
     docs = write_docs(tmp_path / "docs")
     run = [sys.executable, "-m", "lmsmith.cli", "rag"]

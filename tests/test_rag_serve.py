@@ -90,6 +90,7 @@ def test_a_system_message_is_kept_after_the_sources(tmp_path):
     assert "[1] huaxin\n华信银行" in grounding.messages[0]["content"] and len(grounding.messages) == 2
 
 
+@pytest.mark.slow  # a whole `lmsmith` process
 def test_rag_ask_answers_from_the_kb_with_a_local_model(tmp_path, tiny_model_dir):
     import json
     import subprocess

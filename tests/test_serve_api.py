@@ -511,12 +511,14 @@ def test_a_request_past_its_own_timeout_gets_504_and_frees_its_slot(tiny_model_d
         with running_server(app) as url:
             body = {"model": tiny_model_dir.name, "messages": QUESTION, "temperature": 0}
             holder = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json={
-                "model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0}, timeout=120))
+                "model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0}, timeout=120))
             holder.start()
-            time.sleep(0.2)
-            late = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 2, "timeout": 0.2}, timeout=60)
+            deadline = time.monotonic() + 10
+            while engine.stats()["running"] == 0 and time.monotonic() < deadline:  # it holds the only slot
+                time.sleep(0.002)
+            late = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 2, "timeout": 0.05}, timeout=60)
             holder.join()
-            assert late.status_code == 504 and "timeout of 0.2 s" in late.json()["error"]["message"], late.text
+            assert late.status_code == 504 and "timeout of 0.05 s" in late.json()["error"]["message"], late.text
             assert httpx.post(f"{url}/v1/chat/completions", json={**body, "timeout": 0}).status_code == 400
         assert engine.stats()["waiting"] == 0 and engine.stats()["kv_slots_free"] == 1
     finally:
