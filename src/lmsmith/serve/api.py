@@ -1049,10 +1049,16 @@ def header_deadline_protocol(timeout_s: float) -> type:
 
     class HeaderDeadlineProtocol(H11Protocol):
         _header_deadline: asyncio.TimerHandle | None = None
+        _lingering = False
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+            super().connection_made(_LingeringClose(transport, self))
             self._arm_header_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            if self._lingering:  # the rest of a body answered early (413): read and dropped
+                return
+            super().data_received(data)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -1075,6 +1081,31 @@ def header_deadline_protocol(timeout_s: float) -> type:
                 self.transport.close()
 
     return HeaderDeadlineProtocol
+
+
+class _LingeringClose:
+    """The connection's transport, closing gracefully while the client is still sending a request body
+    the server answered early (a 413): it stops writing (FIN after the answer), reads and drops what
+    arrives for up to LINGER_S, then closes. A plain close with unread data resets the connection, and
+    the reset can destroy the answer before the client reads it; uvicorn's h11 protocol closes at once."""
+
+    def __init__(self, transport: Any, protocol: Any):
+        self._transport, self._protocol = transport, protocol
+
+    def close(self) -> None:
+        import h11
+
+        sending = getattr(self._protocol.conn, "their_state", None) in (h11.SEND_BODY, h11.IDLE) and \
+            self._protocol.cycle is not None and not self._protocol.cycle.disconnected
+        if not sending or self._transport.is_closing() or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self._protocol._lingering = True
+        self._transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self._transport.close)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 @contextmanager
