@@ -479,6 +479,7 @@ def create_app(
         except StructureError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         messages = moderate_input(request, body.template_messages())
+        tools = body.template_tools()
         grounded = kbs.get(body.model)
         model, grounding = body.model, None
         if grounded is not None:
@@ -490,7 +491,7 @@ def create_app(
             model, messages = client.model_name, grounding.messages
         generates = [
             GenerateRequest(model, replace(_sampling(body, default_max_tokens, choice), grammar=plan.grammar),
-                            messages=messages, tools=body.template_tools())
+                            messages=messages, tools=tools)
             for choice in range(body.n or 1)
         ]
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -1095,7 +1096,7 @@ class _LingeringClose:
     def close(self) -> None:
         import h11
 
-        sending = getattr(self._protocol.conn, "their_state", None) in (h11.SEND_BODY, h11.IDLE) and \
+        sending = getattr(self._protocol.conn, "their_state", None) is h11.SEND_BODY and \
             self._protocol.cycle is not None and not self._protocol.cycle.disconnected
         if not sending or self._transport.is_closing() or not self._transport.can_write_eof():
             self._transport.close()
