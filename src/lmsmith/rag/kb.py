@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ class KnowledgeBase:
         """A new KB at `folder` from the documents under `paths` (an existing KB there is replaced)."""
         config = config or KBConfig()
         kb = cls(Path(folder), config, [], np.zeros((0, 0), dtype=np.float32), {}, {})
-        change = kb._ingest(paths, replace_existing=True)
+        change = kb._ingest(paths)
         kb._save()
         return kb, change
 
@@ -115,7 +116,7 @@ class KnowledgeBase:
     def add(self, paths: list[Path]) -> Change:
         """Index the documents under `paths`: new ids are added, changed ones replaced, unchanged ones kept
         (their vectors are not computed again)."""
-        change = self._ingest(paths, replace_existing=True)
+        change = self._ingest(paths)
         self._save()
         return change
 
@@ -140,7 +141,7 @@ class KnowledgeBase:
             self.documents.pop(doc_id, None)
         self._dense = self._sparse = None  # rebuilt from the kept vectors and words: nothing is embedded again
 
-    def _ingest(self, paths: list[Path], replace_existing: bool) -> Change:
+    def _ingest(self, paths: list[Path]) -> Change:
         from lmsmith.console import console
 
         with console.status("reading documents"):
@@ -157,7 +158,7 @@ class KnowledgeBase:
                                 f"{seen[document.id].source}; ids must be unique in a knowledge base")
             seen[document.id] = document
         change = Change(files_read=files, skipped=skipped)
-        fresh: list[KBDocument] = []
+        fresh: list[tuple[KBDocument, str]] = []
         for document in documents:
             digest = document_digest(document)
             entry = self.documents.get(document.id)
@@ -168,14 +169,14 @@ class KnowledgeBase:
                 change.documents_replaced += 1
             else:
                 change.documents_added += 1
-            fresh.append(document)
-        self._drop({document.id for document in fresh if document.id in self.documents})
-        new_chunks = self._chunk_and_embed(fresh)
+            fresh.append((document, digest))
+        self._drop({document.id for document, _ in fresh if document.id in self.documents})
+        new_chunks = self._chunk_and_embed([document for document, _ in fresh])
         change.chunks_added = len(new_chunks)
-        for document in fresh:
-            self.documents[document.id] = {"source": document.source, "title": document.title,
-                                           "digest": document_digest(document),
-                                           "chunks": sum(1 for chunk in new_chunks if chunk["doc_id"] == document.id)}
+        per_document = Counter(chunk["doc_id"] for chunk in new_chunks)
+        for document, digest in fresh:
+            self.documents[document.id] = {"source": document.source, "title": document.title, "digest": digest,
+                                           "chunks": per_document[document.id]}
         self.manifest["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
         self.manifest["last_change"] = {
             "files_read": files, "files_indexed": files - len(skipped), "documents_added": change.documents_added,
