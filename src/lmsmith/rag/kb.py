@@ -150,7 +150,10 @@ class KnowledgeBase:
         if clean is not None:
             for document in documents:
                 document.text = clean(document.text)
+            emptied = [document.id for document in documents if not document.text.strip()]
             documents = [document for document in documents if document.text.strip()]
+        else:
+            emptied = []
         seen: dict[str, KBDocument] = {}
         for document in documents:
             if document.id in seen:
@@ -181,7 +184,8 @@ class KnowledgeBase:
         self.manifest["last_change"] = {
             "files_read": files, "files_indexed": files - len(skipped), "documents_added": change.documents_added,
             "documents_replaced": change.documents_replaced, "documents_unchanged": change.documents_unchanged,
-            "files_skipped": len(skipped), "chunks_added": change.chunks_added}
+            "files_skipped": len(skipped), "chunks_added": change.chunks_added,
+            "documents_emptied_by_clean": emptied}
         return change
 
     def _chunk_and_embed(self, documents: list[KBDocument]) -> list[dict[str, Any]]:
