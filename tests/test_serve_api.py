@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
 import time
@@ -510,19 +511,38 @@ def test_a_request_past_its_own_timeout_gets_504_and_frees_its_slot(tiny_model_d
         app = create_app(LocalClient(tiny_model_dir.name, engine), default_max_tokens=8)
         with running_server(app) as url:
             body = {"model": tiny_model_dir.name, "messages": QUESTION, "temperature": 0}
-            holder = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json={
-                "model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0}, timeout=120))
-            holder.start()
-            deadline = time.monotonic() + 10
-            while engine.stats()["running"] == 0 and time.monotonic() < deadline:  # it holds the only slot
-                time.sleep(0.002)
-            late = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 2, "timeout": 0.05}, timeout=60)
-            holder.join()
+            answers: list[httpx.Response] = []
+            late = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{url}/v1/chat/completions", json={**body, "max_tokens": 2, "timeout": 0.05}, timeout=60)))
+            with holding_the_only_slot(engine):
+                late.start()
+                deadline = time.monotonic() + 30
+                while engine.stats()["waiting"] == 0 and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                time.sleep(0.1)  # past its timeout while still queued
+            late.join()
+            [late] = answers
             assert late.status_code == 504 and "timeout of 0.05 s" in late.json()["error"]["message"], late.text
             assert httpx.post(f"{url}/v1/chat/completions", json={**body, "timeout": 0}).status_code == 400
         assert engine.stats()["waiting"] == 0 and engine.stats()["kv_slots_free"] == 1
     finally:
         engine.close()
+
+
+@contextlib.contextmanager
+def holding_the_only_slot(engine):
+    """A request whose consumer blocks the engine's worker on its first token: it keeps the only KV slot
+    and every later request stays queued until the block ends, however slow the machine is."""
+    import threading
+
+    from lmsmith.serve.sampling import SamplingParams
+
+    release = threading.Event()
+    engine.submit([5, 6, 7], SamplingParams(max_tokens=4, temperature=0), lambda event: release.wait(30))
+    try:
+        yield
+    finally:
+        release.set()
 
 
 def test_the_queue_is_bounded_by_waiting_prompt_tokens(tiny_model_dir):
@@ -535,23 +555,23 @@ def test_the_queue_is_bounded_by_waiting_prompt_tokens(tiny_model_dir):
         client = LocalClient(tiny_model_dir.name, engine, push_back=PushBack(max_waiting=None, max_waiting_tokens=4))
         app = create_app(client, default_max_tokens=8)
         with running_server(app) as url:
-            body = {"model": tiny_model_dir.name, "messages": QUESTION, "temperature": 0}
             replies: list[int] = []
-            long = {"model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0}
-            threads = [threading.Thread(target=lambda: replies.append(httpx.post(
-                f"{url}/v1/completions", json=long, timeout=120).status_code)) for _ in range(2)]
-            for thread in threads:  # one holds the slot, one waits with its prompt's tokens
-                thread.start()
-            deadline = time.monotonic() + 10
-            while engine.stats()["waiting_tokens"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert engine.stats()["waiting_tokens"] > 0
-            pushed = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60)
-            for thread in threads:
-                thread.join()
+            queued = threading.Thread(target=lambda: replies.append(httpx.post(f"{url}/v1/completions", json={
+                "model": tiny_model_dir.name, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0},
+                timeout=120).status_code))
+            body = {"model": tiny_model_dir.name, "messages": QUESTION, "temperature": 0, "max_tokens": 2}
+            with holding_the_only_slot(engine):
+                queued.start()
+                deadline = time.monotonic() + 30
+                while engine.stats()["waiting_tokens"] == 0 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                assert engine.stats()["waiting_tokens"] == 3
+                pushed = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+            queued.join()
             assert pushed.status_code == 503 and "prompt tokens are already waiting" in pushed.text
             assert pushed.headers["Retry-After"] == "1"
-            assert replies == [200, 200]
+            assert replies == [200]  # the queued request is served once the slot frees
+            assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
     finally:
         engine.close()
 
