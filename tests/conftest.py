@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Servers the tests start keep their key store here, never in the user's ~/.lmsmith.
 os.environ["LMSMITH_STATE_DIR"] = __import__("tempfile").mkdtemp(prefix="lmsmith-state-")
+# File hashes remembered by lmsmith.hash_cache go to a temporary file, never into the user's ~/.cache.
+os.environ["LMSMITH_HASH_CACHE"] = os.path.join(
+    __import__("tempfile").mkdtemp(prefix="lmsmith-hash-cache-"), "file-hashes.json")
 
 from pathlib import Path
 

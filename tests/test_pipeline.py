@@ -93,6 +93,56 @@ def test_changed_input_file_or_missing_output_forces_rerun(tmp_path, fake_pipeli
     assert fake_pipeline == {"data": 2, "tokenizer": 3}
 
 
+def test_a_file_named_inside_a_list_or_an_operator_spec_reruns_its_stage_when_edited(tmp_path, fake_pipeline):
+    corpus, table, words = tmp_path / "corpus.txt", tmp_path / "table.csv", tmp_path / "words.txt"
+    corpus.write_text("abc", encoding="utf-8")
+    table.write_text("company,year,revenue\nA,2023,1\n", encoding="utf-8")
+    words.write_text("spam\n", encoding="utf-8")
+    recipe = validate_recipe({"data": {"corpus": str(corpus), "synth_tables": [str(table)],
+                                       "ops": [{"op": "strip_html"}, {"op": "blacklist", "file": str(words)}]},
+                              "tokenizer": {}})
+    run_dir = tmp_path / "run"
+    manifests = pipeline.run_pipeline(recipe, run_dir)
+    assert set(manifests["data"].inputs) == {"file:corpus", "file:synth_tables.0", "file:ops.1.file"}
+
+    pipeline.run_pipeline(recipe, run_dir)
+    assert fake_pipeline == {"data": 1, "tokenizer": 1}  # nothing edited: skipped
+
+    table.write_text("company,year,revenue\nA,2023,2\n", encoding="utf-8")  # same size, new content
+    pipeline.run_pipeline(recipe, run_dir)
+    assert fake_pipeline == {"data": 2, "tokenizer": 1}  # the stand-in's output ignores the table
+
+    words.write_text("spam\nscam\n", encoding="utf-8")
+    pipeline.run_pipeline(recipe, run_dir)
+    assert fake_pipeline == {"data": 3, "tokenizer": 1}
+    pipeline.run_pipeline(recipe, run_dir)
+    assert fake_pipeline == {"data": 3, "tokenizer": 1}
+
+
+def test_files_are_found_at_any_depth_and_a_lone_slash_is_not_a_path(tmp_path):
+    from pydantic import BaseModel
+
+    class Inner(BaseModel):
+        weights: Path
+        options: dict
+
+    class Outer(BaseModel):
+        inner: Inner
+        pairs: list[tuple[str, str]]
+        missing: Path
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "a.txt").write_text("a", encoding="utf-8")
+    config = Outer(inner=Inner(weights=tmp_path / "w", options={"lists": [{"file": str(tmp_path / "a.txt")}],
+                                                                 "pattern": "/", "note": "a/b"}),
+                   pairs=[("x", str(tmp_path / "a.txt"))], missing=tmp_path / "gone")
+    assert pipeline.external_inputs(config) == {
+        "inner.weights": tmp_path / "w",
+        "inner.options.lists.0.file": tmp_path / "a.txt",
+        "pairs.0.1": tmp_path / "a.txt",
+    }
+
+
 def test_from_and_only_force_the_named_stages(tmp_path, fake_pipeline):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("abc", encoding="utf-8")

@@ -1,9 +1,10 @@
-"""Path fields that are resolved against the recipe's folder and checked when the recipe is loaded."""
+"""Input paths: the files and folders a recipe names, resolved against the recipe's folder and checked
+when it is loaded, and fingerprinted by the pipeline so that editing one reruns the stages that read it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 from pydantic import AfterValidator, ValidationInfo
 
@@ -20,8 +21,31 @@ def resolve_existing(value: Path | str, info: ValidationInfo) -> Path:
 
 resolve_existing.resolves_paths = True  # see `names_a_path`
 
-# A file or folder that must exist; relative paths are taken from the recipe's folder.
+# A file or folder that must exist; relative paths are taken from the recipe's folder. Its value is an
+# absolute Path, which `as_input_path` (and so the pipeline's fingerprint) recognises wherever it sits.
 InputPath = Annotated[Path, AfterValidator(resolve_existing)]
+
+# Longer strings are text, not paths; checking them would only cost a `stat` each.
+_MAX_PATH_CHARS = 4096
+
+
+def as_input_path(value: Any) -> Optional[Path]:
+    """The existing file or folder a config value names, or None.
+
+    A `Path` value (an `InputPath` field, or any other Path-typed one) counts when it exists. So does a
+    string with a `/` that exists: fields typed as plain strings (`data.corpus`, a data operator's
+    `file`) hold paths too. A string naming a filesystem root (`/` as a regex or a keyword) is text, not
+    an input: hashing it would read the whole disk.
+    """
+    if isinstance(value, Path):
+        return value if value.exists() else None
+    if not isinstance(value, str) or "/" not in value or len(value) >= _MAX_PATH_CHARS:
+        return None
+    path = Path(value)
+    if not path.exists():
+        return None
+    resolved = path.resolve()
+    return None if resolved == Path(resolved.anchor) else path
 
 
 def names_a_path(model: type, dotted: str) -> bool:

@@ -23,6 +23,7 @@ from lmsmith.artifacts import Manifest, checkpoint_root, describe_outputs, recov
 from lmsmith.console import console
 from lmsmith.errors import UserError
 from lmsmith.hashing import hash_json, hash_path
+from lmsmith.paths import as_input_path
 from lmsmith.recipe import Recipe
 from lmsmith.stages import STAGE_NAMES, STAGES, StageSpec
 
@@ -105,19 +106,25 @@ def _start_model_inputs(stage: str, recipe: Recipe, hashed: set[Path]) -> dict[s
 
 
 def external_inputs(config: Any) -> dict[str, Path]:
-    """Files a config points at: any Path-valued field, at any depth, that exists."""
+    """Files and folders a config names (see `as_input_path`), at any depth: fields of nested models and
+    items of lists, tuples and dicts (`synth_tables.0`, `ops.3.file`), keyed by where they sit. A file
+    left out here would leave its stage "up to date" after an edit."""
     found: dict[str, Path] = {}
 
-    def visit(value: Any, prefix: str) -> None:
+    def visit(value: Any, where: tuple[str, ...]) -> None:
         if isinstance(value, BaseModel):
             for key in type(value).model_fields:
-                visit(getattr(value, key), f"{prefix}{key}.")
-        elif isinstance(value, Path) and value.exists():
-            found[prefix.rstrip(".")] = value
-        elif isinstance(value, str) and len(value) < 4096 and ("/" in value) and Path(value).exists():
-            found[prefix.rstrip(".")] = Path(value)
+                visit(getattr(value, key), (*where, key))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, (*where, str(key)))
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                visit(item, (*where, str(index)))
+        elif (path := as_input_path(value)) is not None:
+            found[".".join(where)] = path
 
-    visit(config, "")
+    visit(config, ())
     return found
 
 
