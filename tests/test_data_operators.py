@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lmsmith.data.filters import guess_language, repetition_ratio
+from lmsmith.data.numbers import APPROXIMATE_MARKERS, find_approximate_amounts, normalize_amounts
 from lmsmith.data.ops import REGISTRY, Mapper, build_op, validate_op_spec
 from lmsmith.data.pii import id_check_digit, is_valid_id_number, luhn_check_digit, luhn_valid
 
@@ -36,6 +37,139 @@ def op(name: str, **params):
 )
 def test_normalize_numbers_output_forms(params, text, expected):
     assert op("normalize_numbers", **params).map(text) == expected
+
+
+# Issue 16 item 6: forms found in real Chinese financial news.
+@pytest.mark.parametrize(
+    ("params", "text", "expected"),
+    [
+        # a space (or a no-break / ideographic space) between the number and its Chinese magnitude
+        ({}, "营收7.1 亿元", "营收710000000元"),
+        ({}, "营收7.1\u00a0亿元", "营收710000000元"),
+        ({}, "营收7.1\u3000亿元", "营收710000000元"),
+        ({}, "7.1亿元与7.1 亿元", "710000000元与710000000元"),
+        ({}, "净亏损(1.5 亿)", "净亏损-150000000"),
+        ({"output": "yi"}, "营收710 万元", "营收0.071亿元"),
+        # a spaced number and a name are not an amount
+        ({}, "300014 亿纬锂能", "300014 亿纬锂能"),  # stock code, then the name
+        ({}, "000002 万科A", "000002 万科A"),
+        ({}, "来源：2023 万得", "来源：2023 万得"),  # Wind, the data vendor
+        ({}, "300014亿纬锂能", "300014亿纬锂能"),  # a listed name, even glued to the code
+        ({}, "亿纬锂能、亿晶光电与亿联网络", "亿纬锂能、亿晶光电与亿联网络"),
+        ({}, "一亿元", "一亿元"),
+        ({}, "三千万元", "三千万元"),
+        # negatives: ASCII hyphen-minus, U+2212 and full width, all written as ASCII `-`
+        ({}, "-118.35 亿元", "-11835000000元"),
+        ({}, "-118.35亿元", "-11835000000元"),
+        ({}, "净利润\u2212118.35亿元", "净利润-11835000000元"),
+        ({}, "净利润－118.35亿元", "净利润-11835000000元"),
+        ({}, "归母净利润：-118.35 亿元", "归母净利润：-11835000000元"),
+        ({}, "亏损（上年同期：\u22121.2亿元）", "亏损（上年同期：-120000000元）"),
+        ({}, "净利润为\u22123亿元,同比\u22125%", "净利润为-300000000元,同比\u22125%"),  # a bare number keeps its minus
+        ({}, "\u22121亿2000万元", "-120000000元"),
+        ({}, "同比 \u22123亿元", "同比 -300000000元"),  # after whitespace
+        ({}, "(\u22123亿元)", "(-300000000元)"),  # after an opening bracket
+        ({}, "利润,\u22123亿元;亏损为\u22122亿元", "利润,-300000000元;亏损为-200000000元"),
+        ({}, "\u22121,234.5%", "-1234.5%"),
+        ({"output": "thousands"}, "\u2212118.35 亿元", "-11,835,000,000元"),
+        ({"output": "yi"}, "\u2212118.35 亿元", "-118.35亿元"),
+        ({"output": "wan"}, "\u2212118.35 亿元", "-1183500万元"),
+        ({"output": "yi", "decimals": 2}, "\u22120.004亿元", "0.00亿元"),  # rounded to zero: no -0.00
+        # a minus after a digit, a letter, a unit or a closing bracket joins two things: left as written
+        ({}, "2020-2023年", "2020-2023年"),
+        ({}, "2020\u22122023年", "2020\u22122023年"),
+        ({}, "A\u22121.2亿", "A\u2212120000000"),
+        ({}, "1亿元\u22123亿元", "100000000元\u2212300000000元"),
+        # ranges: the magnitude written once applies to both ends
+        ({}, "预计1-3亿元", "预计100000000-300000000元"),
+        ({}, "预计1\u22123亿元", "预计100000000\u2212300000000元"),
+        ({}, "预计1.2~1.5亿元", "预计120000000~150000000元"),
+        ({}, "预计1至3亿元", "预计100000000至300000000元"),
+        ({}, "预计3-4万亿元", "预计3000000000000-4000000000000元"),
+        ({}, "10-20 million", "10000000-20000000"),
+        ({"output": "yi"}, "预计1-3亿元", "预计1亿-3亿元"),
+        ({"output": "thousands"}, "预计1-3亿元", "预计100,000,000-300,000,000元"),
+        ({}, "2023-5亿元", "2023-500000000元"),  # a year, then an amount
+        ({}, "2023年1-3月营收3亿元", "2023年1-3月营收300000000元"),
+        ({}, "增速5-8%", "增速5-8%"),
+        # stacked magnitudes with a numeral: exact
+        ({}, "市值3千亿元", "市值300000000000元"),
+        ({}, "规模5百亿元", "规模50000000000元"),
+        ({}, "规模1.5万亿元", "规模1500000000000元"),
+        ({"output": "yi"}, "市值3千亿元", "市值3000亿元"),
+        # a bound word before a number in digits: the number is exact, the word stays
+        ({}, "近500亿元", "近50000000000元"),
+        ({}, "约1.2亿元", "约120000000元"),
+        ({}, "超1.5万亿元", "超1500000000000元"),
+        ({}, "逾20亿元", "逾2000000000元"),
+        # approximate amounts stay as written
+        ({}, "数千亿元", "数千亿元"),
+        ({}, "500多亿元", "500多亿元"),
+        ({}, "1,500多亿元", "1,500多亿元"),
+        ({}, "500余亿元", "500余亿元"),
+        ({}, "5亿多元", "5亿多元"),  # not 500000000多元 (500000000-odd)
+        ({}, "5 亿多元", "5 亿多元"),
+        ({}, "3万余元", "3万余元"),
+        ({}, "1亿2000多万元", "1亿2000多万元"),
+        ({}, "30来万元", "30来万元"),
+        ({}, "3千多亿元", "3千多亿元"),
+        ({}, "近百亿", "近百亿"),
+        ({}, "超万亿", "超万亿"),
+        ({}, "上千亿", "上千亿"),
+        ({}, "逾千亿元", "逾千亿元"),
+        ({}, "营收数千亿元，其中300亿元为存量，500多亿元为增量，同比-3亿元",
+         "营收数千亿元，其中30000000000元为存量，500多亿元为增量，同比-300000000元"),
+        ({}, "账户余额1.2亿元", "账户余额120000000元"),
+        ({}, "1.2亿余额", "120000000余额"),  # 余额 (balance) is no hedge
+    ],
+)
+def test_normalize_numbers_news_forms(params, text, expected):
+    assert op("normalize_numbers", **params).map(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("数千亿元", [("数千亿", "数")]),
+        ("几十亿元", [("几十亿", "几")]),
+        ("十几亿", [("十几亿", "几")]),
+        ("500多亿元", [("500多亿", "多")]),
+        ("500余亿元", [("500余亿", "余")]),
+        ("5亿多元", [("5亿多", "多")]),
+        ("3万余元", [("3万余", "余")]),
+        ("30来万", [("30来万", "来")]),
+        ("十多亿、百余亿、三千多万", [("十多亿", "多"), ("百余亿", "余"), ("三千多万", "多")]),
+        ("一亿多", [("一亿多", "多")]),
+        ("近百亿", [("近百亿", "近")]),
+        ("将近百亿", [("将近百亿", "将近")]),
+        ("超万亿", [("超万亿", "超")]),
+        ("上千亿", [("上千亿", "上")]),
+        ("逾千亿、过亿、破亿、约百亿", [("逾千亿", "逾"), ("过亿", "过"), ("破亿", "破"), ("约百亿", "约")]),
+        # exact amounts, hedged or not, are not approximate
+        ("近500亿元，约1.2亿元，3千亿元，一亿元，1-3亿元", []),
+        ("账户余额1.2亿元", []),
+        ("超过万分之五", []),  # a ratio
+        ("市场上亿纬锂能", []),  # 上 + a company name
+        ("no amounts here", []),
+    ],
+)
+def test_find_approximate_amounts(text, expected):
+    found = find_approximate_amounts(text)
+    assert [(amount.text, amount.marker) for amount in found] == expected
+    for amount in found:
+        assert text[amount.start:amount.end] == amount.text and amount.marker in APPROXIMATE_MARKERS
+    normalized = normalize_amounts(text)
+    assert all(amount.text in normalized for amount in found)  # left as written
+
+
+@pytest.mark.parametrize("output", ["plain", "thousands", "yi", "wan"])
+@pytest.mark.parametrize("amount", ["118.35亿元", "1,234万元", "1亿2000万元", "3千亿元", "2.5 billion", "7.1 亿元"])
+@pytest.mark.parametrize("minus", ["-", "\u2212", "\uff0d"])
+def test_a_negative_is_the_positive_with_a_minus_in_every_form(output, amount, minus):
+    positive = normalize_amounts(f"净利润{amount}", output=output)
+    if output == "plain":
+        assert positive != f"净利润{amount}"  # the amount is rewritten, so the sign had to be handled
+    assert normalize_amounts(f"净利润{minus}{amount}", output=output) == positive.replace("净利润", "净利润-")
 
 
 def _valid_id() -> str:
