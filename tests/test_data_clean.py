@@ -16,7 +16,7 @@ import pytest
 
 from lmsmith.data.cli import add_data_parser, describe_operators, load_pipeline
 from lmsmith.data.config import PipelineConfig
-from lmsmith.data.engine import run_clean
+from lmsmith.data.clean import run_clean
 from lmsmith.data.io import iter_records
 from lmsmith.data.minhash import MinHasher, estimated_jaccard, near_duplicates
 from lmsmith.errors import UserError

@@ -17,7 +17,7 @@ from lmsmith.data.ops import (
     register,
     validate_op_spec,
 )
-from lmsmith.data.records import dedup_key
+from lmsmith.data.record import dedup_key
 from lmsmith.data.split import assign_groups
 from lmsmith.errors import UserError
 from lmsmith.recipe import validate_recipe
@@ -185,9 +185,9 @@ def test_recipe_default_ops_are_the_default_chain():
 
 
 def test_recipe_rejects_unsupported_input_files(tmp_path):
-    (tmp_path / "corpus.csv").write_text("a,b\n")
-    with pytest.raises(UserError, match="data.corpus: .*corpus.csv: corpus must be a .jsonl or .txt file"):
-        validate_recipe({"data": {"corpus": "corpus.csv"}}, base_dir=tmp_path)
+    (tmp_path / "corpus.xlsx").write_text("a,b\n")
+    with pytest.raises(UserError, match="data.corpus: .*corpus.xlsx: corpus must be a .jsonl, .json, .csv, .parquet"):
+        validate_recipe({"data": {"corpus": "corpus.xlsx"}}, base_dir=tmp_path)
     with pytest.raises(UserError, match="data.instructions: file not found"):
         validate_recipe({"data": {"instructions": "missing.jsonl"}}, base_dir=tmp_path)
     with pytest.raises(UserError, match="unknown embedded dataset"):

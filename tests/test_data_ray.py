@@ -8,7 +8,7 @@ import os
 import pytest
 
 from lmsmith.data.config import PipelineConfig
-from lmsmith.data.engine import run_clean
+from lmsmith.data.clean import run_clean
 from lmsmith.datasets.finance import generate
 
 ray = pytest.importorskip("ray")

@@ -240,5 +240,5 @@ def test_malformed_corpus_line_names_file_and_line(tmp_path):
 
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no .jsonl or .txt files"):
+    with pytest.raises(UserError, match="no .jsonl, .json, .csv, .parquet, .txt, .md files in this folder"):
         run_data(tmp_path / "run", {"corpus": str(tmp_path / "empty"), "embedded": {"companies": 2}})

@@ -15,7 +15,7 @@ from lmsmith.data.numbers import normalize_amounts
 from lmsmith.data.quality_cli import add_quality_commands
 from lmsmith.data.quality_metrics import growth_check
 from lmsmith.data.quality_resources import read_rows
-from lmsmith.data.readers import parse_instruction
+from lmsmith.data.record import Record, check_row
 from lmsmith.data.synth import SynthConfig, format_amount, synthesize_table, write_embedded_table
 from lmsmith.errors import UserError
 
@@ -89,8 +89,9 @@ def test_rows_are_in_the_data_stage_sft_format(embedded):
     _, rows = embedded
     for index, row in enumerate(rows):
         assert set(row) == {"id", "task", "group", "messages", "answer"}
-        conversation = parse_instruction(row, f"synth:{index}", "x")  # the data stage's own reader
-        assert conversation.id == row["id"] and conversation.group == row["group"]
+        problem, fmt = check_row(row, "auto", "instructions")  # the data stage's own check
+        record = Record(f"synth:{index}", row, fmt=fmt, kind="instructions")
+        assert problem is None and record.id == row["id"] and record.group == row["group"]
     assert len({row["id"] for row in rows}) == len(rows)
 
 

@@ -47,7 +47,7 @@ def load_pipeline(path: str | Path):
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from lmsmith.data.config import PipelineConfig
-    from lmsmith.data.engine import run_clean
+    from lmsmith.data.clean import run_clean
 
     plan = load_pipeline(args.pipeline) if args.pipeline else PipelineConfig()
     if args.format:

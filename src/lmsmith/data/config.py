@@ -9,7 +9,9 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from lmsmith.data.annotate import AnnotateConfig
 from lmsmith.data.augment import AugmentConfig
-from lmsmith.data.io import RecordFormat, TextUnit
+from lmsmith.data.executor import ExecutorKind
+from lmsmith.data.io import SUFFIXES, TextUnit, is_supported
+from lmsmith.data.record import RecordFormat
 from lmsmith.data.ops import DEFAULT_OPS, Target, validate_op_spec
 from lmsmith.data.quality import QualityConfig
 from lmsmith.data.synth import SynthConfig
@@ -18,8 +20,6 @@ from lmsmith.schema import StrictModel
 
 EMBEDDED = "embedded:finance"
 EMBEDDED_MODERATION = "embedded:moderation"  # instructions only: the moderation classifier's labelled set
-CORPUS_SUFFIXES = (".jsonl", ".txt")
-INSTRUCTION_SUFFIXES = (".jsonl",)
 
 
 def _embedded_or_existing(value: str, info: ValidationInfo) -> str:
@@ -40,11 +40,11 @@ DataSource = Annotated[str, AfterValidator(_embedded_or_existing)]
 OpSpec = Annotated[dict[str, Any], AfterValidator(validate_op_spec)]
 
 
-def _check_suffix(value: str, suffixes: tuple[str, ...], what: str) -> str:
-    if value in (EMBEDDED, EMBEDDED_MODERATION) or Path(value).is_dir() or Path(value).suffix in suffixes:
+def _check_suffix(value: str, what: str) -> str:
+    if value in (EMBEDDED, EMBEDDED_MODERATION) or Path(value).is_dir() or is_supported(Path(value)):
         return value
-    allowed = " or ".join(suffixes)
-    raise ValueError(f"{value}: {what} must be a {allowed} file, a folder of them, or {EMBEDDED!r}")
+    raise ValueError(f"{value}: {what} must be a {', '.join(SUFFIXES)} file (optionally .gz), a folder of them, "
+                     f"or {EMBEDDED!r}")
 
 
 class EmbeddedFinanceConfig(StrictModel):
@@ -88,9 +88,9 @@ class NearDedupConfig(StrictModel):
     )
 
 
-class PipelineConfig(StrictModel):
-    """A cleaning pipeline for `lmsmith data clean --pipeline PIPE.yaml`: the operators in order, then
-    exact and near-duplicate removal, and how input is read and sharded."""
+class StreamConfig(StrictModel):
+    """What the recipe's data stage and `lmsmith data clean` share: the operators in order, exact and
+    near-duplicate removal, how input is read and batched, and the executor that runs the operators."""
 
     ops: list[OpSpec] = Field(
         default_factory=lambda: [dict(spec) for spec in DEFAULT_OPS],
@@ -99,34 +99,45 @@ class PipelineConfig(StrictModel):
     )
     exact_dedup: bool = Field(True, description="Drop records whose normalised text was already seen.")
     near_dedup: NearDedupConfig = NearDedupConfig()
-    format: RecordFormat = Field("auto", description="Record format: auto (per record), text, alpaca, sharegpt or messages.")
     text_unit: TextUnit = Field("block", description="txt/md files: one record per blank-line-separated block, or per file.")
     batch_size: int = Field(256, ge=1, description="Records per work unit sent to a worker.")
     shard_bytes: int = Field(1 << 30, ge=1, description="Input bytes per shard (about 1 GB): the unit Ray materialises.")
+    executor: ExecutorKind = Field("local", description="Run the operators in local processes or on Ray Data.")
+    workers: int = Field(1, ge=1, description="Worker processes (local) or Ray actors.")
+    ray_address: Optional[str] = Field(
+        None, description="A running Ray cluster to join (ray.init(address=...), e.g. 'ray://head:10001' or "
+        "'auto'); unset: start a local Ray with `workers` CPUs. Only with executor: ray.",
+    )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address_needs_ray(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value and info.data.get("executor") != "ray":
+            raise ValueError("ray_address is only used with executor: ray")
+        return value
 
 
-class DataConfig(StrictModel):
+class PipelineConfig(StreamConfig):
+    """A cleaning pipeline for `lmsmith data clean --pipeline PIPE.yaml`."""
+
+    format: RecordFormat = Field("auto", description="Record format: auto (per record), text, alpaca, sharegpt or messages.")
+
+
+class DataConfig(StreamConfig):
     """Read, clean, deduplicate and split the corpus (raw text) and the instructions."""
 
     corpus: DataSource = Field(
         EMBEDDED,
-        description="Raw-text corpus: a jsonl file (a 'text' field per line), a .txt file (documents "
-        "separated by blank lines), a folder of those, or 'embedded:finance'.",
+        description="Raw-text corpus: a jsonl/json/csv/parquet file with a 'text' field per row, a txt/md file "
+        "(documents separated by blank lines), any of them gzipped, a folder of those, or 'embedded:finance'.",
     )
     instructions: DataSource = Field(
         EMBEDDED,
-        description="Instruction data: jsonl in alpaca, sharegpt or messages format (detected per line), "
-        "a folder of such files, 'embedded:finance', or 'embedded:moderation' (the moderation classifier's "
+        description="Instruction data: alpaca, sharegpt or messages rows (detected per row) in jsonl/json/csv/"
+        "parquet files, gzipped or not, a folder of such files, 'embedded:finance', or 'embedded:moderation' (the moderation classifier's "
         "labelled set, docs/security.md).",
     )
     embedded: EmbeddedFinanceConfig = EmbeddedFinanceConfig()
-    ops: list[OpSpec] = Field(
-        default_factory=lambda: [dict(spec) for spec in DEFAULT_OPS],
-        validate_default=True,
-        description="Cleaning operators in order: [{op: NAME, ...params}]; see `lmsmith.data.ops`.",
-    )
-    exact_dedup: bool = Field(True, description="Drop records whose normalised text was already seen.")
-    near_dedup: NearDedupConfig = NearDedupConfig()
     split: SplitConfig = SplitConfig()
     synth_tables: list[DataSource] = Field(
         default_factory=list,
@@ -149,9 +160,9 @@ class DataConfig(StrictModel):
         if value == EMBEDDED_MODERATION:
             raise ValueError(f"{EMBEDDED_MODERATION} is a labelled instruction set, not a corpus; use it as "
                              "data.instructions")
-        return _check_suffix(value, CORPUS_SUFFIXES, "corpus")
+        return _check_suffix(value, "corpus")
 
     @field_validator("instructions")
     @classmethod
     def _instructions_format(cls, value: str) -> str:
-        return _check_suffix(value, INSTRUCTION_SUFFIXES, "instructions")
+        return _check_suffix(value, "instructions")

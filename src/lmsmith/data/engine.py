@@ -1,17 +1,20 @@
-"""`lmsmith data clean`: stream records from files, run the operators on an executor, remove exact and
-near duplicates, and account for every record read.
+"""The data pipeline, one for the recipe's data stage and for `lmsmith data clean`: sources → operators
+(on a local or Ray executor) → exact and near dedup → split → writers, with every record accounted for.
 
-Two passes:
-1. Records stream from `lmsmith.data.io` in batches; `clean_batch` (run by the local or the Ray
-   executor, unchanged) applies the operators and returns each survivor with its exact-dedup key and
-   MinHash signature. Survivors go to a work file, signatures to a spill file, drops to dropped.jsonl.
-2. Exact keys (numpy `unique`) and the near-duplicate index (`lmsmith.data.minhash`) decide which
-   survivors are duplicates, earliest kept; the work file is re-read to write kept.jsonl.
+Two passes over one stream of `Record`s:
+1. Sources stream records in batches; `clean_batch` (run by either executor, unchanged) applies the
+   operators and returns each survivor with its exact-dedup key and MinHash signature. Survivors go to
+   a work file, signatures to a spill file (`lmsmith.data.minhash`), drops to a second work file, and
+   each record's group to a compact key array.
+2. With every group seen, groups get their split (`lmsmith.data.split`); exact keys (numpy `unique`,
+   earliest kept) and the near-duplicate index (earliest kept, train before val before test) decide
+   which survivors are duplicates; the work files are re-read and handed to the `Writer`.
 
-Every record read ends in kept.jsonl or in dropped.jsonl with `reason`, the step that dropped it:
-`read` (malformed, with `--on-error skip`), `empty`, an operator's name (`#2` for its second use),
-`exact_dedup` or `near_dedup`. The manifest's `steps` list shows in/dropped/out per step, and
-read = kept + dropped holds in total and step by step.
+A drop's `reason` names the step: `read` (malformed, when errors are skipped), `empty`, an operator (`#2`
+for its second use), `exact_dedup`, `near_dedup`, or `near_dedup_leak` (a val/test record close to one in
+an earlier split). `Stream` holds the counters, per kind and split; read = kept + dropped holds at every
+step. Memory holds a batch in flight, 8 bytes of group key and 8 of exact key per record, and the
+band keys of the near-duplicate index, whatever the input size.
 """
 
 from __future__ import annotations
@@ -19,54 +22,73 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol
 
 import numpy as np
 
-from lmsmith.console import console, track
-from lmsmith.data.config import PipelineConfig
-from lmsmith.data.executor import ExecutorKind, make_executor
-from lmsmith.data.io import (
-    ReadError,
-    check_record,
-    is_empty,
-    iter_file,
-    list_input_files,
-    rewrite_fields,
-    text_fields,
-)
+from lmsmith.console import track
+from lmsmith.data.executor import make_executor
+from lmsmith.data.io import ReadError, TextUnit, iter_file, list_input_files
 from lmsmith.data.minhash import Bander, MinHasher, NearDupIndex, lsh_params
 from lmsmith.data.ops import Mapper, Op, build_ops
-from lmsmith.data.records import dedup_key
+from lmsmith.data.record import Kind, Record, RecordFormat, check_row, dedup_key, is_empty, kind_of_format, rewrite_fields
+from lmsmith.data.split import SPLITS, group_key, split_of_keys
 
 OnError = Literal["fail", "skip"]
-READ, EMPTY, EXACT, NEAR = "read", "empty", "exact_dedup", "near_dedup"
+KINDS: tuple[Kind, ...] = ("corpus", "instructions")
+READ, EMPTY, EXACT, NEAR, LEAK = "read", "empty", "exact_dedup", "near_dedup", "near_dedup_leak"
+
+
+# --------------------------------------------------------------------------------------------- sources
 
 
 @dataclass
-class Item:
-    """A record on its way to a worker; `error` is set for a malformed one (passed through so that
-    drops come out in reading order whatever the executor)."""
+class Source:
+    """Records from a file or folder (every format `lmsmith.data.io` reads) or from rows made in memory.
 
-    where: str
-    fmt: str
-    row: Optional[dict[str, Any]]
-    error: Optional[str] = None
+    `kind` fixes what the records are (the recipe reads a corpus and instructions); None takes it from
+    each row's format (`lmsmith data clean`)."""
+
+    label: str
+    kind: Optional[Kind] = None
+    path: Optional[Path] = None
+    rows: Optional[Callable[[], Iterable[tuple[str, dict[str, Any]]]]] = None  # (where, row) pairs
+    fmt: RecordFormat = "auto"
+    text_unit: TextUnit = "block"
+
+    def records(self) -> Iterator[tuple[Record, str]]:
+        """(record, where to point a message about it: `path/to/file:line`)."""
+        if self.rows is not None:
+            for where, row in self.rows():
+                yield Record(where, row, source=self.label), where
+            return
+        assert self.path is not None
+        for file, name in list_input_files(self.path):
+            for record in iter_file(file, name, self.text_unit):
+                yield record, f"{file}:{record.where.rpartition(':')[2]}"
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else self.label
+
+
+# ------------------------------------------------------------------------------ the workers' unit of work
 
 
 @dataclass
 class Outcome:
-    """What the operators made of one item: `reason` is None for a survivor."""
+    """What the operators made of one record: `reason` is None for a survivor."""
 
-    item: Item
+    record: Record
     reason: Optional[str] = None
     detail: str = ""
     modified: list[str] = field(default_factory=list)
     key: int = 0
     near: bool = False
+    tags: list[tuple[str, str]] = field(default_factory=list)  # (step, tag): what the operators left but noted
 
 
 @dataclass
@@ -86,29 +108,29 @@ def step_names(specs: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def record_kind(fmt: str) -> Literal["corpus", "instructions"]:
-    return "corpus" if fmt == "text" else "instructions"
-
-
-def apply_ops(item: Item, ops: list[tuple[str, Op]]) -> tuple[Optional[tuple[str, str]], list[str]]:
+def apply_ops(record: Record, ops: list[tuple[str, Op]],
+              tags: Optional[list[tuple[str, str]]] = None) -> tuple[Optional[tuple[str, str]], list[str]]:
     """Run the operators on one record in place: ((step, detail) if dropped, else None; steps that
-    modified it)."""
-    if is_empty(item.row, item.fmt):
+    modified it). Each operator's `tags` on the text it kept are appended to `tags`."""
+    row, fmt = record.row, record.fmt
+    assert row is not None
+    if is_empty(row, fmt):
         return (EMPTY, "no text to begin with"), []
-    kind = record_kind(item.fmt)
     modified = []
     for step, op in ops:
-        if not op.applies_to(kind):
+        if not op.applies_to(record.kind):
             continue
         if isinstance(op, Mapper):
-            if rewrite_fields(item.row, item.fmt, op.map):
+            if rewrite_fields(row, fmt, op.map):
                 modified.append(step)
-            if is_empty(item.row, item.fmt):
+            if is_empty(row, fmt):
                 return (step, "no text left after this operator"), modified
         else:
-            detail = op.reject("\n".join(text_fields(item.row, item.fmt)))
+            detail = op.reject(record.content())
             if detail is not None:
                 return (step, detail), modified
+        if tags is not None:
+            tags.extend((step, tag) for tag in op.tags(record.content()))
     return None, modified
 
 
@@ -119,34 +141,34 @@ _PREPARED: dict[str, tuple[list[tuple[str, Op]], Optional[MinHasher], Optional[B
 def _prepare(payload: dict[str, Any]):
     cache_key = json.dumps(payload, sort_keys=True)
     if cache_key not in _PREPARED:
-        plan = PipelineConfig.model_validate(payload)
-        ops = list(zip(step_names(plan.ops), build_ops(plan.ops)))
+        ops = list(zip(step_names(payload["ops"]), build_ops(payload["ops"])))
         hasher = bander = None
-        near = plan.near_dedup
-        if near.enabled:
-            hasher = MinHasher(near.num_perm, near.unit, near.char_ngram, near.word_ngram)
-            bander = Bander(*lsh_params(near.threshold, near.num_perm))
+        near = payload["near_dedup"]
+        if near["enabled"]:
+            hasher = MinHasher(near["num_perm"], near["unit"], near["char_ngram"], near["word_ngram"])
+            bander = Bander(*lsh_params(near["threshold"], near["num_perm"]))
         _PREPARED.clear()
         _PREPARED[cache_key] = (ops, hasher, bander)
     return _PREPARED[cache_key]
 
 
-def clean_batch(payload: dict[str, Any], items: list[Item]) -> BatchResult:
+def clean_batch(payload: dict[str, Any], records: list[Record]) -> BatchResult:
     """The unit of work both executors run: operators, exact keys and signatures for one batch."""
     ops, hasher, bander = _prepare(payload)
     near_target = payload["near_dedup"]["apply_to"]
     outcomes, signatures = [], []
-    for item in items:
-        if item.error is not None:
-            outcomes.append(Outcome(item, READ, item.error))
+    for record in records:
+        if record.error is not None:
+            outcomes.append(Outcome(record, READ, record.error))
             continue
-        verdict, modified = apply_ops(item, ops)
+        tags: list[tuple[str, str]] = []
+        verdict, modified = apply_ops(record, ops, tags)
         if verdict is not None:
-            outcomes.append(Outcome(item, verdict[0], verdict[1], modified))
+            outcomes.append(Outcome(record, verdict[0], verdict[1], modified))
             continue
-        text = "\n".join(text_fields(item.row, item.fmt))
-        outcome = Outcome(item, None, "", modified, key=int(dedup_key(text)[:16], 16))
-        if hasher is not None and near_target in ("both", record_kind(item.fmt)):
+        text = record.content()
+        outcome = Outcome(record, None, "", modified, key=int(dedup_key(text)[:16], 16), tags=tags)
+        if hasher is not None and near_target in ("both", record.kind):
             outcome.near = True
             signatures.append(hasher.signature(text))
         outcomes.append(outcome)
@@ -156,214 +178,306 @@ def clean_batch(payload: dict[str, Any], items: list[Item]) -> BatchResult:
     return BatchResult(outcomes, stacked, keys)
 
 
-def _record_id(row: Any, where: str) -> str:
-    value = row.get("id") if isinstance(row, dict) else None
-    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else where
+# ------------------------------------------------------------------------------------------- the stream
 
 
-class _Reader:
-    """Streams well-formed items in batches; malformed ones raise (fail) or are written as drops (skip)."""
+class Writer(Protocol):
+    """Where pass 2 sends each record: kept (with its split) or dropped (with the step and why)."""
 
-    def __init__(self, path: Path, plan: PipelineConfig, on_error: OnError):
-        self.path, self.plan, self.on_error = path, plan, on_error
-        self.read = 0
+    def keep(self, record: Record, split: str, modified: list[str]) -> None: ...
 
-    def _malformed(self, file: Path, where: str, problem: str, raw: Any) -> Item:
-        line = where.rsplit(":", 1)[1]
-        if self.on_error == "fail":
-            raise ReadError(f"{file}:{line}: {problem}")
-        return Item(where, "", raw, error=f"{file}:{line}: {problem}")
-
-    def items(self) -> Iterator[tuple[Item, int]]:
-        for file, name in list_input_files(self.path):
-            for raw in iter_file(file, name, self.plan.text_unit):
-                self.read += 1
-                if raw.error is not None:
-                    yield self._malformed(file, raw.where, raw.error, raw.raw), raw.size
-                    continue
-                problem, fmt = check_record(raw.row, self.plan.format)
-                if problem is not None:
-                    yield self._malformed(file, raw.where, problem, raw.row), raw.size
-                    continue
-                yield Item(raw.where, fmt, raw.row), raw.size
-
-    def shards(self) -> Iterator[tuple[int, Iterator[list[Item]], dict[str, int]]]:
-        """(index, batches, stats) per shard of about `shard_bytes` input; `stats` fills as it streams."""
-        stream = self.items()
-        pending: Optional[tuple[Item, int]] = next(stream, None)
-        index = 0
-        while pending is not None:
-            stats = {"index": index, "records": 0, "bytes": 0}
-
-            def batches(first: tuple[Item, int], stats: dict[str, int] = stats) -> Iterator[list[Item]]:
-                nonlocal pending
-                batch: list[Item] = []
-                current: Optional[tuple[Item, int]] = first
-                while current is not None:
-                    item, size = current
-                    batch.append(item)
-                    stats["records"] += 1
-                    stats["bytes"] += size
-                    current = next(stream, None)
-                    if len(batch) >= self.plan.batch_size or current is None or stats["bytes"] >= self.plan.shard_bytes:
-                        yield batch
-                        batch = []
-                    if stats["bytes"] >= self.plan.shard_bytes:
-                        break
-                pending = current
-
-            first, pending = pending, None
-            yield index, batches(first), stats
-            index += 1
+    def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str]) -> None: ...
 
 
-def _write(handle: Any, row: dict[str, Any]) -> None:
-    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+@dataclass
+class Stream:
+    """The counters of one run, by kind: what each step read, dropped and modified, per split."""
+
+    steps: list[str]
+    read: Counter = field(default_factory=Counter)  # (kind, split)
+    kept: Counter = field(default_factory=Counter)  # (kind, split)
+    dropped: Counter = field(default_factory=Counter)  # (kind, split, reason)
+    modified: Counter = field(default_factory=Counter)  # (kind, step)
+    tags: Counter = field(default_factory=Counter)  # (kind, step, tag), over the records kept
+    shards: list[dict[str, int]] = field(default_factory=list)
+    near_dedup: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, int] = field(default_factory=dict)  # distinct groups per split
+    wall_time_s: float = 0.0
+
+    def kinds(self) -> list[Kind]:
+        return [kind for kind in KINDS if any(k == kind for k, _ in self.read)]
+
+    def total(self, counter: Counter, kind: Optional[Kind] = None) -> int:
+        return sum(count for key, count in counter.items() if kind is None or key[0] == kind)
+
+    def dropped_by(self, kind: Optional[Kind] = None, split: Optional[str] = None) -> dict[str, int]:
+        counts: Counter = Counter()
+        for (k, s, reason), count in self.dropped.items():
+            if (kind is None or k == kind) and (split is None or s == split):
+                counts[reason] += count
+        return {reason: counts[reason] for reason in self.steps if counts[reason]}
+
+    def step_table(self, kind: Optional[Kind] = None) -> list[dict[str, Any]]:
+        """in / dropped / out / modified per step, in pipeline order."""
+        entering = self.total(self.read, kind)
+        dropped = self.dropped_by(kind)
+        table = []
+        for step in self.steps:
+            out = entering - dropped.get(step, 0)
+            modified = sum(count for (k, name), count in self.modified.items()
+                           if name == step and (kind is None or k == kind))
+            table.append({"step": step, "in": entering, "dropped": dropped.get(step, 0), "out": out,
+                          "modified": modified})
+            entering = out
+        return table
+
+    def check(self) -> None:
+        for kind in [None, *self.kinds()]:
+            table = self.step_table(kind)
+            kept = self.total(self.kept, kind)
+            if table and table[-1]["out"] != kept:
+                raise AssertionError(f"accounting does not reconcile for {kind or 'all'}: "
+                                     f"{self.total(self.read, kind)} read, {kept} kept")
 
 
-def run_clean(
-    input_path: str | Path,
-    out_dir: str | Path,
-    plan: Optional[PipelineConfig] = None,
-    executor: ExecutorKind = "local",
-    workers: int = 1,
-    on_error: OnError = "fail",
-) -> dict[str, Any]:
-    """Clean `input_path` (a file or folder) into `out_dir`/kept.jsonl, dropped.jsonl and
-    manifest.json; returns the manifest."""
-    plan = plan or PipelineConfig()
-    input_path, out_dir = Path(input_path), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = out_dir / ".work"
-    work.mkdir(exist_ok=True)
-    payload = plan.model_dump(mode="json")
-    names = step_names(plan.ops)
+@dataclass
+class StreamOptions:
+    """How the stream runs: the operators, dedup, batching, executor and what happens to a bad record."""
+
+    ops: list[dict[str, Any]]
+    exact_dedup: bool
+    near_dedup: dict[str, Any]
+    batch_size: int = 256
+    shard_bytes: int = 1 << 30
+    executor: str = "local"
+    workers: int = 1
+    ray_address: Optional[str] = None
+    on_error: OnError = "fail"
+    ratios: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    split_seed: int = 0
+    near_rank_by_split: bool = True
+
+
+def _checked(source: Source, on_error: OnError,
+             observe: Optional[Callable[[Record], None]]) -> Iterator[tuple[Record, int]]:
+    """The source's records, each checked against its kind; a bad one raises (fail) or carries `error`."""
+    for record, location in source.records():
+        if record.error is None:
+            assert record.row is not None
+            problem, record.fmt = check_row(record.row, source.fmt, source.kind)
+            record.error = problem
+            record.kind = source.kind or kind_of_format(record.fmt)
+        else:
+            record.kind = source.kind or "corpus"
+        if record.error is not None:
+            record.error = f"{location}: {record.error}"
+            if on_error == "fail":
+                raise ReadError(record.error)
+        if observe is not None:
+            observe(record)
+        yield record, record.size
+
+
+def _shards(records: Iterator[tuple[Record, int]], batch_size: int,
+            shard_bytes: int) -> Iterator[tuple[Iterator[list[Record]], dict[str, int]]]:
+    """(batches, stats) per shard of about `shard_bytes` input; `stats` fills as it streams."""
+    pending: Optional[tuple[Record, int]] = next(records, None)
+    index = 0
+    while pending is not None:
+        stats = {"index": index, "records": 0, "bytes": 0}
+
+        def batches(first: tuple[Record, int], stats: dict[str, int] = stats) -> Iterator[list[Record]]:
+            nonlocal pending
+            batch: list[Record] = []
+            current: Optional[tuple[Record, int]] = first
+            while current is not None:
+                record, size = current
+                batch.append(record)
+                stats["records"] += 1
+                stats["bytes"] += size
+                current = next(records, None)
+                if len(batch) >= batch_size or current is None or stats["bytes"] >= shard_bytes:
+                    yield batch
+                    batch = []
+                if stats["bytes"] >= shard_bytes:
+                    break
+            pending = current
+
+        first, pending = pending, None
+        yield batches(first), stats
+        index += 1
+
+
+def _dump(handle: Any, record: Record, position: int, extra: dict[str, Any]) -> None:
+    handle.write(json.dumps({"at": position, "where": record.where, "kind": record.kind, "fmt": record.fmt,
+                             "source": record.source, "row": record.row, "raw": record.raw, **extra},
+                            ensure_ascii=False) + "\n")
+
+
+def _load(line: str) -> tuple[Record, dict[str, Any]]:
+    data = json.loads(line)
+    record = Record(data["where"], data["row"], raw=data["raw"], kind=data["kind"], fmt=data["fmt"],
+                    source=data["source"])
+    return record, data
+
+
+def run_stream(sources: list[Source], options: StreamOptions, writer: Writer, work: Path,
+               label: str = "cleaning", observe: Optional[Callable[[Record], None]] = None) -> Stream:
+    """Run the pipeline over `sources` in order; every record ends in `writer.keep` or `writer.drop`.
+    `observe` sees each record as read, before any operator touches it (the quality report's sample)."""
+    work.mkdir(parents=True, exist_ok=True)
+    names = step_names(options.ops)
+    splits = options.ratios[0] < 1
+    stream = Stream(steps=[READ, EMPTY, *names, EXACT, NEAR, *([LEAK] if splits else [])])
+    payload = {"ops": options.ops, "near_dedup": options.near_dedup}
+    near = options.near_dedup
     started = time.perf_counter()
-    dropped_by: Counter = Counter()
-    modified_by: Counter = Counter()
-    keys: list[int] = []
-    near_positions: list[int] = []
-    shards: list[dict[str, int]] = []
-    near = plan.near_dedup
-    index = NearDupIndex(near.threshold, near.num_perm, workdir=work) if near.enabled else None
+    groups = array("Q")  # per record read
+    survivor_at = {kind: array("q") for kind in KINDS}  # read position of each survivor, by kind
+    exact_keys = {kind: array("Q") for kind in KINDS}
+    near_at = {kind: array("q") for kind in KINDS}  # survivor index (in its kind) of each signature
+    indexes = {kind: NearDupIndex(near["threshold"], near["num_perm"], workdir=work) for kind in KINDS} \
+        if near["enabled"] else {}
     try:
-        with open(out_dir / "dropped.jsonl", "w", encoding="utf-8") as dropped, \
-                open(work / "survivors.jsonl", "w", encoding="utf-8") as survivors, \
-                make_executor(executor, workers) as pool, \
-                track(f"cleaning ({executor}, {workers} worker{'s' * (workers > 1)})", total=None) as bar:
-            reader = _Reader(input_path, plan, on_error)
-            for _, batches, stats in reader.shards():
-                for result in pool.map_batches(clean_batch, payload, batches):
-                    for outcome in result.outcomes:
-                        modified_by.update(outcome.modified)
-                        item = outcome.item
-                        if outcome.reason is not None:
-                            dropped_by[outcome.reason] += 1
-                            _write(dropped, {"reason": outcome.reason, "detail": outcome.detail, "where": item.where,
-                                             "id": _record_id(item.row, item.where), "record": item.row})
-                            continue
-                        if outcome.near:
-                            near_positions.append(len(keys))
-                        keys.append(outcome.key)
-                        _write(survivors, {"where": item.where, "row": item.row})
-                    if index is not None:
-                        index.add(result.signatures, result.band_keys)
-                    bar.advance(len(result.outcomes))
-                shards.append(dict(stats))
-            read = reader.read
-        duplicate_of = _find_duplicates(np.array(keys, dtype=np.uint64), np.array(near_positions, dtype=np.int64),
-                                        index, plan.exact_dedup)
-        kept = _write_kept(out_dir, work / "survivors.jsonl", duplicate_of, dropped_by)
+        with open(work / "survivors.jsonl", "w", encoding="utf-8") as survivors, \
+                open(work / "drops.jsonl", "w", encoding="utf-8") as drops, \
+                make_executor(options.executor, options.workers, options.ray_address) as pool, \
+                track(f"{label} ({options.executor}, {options.workers} worker{'s' * (options.workers > 1)})",
+                      total=None) as bar:
+            for source in sources:
+                checked = _checked(source, options.on_error, observe)
+                for batches, stats in _shards(checked, options.batch_size, options.shard_bytes):
+                    for result in pool.map_batches(clean_batch, payload, batches):
+                        for outcome in result.outcomes:
+                            record = outcome.record
+                            position = len(groups)
+                            groups.append(group_key(record.group) if record.row is not None else group_key(record.where))
+                            if outcome.reason is not None:
+                                _dump(drops, record, position, {"reason": outcome.reason, "detail": outcome.detail,
+                                                                "modified": outcome.modified})
+                                continue
+                            kind = record.kind
+                            if outcome.near:
+                                near_at[kind].append(len(survivor_at[kind]))
+                            survivor_at[kind].append(position)
+                            exact_keys[kind].append(outcome.key)
+                            _dump(survivors, record, position, {"modified": outcome.modified, "tags": outcome.tags})
+                        near_kinds = np.array([o.record.kind for o in result.outcomes if o.near])
+                        for kind, index in indexes.items():
+                            rows = near_kinds == kind
+                            if rows.any():
+                                index.add(result.signatures[rows], result.band_keys[rows])
+                        bar.advance(len(result.outcomes))
+                    stream.shards.append(dict(stats))
+        split_index = _split_index(np.frombuffer(groups, dtype=np.uint64) if len(groups) else
+                                   np.empty(0, dtype=np.uint64), options, stream)
+        duplicates = {kind: _duplicates(survivor_at[kind], exact_keys[kind], near_at[kind], indexes.get(kind),
+                                        split_index, options) for kind in KINDS}
+        _write(work, stream, writer, split_index, duplicates)
+        if indexes:
+            stream.near_dedup = {"bands": indexes["corpus"].bands, "rows": indexes["corpus"].rows,
+                                 "threshold": near["threshold"], "apply_to": near["apply_to"]}
     finally:
-        if index is not None:
+        for index in indexes.values():
             index.close()
         shutil.rmtree(work, ignore_errors=True)
+    stream.wall_time_s = round(time.perf_counter() - started, 3)
+    stream.check()
+    return stream
 
-    wall = time.perf_counter() - started
-    steps = _steps(read, [READ, EMPTY, *names, EXACT, NEAR], dropped_by, modified_by)
-    dropped_total = sum(dropped_by.values())
-    if read != kept + dropped_total or steps[-1]["out"] != kept:
-        raise AssertionError(f"accounting does not reconcile: read {read}, kept {kept}, dropped {dropped_total}")
-    manifest = {
-        "input": str(input_path),
-        "executor": {"kind": executor, "workers": workers},
-        "pipeline": payload,
-        "counts": {"read": read, "kept": kept, "dropped": dropped_total},
-        "dropped_by": {reason: count for reason, count in dropped_by.items() if count},
-        "steps": steps,
-        "shards": shards,
-        "near_dedup": ({"bands": index.bands, "rows": index.rows, "threshold": near.threshold} if index else None),
-        "wall_time_s": round(wall, 3),
-        "records_per_s": round(read / wall, 1) if wall > 0 else None,
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    console.print(f"read {read}, kept {kept}, dropped {dropped_total} "
-                  f"({', '.join(f'{k} {v}' for k, v in manifest['dropped_by'].items()) or 'none'})")
-    return manifest
+
+def _split_index(groups: np.ndarray, options: StreamOptions, stream: Stream) -> np.ndarray:
+    """The split (0 train, 1 val, 2 test) of every record read, from its group."""
+    distinct, index = split_of_keys(groups, options.ratios, options.split_seed)
+    stream.groups = {split: int(count) for split, count in zip(SPLITS, np.bincount(index, minlength=3))}
+    return index[np.searchsorted(distinct, groups)] if len(groups) else np.empty(0, dtype=np.int8)
 
 
 @dataclass
 class _Duplicates:
-    """Per survivor position: the earlier position it duplicates (or -1), and by which step."""
+    """Per survivor of one kind: why it goes ("" when kept) and the survivor it duplicates (or -1)."""
 
-    of: np.ndarray
     reason: list[str]
+    of: np.ndarray
 
 
-def _find_duplicates(keys: np.ndarray, near_positions: np.ndarray, index: Optional[NearDupIndex],
-                     exact: bool) -> _Duplicates:
-    n = len(keys)
+def _duplicates(survivor_at: array, keys: array, near_at: array, index: Optional[NearDupIndex],
+                split_index: np.ndarray, options: StreamOptions) -> _Duplicates:
+    """Exact keys (the first read is kept), then near-duplicate clusters: in each, the survivor that ranks
+    first is kept (train before val before test when splitting, then reading order), so a near copy across
+    splits leaves val/test; an exact duplicate never keeps a cluster."""
+    n = len(survivor_at)
+    positions = np.frombuffer(survivor_at, dtype=np.int64) if n else np.empty(0, dtype=np.int64)
+    split = split_index[positions].astype(np.int64) if options.near_rank_by_split else np.zeros(n, dtype=np.int64)
+    rank = split * max(n, 1) + np.arange(n, dtype=np.int64)
     duplicate_of = np.full(n, -1, dtype=np.int64)
     exact_dup = np.zeros(n, dtype=bool)
-    if exact and n:
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    if options.exact_dedup and n:
+        _, first, inverse = np.unique(np.frombuffer(keys, dtype=np.uint64), return_index=True, return_inverse=True)
         first_of = first[inverse]
         exact_dup = first_of != np.arange(n)
         duplicate_of[exact_dup] = first_of[exact_dup]
-    near_dup = np.zeros(n, dtype=bool)
+    reasons = np.where(exact_dup, EXACT, "").astype(object)
     if index is not None and index.size:
-        keeper = index.clusters().keeper
-        positions_keeper = near_positions[keeper]
-        candidates = (positions_keeper != near_positions) & ~exact_dup[near_positions]
-        near_dup[near_positions[candidates]] = True
-        duplicate_of[near_positions[candidates]] = positions_keeper[candidates]
-    reasons = np.where(exact_dup, EXACT, np.where(near_dup, NEAR, "")).tolist()
-    return _Duplicates(duplicate_of, reasons)
+        rows = np.frombuffer(near_at, dtype=np.int64)
+        near_rank = rank[rows] + exact_dup[rows] * (3 * max(n, 1) * max(n, 1))
+        keeper = rows[index.clusters(near_rank).keeper]
+        candidates = (keeper != rows) & ~exact_dup[rows]
+        dropped, kept_by = rows[candidates], keeper[candidates]
+        duplicate_of[dropped] = kept_by
+        reasons[dropped] = np.where(split[dropped] == split[kept_by], NEAR, LEAK)
+    return _Duplicates(reasons.tolist(), duplicate_of)
 
 
-def _write_kept(out_dir: Path, survivors: Path, duplicates: _Duplicates, dropped_by: Counter) -> int:
-    """Second pass: survivors that are not duplicates go to kept.jsonl, the others to dropped.jsonl."""
-    referenced = set(duplicates.of[duplicates.of >= 0].tolist())
-    ids: dict[int, str] = {}
-    kept = 0
-    with open(survivors, encoding="utf-8") as source, \
-            open(out_dir / "kept.jsonl", "w", encoding="utf-8") as kept_file, \
-            open(out_dir / "dropped.jsonl", "a", encoding="utf-8") as dropped:
-        for position, line in enumerate(source):
-            survivor = json.loads(line)
-            record_id = _record_id(survivor["row"], survivor["where"])
-            if position in referenced:
-                ids[position] = record_id
-            reason = duplicates.reason[position]
-            if reason:
-                dropped_by[reason] += 1
-                original = ids[int(duplicates.of[position])]
-                detail = (f"same normalised text as {original}" if reason == EXACT
-                          else f"near duplicate of {original} (MinHash cluster, earliest kept)")
-                _write(dropped, {"reason": reason, "detail": detail, "where": survivor["where"], "id": record_id,
-                                 "record": survivor["row"]})
-            else:
-                kept += 1
-                _write(kept_file, survivor["row"])
-    return kept
+def _write(work: Path, stream: Stream, writer: Writer, split_index: np.ndarray,
+           duplicates: dict[Kind, _Duplicates]) -> None:
+    """Pass 2: the drops of pass 1 in reading order, then every survivor, kept or dropped as a duplicate."""
+    with open(work / "drops.jsonl", encoding="utf-8") as drops:
+        for line in drops:
+            record, data = _load(line)
+            split = SPLITS[int(split_index[data["at"]])]
+            stream.read[(record.kind, split)] += 1
+            stream.dropped[(record.kind, split, data["reason"])] += 1
+            stream.modified.update((record.kind, step) for step in data["modified"])
+            writer.drop(record, split, data["reason"], data["detail"], data["modified"])
+    referenced = {kind: set(dups.of[dups.of >= 0].tolist()) for kind, dups in duplicates.items()}
+    ids: dict[tuple[str, int], str] = {}
+    with open(work / "survivors.jsonl", encoding="utf-8") as survivors:
+        seen: Counter = Counter()
+        for line in survivors:
+            record, _ = _load(line)
+            if seen[record.kind] in referenced[record.kind]:
+                ids[(record.kind, seen[record.kind])] = record.id
+            seen[record.kind] += 1
+    with open(work / "survivors.jsonl", encoding="utf-8") as survivors:
+        seen = Counter()
+        for line in survivors:
+            record, data = _load(line)
+            kind, at = record.kind, seen[record.kind]
+            seen[kind] += 1
+            split = SPLITS[int(split_index[data["at"]])]
+            stream.read[(kind, split)] += 1
+            stream.modified.update((kind, step) for step in data["modified"])
+            reason = duplicates[kind].reason[at]
+            if not reason:
+                stream.kept[(kind, split)] += 1
+                stream.tags.update((kind, step, tag) for step, tag in data["tags"])
+                writer.keep(record, split, data["modified"])
+                continue
+            original = ids[(kind, int(duplicates[kind].of[at]))]
+            detail = (f"same normalised text as {original}" if reason == EXACT else
+                      f"near duplicate of {original} (MinHash cluster, earliest kept)" if reason == NEAR else
+                      f"near duplicate of {original}, which is in an earlier split")
+            stream.dropped[(kind, split, reason)] += 1
+            writer.drop(record, split, reason, detail, data["modified"])
 
 
-def _steps(read: int, names: list[str], dropped_by: Counter, modified_by: Counter) -> list[dict[str, Any]]:
-    steps = []
-    entering = read
-    for name in names:
-        dropped = dropped_by.get(name, 0)
-        steps.append({"step": name, "in": entering, "dropped": dropped, "out": entering - dropped,
-                      "modified": modified_by.get(name, 0)})
-        entering -= dropped
-    return steps
+def stream_options(config: Any, on_error: OnError = "fail", ratios: tuple[float, float, float] = (1.0, 0.0, 0.0),
+                   split_seed: int = 0) -> StreamOptions:
+    """The options of a `StreamConfig` (the recipe's `data` block or a `data clean` pipeline)."""
+    return StreamOptions(
+        ops=config.ops, exact_dedup=config.exact_dedup, near_dedup=config.near_dedup.model_dump(mode="json"),
+        batch_size=config.batch_size, shard_bytes=config.shard_bytes, executor=config.executor,
+        workers=config.workers, ray_address=config.ray_address, on_error=on_error, ratios=ratios,
+        split_seed=split_seed,
+    )

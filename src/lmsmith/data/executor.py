@@ -136,9 +136,11 @@ class RayExecutor(Executor):
             self._started = False
 
 
-def make_executor(kind: ExecutorKind = "local", workers: int = 1) -> Executor:
+def make_executor(kind: ExecutorKind = "local", workers: int = 1, ray_address: str | None = None) -> Executor:
     if kind == "local":
+        if ray_address:
+            raise ValueError("ray_address is set but the executor is local; use executor: ray")
         return LocalExecutor(workers)
     if kind == "ray":
-        return RayExecutor(workers)
+        return RayExecutor(workers, ray_address)
     raise ValueError(f"unknown executor {kind!r}; use local or ray")

@@ -198,7 +198,9 @@ class NearDupIndex:
         pairs.sort(axis=1)
         return np.unique(pairs, axis=0)
 
-    def clusters(self) -> Clusters:
+    def clusters(self, rank: Optional[np.ndarray] = None) -> Clusters:
+        """Clusters of near duplicates; each keeps its earliest member, or with `rank` (unique integers,
+        one per signature) its member of lowest rank."""
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
@@ -220,9 +222,14 @@ class NearDupIndex:
         if len(similar):
             graph = coo_matrix((np.ones(len(similar), dtype=np.int8), (similar[:, 0], similar[:, 1])), shape=(n, n))
             _, labels = connected_components(graph, directed=False)
-            first = np.full(labels.max() + 1, n, dtype=np.int64)
-            np.minimum.at(first, labels, keeper)
-            keeper = first[labels]
+            priority = keeper if rank is None else np.asarray(rank, dtype=np.int64)
+            first = np.full(labels.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(first, labels, priority)
+            if rank is None:
+                keeper = first[labels]
+            else:
+                order = np.argsort(priority)
+                keeper = order[np.searchsorted(priority, first[labels], sorter=order)]
         return Clusters(keeper, len(pairs), len(similar))
 
     def close(self) -> None:

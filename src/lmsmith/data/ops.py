@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import Field, ValidationError
 
-from lmsmith.data.numbers import OutputForm, PercentForm, normalize_amounts
+from lmsmith.data.numbers import OutputForm, PercentForm, find_approximate_amounts, normalize_amounts
 from lmsmith.data.pii import mask_bank_cards, mask_id_numbers
 from lmsmith.schema import StrictModel
 
@@ -59,6 +59,11 @@ class Op(ABC):
 
     def applies_to(self, kind: Literal["corpus", "instructions"]) -> bool:
         return self.config.apply_to in ("both", kind)
+
+    def tags(self, text: str) -> list[str]:
+        """What this operator saw but left as it is (one entry per occurrence), counted per step in the
+        stats: e.g. an approximate amount (`500多亿`) that `normalize_numbers` keeps as written."""
+        return []
 
 
 class Mapper(Op):
@@ -180,8 +185,9 @@ class NormalizeNumbersConfig(OpConfig):
 @register("normalize_numbers")
 class NormalizeNumbers(Mapper):
     """Write every financial amount as one plain number (`1.2亿`, `120,000,000` and `120 million` all
-    become `120000000`). Percentages, years and plain decimals are left alone; see
-    `lmsmith.data.numbers`."""
+    become `120000000`). Percentages, years and plain decimals are left alone; approximate amounts
+    (`数千亿`, `500多亿`, `近百亿`) stay as written and are counted as `approximate_amount` tags in the
+    data stage's stats; see `lmsmith.data.numbers`."""
 
     Config = NormalizeNumbersConfig
     resolves = ("mixed_numbers",)
@@ -199,6 +205,11 @@ class NormalizeNumbers(Mapper):
             output=self.config.output,
             decimals=self.config.decimals,
         )
+
+    def tags(self, text: str) -> list[str]:
+        if not self.config.chinese_units:
+            return []
+        return ["approximate_amount"] * len(find_approximate_amounts(text))
 
 
 class MaskPiiConfig(OpConfig):

@@ -22,12 +22,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from lmsmith.console import track
-from lmsmith.data.ops import DEFAULT_OPS, Mapper, build_ops, validate_op_spec
 from lmsmith.data.quality_detectors import DETECTORS, detect_fragment, run_detectors
 from lmsmith.data.quality_metrics import (
     REPAIRABLE_LABELS,
@@ -44,9 +43,6 @@ from lmsmith.data.quality_metrics import (
 from lmsmith.data.quality_resources import kind_of, read_term_list, resource_path, text_of, write_json
 from lmsmith.errors import UserError
 from lmsmith.schema import StrictModel
-
-OpSpec = Annotated[dict[str, Any], AfterValidator(validate_op_spec)]
-
 
 class QualityConfig(StrictModel):
     """Settings of the 3C quality report."""
@@ -66,10 +62,9 @@ class QualityConfig(StrictModel):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     examples_per_reason: int = Field(3, ge=0, le=50)
     example_chars: int = Field(160, ge=20)
-    ops: list[OpSpec] = Field(
-        default_factory=lambda: [dict(spec) for spec in DEFAULT_OPS],
-        validate_default=True,
-        description="The cleaning chain that produced `after` (replayed to attribute each change to an operator).",
+    sample_size: int = Field(
+        20000, ge=100, description="Records the report looks at in detail (a fixed sample by hash of where "
+        "each was read; every record when there are fewer). Counts and drop reasons are always exact.",
     )
     canonicalizers: list[str] = Field(
         default_factory=lambda: ["unicode_normalize", "normalize_numbers"],
@@ -88,27 +83,6 @@ def _key(row: dict[str, Any]) -> tuple[str, str]:
     return kind_of(row), str(row.get("id"))
 
 
-def _changed_by(row: dict[str, Any], mappers: Sequence[Mapper]) -> tuple[list[str], Any]:
-    """Replay the chain's mappers on a raw row: the operators that changed it, and the final content."""
-    kind = kind_of(row)
-    contents = [row["text"]] if kind == "corpus" else [str(m.get("content", "")) for m in row.get("messages", [])]
-    changed: list[str] = []
-    for mapper in mappers:
-        if not mapper.applies_to(kind):
-            continue
-        rewritten = [mapper.map(content) for content in contents]
-        if rewritten != contents:
-            changed.append(mapper.name)
-        contents = rewritten
-    return changed, contents
-
-
-def _content(row: dict[str, Any]) -> list[str]:
-    if kind_of(row) == "corpus":
-        return [row.get("text", "")]
-    return [str(m.get("content", "")) for m in row.get("messages", [])]
-
-
 def cleaning_vs_labels(
     before: Sequence[dict[str, Any]],
     after: Sequence[dict[str, Any]],
@@ -116,6 +90,8 @@ def cleaning_vs_labels(
     after_verdicts: Sequence[dict[str, str]],
     config: QualityConfig,
 ) -> Optional[dict[str, Any]]:
+    """`after` rows carry `modified_by`, the steps that rewrote them as the stream counted (a row without
+    it, from files cleaned elsewhere, counts as rewritten by `unattributed` when its text changed)."""
     """The cleaning chain judged against the embedded noise labels (None when no row carries labels).
 
     A record is "flagged" by cleaning when it was dropped or rewritten; the truth is "it carries a noise
@@ -129,7 +105,6 @@ def cleaning_vs_labels(
     labelled = [row for row in before if isinstance(row.get("noise"), list)]
     if not any(row["noise"] for row in labelled):
         return None
-    mappers = [op for op in build_ops(config.ops) if isinstance(op, Mapper)]
     kept = {_key(row): row for row in after}
     reasons = {_key(row): str(row.get("reason", "unknown")) for row in dropped}
     verdict_of = {_key(row): verdict for row, verdict in zip(after, after_verdicts)}
@@ -138,7 +113,8 @@ def cleaning_vs_labels(
     strict, repair = Counter(), Counter()
     by_op: dict[str, Counter] = {}
     by_label: dict[str, Counter] = {}
-    unaccounted = replay_mismatches = residual = 0
+    unaccounted = residual = 0
+    before_text = {_key(row): text_of(row) for row in labelled}
     with track("scoring cleaning against labels", total=len(labelled)) as bar:
         for row in labelled:
             key, noisy = _key(row), bool(row["noise"])
@@ -146,9 +122,8 @@ def cleaning_vs_labels(
                 flaggers = [f"drop:{reasons[key]}"]
                 strict_flag = repair_flag = True
             elif key in kept:
-                changed, replayed = _changed_by(row, mappers)
-                replay_mismatches += replayed != _content(kept[key])
-                flaggers = [name for name in changed if name not in canonical]
+                changed = _modified_by(kept[key], before_text[key])
+                flaggers = [name for name in changed if name.split("#")[0] not in canonical]
                 strict_flag, repair_flag = bool(changed), bool(flaggers)
                 residual += _still_noisy(row["noise"], verdict_of.get(key, {}), kept[key], config)
             else:
@@ -183,8 +158,14 @@ def cleaning_vs_labels(
             for label, c in sorted(by_label.items())
         },
         "unaccounted": unaccounted,
-        "replay_mismatches": replay_mismatches,
     }
+
+
+def _modified_by(kept_row: dict[str, Any], text_before: str) -> list[str]:
+    steps = kept_row.get("modified_by")
+    if isinstance(steps, list):
+        return [str(step) for step in steps]
+    return ["unattributed"] if text_of(kept_row) != text_before else []
 
 
 def _still_noisy(labels: list[str], verdict: dict[str, str], kept_row: dict[str, Any], config: QualityConfig) -> bool:
@@ -372,33 +353,79 @@ def _residual_examples(after: Sequence[dict[str, Any]], verdicts: Sequence[dict[
 # ------------------------------------------------------------------------------ the embedded corpus
 
 
-def embedded_rows(seed: int = 0, companies: int = 60, years: int = 5, ops: Optional[list[dict[str, Any]]] = None) -> tuple[list, list, list]:
+def embedded_rows(seed: int = 0, companies: int = 60, years: int = 5,
+                  ops: Optional[list[dict[str, Any]]] = None) -> tuple[list, list, list]:
     """(before, after, dropped) rows for the embedded finance dataset cleaned by `ops` (default: the data
-    stage's default chain) with `lmsmith.data.cleaning`, exact dedup on. Rows carry `group` and
-    `industry`, so the report can show the industry distribution."""
-    from lmsmith.data.cleaning import Ledger, clean
-    from lmsmith.data.readers import embedded_conversations, embedded_documents
+    stage's default chain) through the data pipeline, exact dedup on, no near dedup, no split. Rows carry
+    `group` and `industry`, so the report can show the industry distribution."""
+    import tempfile
+
+    from lmsmith.data.config import PipelineConfig
+    from lmsmith.data.ops import DEFAULT_OPS
+    from lmsmith.data.stage import StageWriter, embedded_sources
+    from lmsmith.data.engine import run_stream, stream_options
     from lmsmith.datasets.finance import generate
 
     dataset = generate(seed, companies, years)
-    industry = {company.ticker: company.industry for company in dataset.companies}
-    chain = build_ops([dict(spec) for spec in (ops or DEFAULT_OPS)])
-    documents, conversations = embedded_documents(dataset), embedded_conversations(dataset)
+    plan = PipelineConfig(ops=[dict(spec) for spec in (ops or DEFAULT_OPS)], near_dedup={"enabled": False})
+    sample = QualitySample(10**9, dataset)
+    with tempfile.TemporaryDirectory() as work:
+        writer = StageWriter(Path(work) / "out", plan.ops, sample)
+        try:
+            run_stream(embedded_sources(dataset), stream_options(plan), writer, Path(work) / "stream",
+                       observe=sample.observe)
+        finally:
+            writer.close()
+    return sample.before(), sample.after, sample.dropped
 
-    def extra(group: str) -> dict[str, str]:
-        return {"group": group, "industry": industry[group.split(":")[0]]}
 
-    before = [{**doc.to_row(), **extra(doc.group)} for doc in documents]
-    before += [{**json.loads(json.dumps(conv.to_row(), ensure_ascii=False)), **extra(conv.group)} for conv in conversations]
-    split_of = {row["group"]: "train" for row in before}
-    after, dropped = [], []
-    for kind, records in (("corpus", documents), ("instructions", conversations)):
-        ledger = Ledger(kind)
-        kept = clean(records, chain, kind, split_of, True, ledger)
-        after += [{**record.to_row(), **extra(record.group)} for split in kept.values() for record in split]
-        group_of = {record.id: record.group for record in records}
-        dropped += [{**row, **extra(group_of[row["id"]])} for row in ledger.rows]
-    return before, after, dropped
+class QualitySample:
+    """The records the report looks at: up to `size` of them, chosen by a hash of where each was read (so
+    the same records whatever the executor or batch size), seen before cleaning and after it."""
+
+    def __init__(self, size: int, dataset: Any = None):
+        self.size = size
+        self._heap: list[tuple[int, str]] = []  # (-hash, key): the largest hash on top, evicted first
+        self._before: dict[str, str] = {}
+        self.after: list[dict[str, Any]] = []
+        self.dropped: list[dict[str, Any]] = []
+        self._industry = {c.ticker: c.industry for c in dataset.companies} if dataset is not None else {}
+
+    @staticmethod
+    def _key(record: Any) -> str:
+        return f"{record.kind}|{record.where}"
+
+    def observe(self, record: Any) -> None:
+        import hashlib
+        import heapq
+
+        from lmsmith.data.record import corpus_row, instruction_row
+
+        if record.row is None:
+            return
+        key = self._key(record)
+        digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+        if len(self._heap) >= self.size and digest >= -self._heap[0][0]:
+            return
+        row = corpus_row(record) if record.kind == "corpus" else instruction_row(record)
+        self._before[key] = json.dumps(self.enrich(row, record), ensure_ascii=False)
+        heapq.heappush(self._heap, (-digest, key))
+        if len(self._heap) > self.size:
+            _, evicted = heapq.heappop(self._heap)
+            del self._before[evicted]
+
+    def enrich(self, row: dict[str, Any], record: Any) -> dict[str, Any]:
+        row = {**row, "group": record.group}
+        if record.group.split(":")[0] in self._industry:
+            row["industry"] = self._industry[record.group.split(":")[0]]
+        return row
+
+    def holds(self, record: Any) -> bool:
+        return self._key(record) in self._before
+
+    def before(self) -> list[dict[str, Any]]:
+        """The sampled rows as read, in reading order."""
+        return [json.loads(self._before[key]) for key in self._before]
 
 
 def summarise_for_manifest(report: dict[str, Any]) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     config = _config(QualityConfig, terms=args.terms, near_dup_threshold=args.near_dup_threshold,
                      plots=not args.no_plots)
     if args.before == [EMBEDDED] and not args.after:
-        before, after, dropped = embedded_rows(args.seed, args.companies, args.years, config.ops)
+        before, after, dropped = embedded_rows(args.seed, args.companies, args.years)
     else:
         if not args.after:
             raise UserError("--after: give the cleaned records (kept.jsonl or split files) to compare with --before")

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from lmsmith.console import console, track
 from lmsmith.data.config import NearDedupConfig
-from lmsmith.data.io import check_record, full_where, iter_records, text_fields
+from lmsmith.data.io import full_where, iter_records
+from lmsmith.data.record import check_row, text_fields
 from lmsmith.data.minhash import MinHasher, NearDupIndex
 from lmsmith.data.split import SPLITS, split_rows
 from lmsmith.errors import UserError
@@ -41,7 +42,7 @@ def run_split(
     for raw in iter_records(Path(input_path)):
         if raw.error is not None:
             raise UserError(f"{full_where(Path(input_path), raw.where)}: {raw.error}")
-        problem, fmt = check_record(raw.row, "auto")
+        problem, fmt = check_row(raw.row, "auto")
         if problem is not None:
             raise UserError(f"{full_where(Path(input_path), raw.where)}: {problem}")
         rows.append(raw.row)

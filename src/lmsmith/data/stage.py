@@ -1,141 +1,212 @@
-"""The data stage: read the corpus and the instructions, clean them with the recipe's operators, drop
-exact and near duplicates (MinHash LSH; near copies across splits are leaks and leave val/test), split
-them by group, and account for every record.
+"""The data stage: the data pipeline (`lmsmith.data.engine`) over the recipe's corpus and instructions,
+split by group, then the optional steps on its outputs (augmentation, annotation) and the 3C report.
 
 Outputs (names for `ctx.artifact("data", NAME)`):
 - `corpus_{train,val,test}` → `corpus/{split}.jsonl`: `{"id", "text", "source", "noise"}` per line;
 - `sft_{train,val,test}` → `sft/{split}.jsonl`: `{"id", "task", "messages", "answer"}` per line;
-- `stats` → `stats.json`: read / kept / dropped per operator and per split, and the noise rates;
-- `dropped` → `dropped.jsonl`: every dropped record with its `reason` (an operator name) and `detail`.
+- `stats` → `stats.json`: read / kept / dropped per step and per split, and the noise rates;
+- `dropped` → `dropped.jsonl`: every dropped record with its `reason` (the step) and `detail`.
 
-Only the standard library and the modules beside this one; the default embedded dataset runs end to
-end in about a second.
+Files of any format `lmsmith.data.io` reads stream through in constant memory, on local processes or
+Ray (`data.executor`); the train split's augmentation and the annotation work on the written files.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from lmsmith.console import console, track
-from lmsmith.data.cleaning import Ledger, clean, near_dedup, noise_report
-from lmsmith.data.config import EMBEDDED, EMBEDDED_MODERATION, DataConfig
 from lmsmith.data.annotate import Annotator, annotate_rows, score, write_conll
 from lmsmith.data.augment import augment
+from lmsmith.data.config import EMBEDDED, EMBEDDED_MODERATION, DataConfig
+from lmsmith.data.engine import Source, Stream, run_stream, step_names, stream_options
 from lmsmith.data.ops import build_ops
-from lmsmith.data.quality import build_quality_report, summarise_for_manifest
+from lmsmith.data.quality import QualitySample, build_quality_report, summarise_for_manifest
+from lmsmith.data.record import Record, check_row, corpus_row, instruction_row
+from lmsmith.data.split import SPLITS
 from lmsmith.data.synth import synthesize_table
-from lmsmith.data.readers import (
-    embedded_conversations,
-    embedded_documents,
-    list_files,
-    parse_instruction,
-    read_corpus_file,
-    read_instruction_file,
-)
-from lmsmith.data.records import Conversation, Document
-from lmsmith.data.split import SPLITS, assign_groups
 from lmsmith.datasets.finance import FinanceDataset, generate
-from lmsmith.jsonl import write_jsonl
+from lmsmith.errors import UserError
+from lmsmith.jsonl import iter_jsonl, write_jsonl
 from lmsmith.pipeline import StageContext, StageResult
 
 
-def _embedded(config: DataConfig) -> FinanceDataset:
-    with track("generating embedded:finance", total=1) as bar:
-        dataset = generate(config.embedded.seed, config.embedded.companies, config.embedded.years)
-        bar.advance()
-    return dataset
+# --------------------------------------------------------------------------------------------- sources
 
 
-def read_documents(config: DataConfig, dataset: Optional[FinanceDataset]) -> list[Document]:
+def embedded_sources(dataset: FinanceDataset) -> list[Source]:
+    def documents():
+        for doc in dataset.documents:
+            yield doc.id, {"id": doc.id, "text": doc.text, "source": doc.source, "group": doc.group,
+                           "noise": list(doc.noise)}
+
+    return [Source(EMBEDDED, "corpus", rows=documents), _embedded_instructions(dataset)]
+
+
+def _embedded_instructions(dataset: FinanceDataset) -> Source:
+    def conversations():
+        for item in dataset.instructions:  # deep copies: cleaning rewrites them
+            yield item.id, {"id": item.id, "task": item.task, "group": item.group,
+                            "messages": [dict(m) for m in item.messages], "answer": json.loads(json.dumps(item.answer))}
+
+    return Source(EMBEDDED, "instructions", rows=conversations)
+
+
+def sources(config: DataConfig, dataset: Optional[FinanceDataset]) -> list[Source]:
+    """The corpus, then the instructions, then the synthesized tables' instructions, in that order."""
+    found: list[Source] = []
     if config.corpus == EMBEDDED:
         assert dataset is not None
-        return embedded_documents(dataset)
-    files = list_files(Path(config.corpus), (".jsonl", ".txt"))
-    documents: list[Document] = []
-    with track("reading corpus", total=len(files)) as bar:
-        for file, name in files:
-            documents.extend(read_corpus_file(file, name))
-            bar.advance()
-    return documents
-
-
-def read_conversations(config: DataConfig, dataset: Optional[FinanceDataset]) -> list[Conversation]:
+        found.append(embedded_sources(dataset)[0])
+    else:
+        found.append(Source(config.corpus, "corpus", path=Path(config.corpus), fmt="text", text_unit=config.text_unit))
     if config.instructions == EMBEDDED:
         assert dataset is not None
-        return embedded_conversations(dataset)
-    if config.instructions == EMBEDDED_MODERATION:
+        found.append(_embedded_instructions(dataset))
+    elif config.instructions == EMBEDDED_MODERATION:
         from lmsmith.datasets.moderation import generate as moderation_set
 
-        return [Conversation(row["id"], row["task"], row["group"], row["messages"], row["answer"])
-                for row in moderation_set(config.embedded.seed)]
-    files = list_files(Path(config.instructions), (".jsonl",))
-    conversations: list[Conversation] = []
-    with track("reading instructions", total=len(files)) as bar:
-        for file, name in files:
-            conversations.extend(read_instruction_file(file, name))
-            bar.advance()
-    return conversations
+        rows = moderation_set(config.embedded.seed)
+        found.append(Source(EMBEDDED_MODERATION, "instructions", rows=lambda: ((row["id"], row) for row in rows)))
+    else:
+        found.append(Source(config.instructions, "instructions", path=Path(config.instructions),
+                            text_unit=config.text_unit))
+    for table in config.synth_tables:
+        found.append(Source(f"synth:{Path(table).name}", "instructions", rows=_synthesized(table, config)))
+    return found
+
+
+def _synthesized(table: str, config: DataConfig):
+    def rows():
+        for i, row in enumerate(synthesize_table(table, config.synth)):
+            yield f"{table}:{i + 1}", {"id": f"synth-{i}", **row}
+
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- writer
+
+
+class StageWriter:
+    """Writes the stage's split files and dropped.jsonl, and counts the corpus's noise labels: read,
+    dropped, repaired (an operator that resolves the label rewrote the document) or remaining."""
+
+    def __init__(self, out_dir: Path, ops: list[dict[str, Any]], sample: Optional[QualitySample] = None):
+        self.out_dir = out_dir
+        self.resolves = {name: set(op.resolves) for name, op in zip(step_names(ops), build_ops(ops))}
+        self.sample = sample
+        self.files: dict[str, Any] = {}
+        for prefix in ("corpus", "sft"):
+            (out_dir / prefix).mkdir(parents=True, exist_ok=True)
+            for split in SPLITS:
+                self.files[f"{prefix}/{split}"] = open(out_dir / prefix / f"{split}.jsonl", "w", encoding="utf-8")
+        self.files["dropped"] = open(out_dir / "dropped.jsonl", "w", encoding="utf-8")
+        self.noise: dict[str, Counter] = {}
+        self.documents = Counter()  # read / noisy / kept / kept_noisy / kept_unrepaired
+        self.tasks: dict[str, Counter] = {}
+
+    def _write(self, name: str, row: dict[str, Any]) -> None:
+        self.files[name].write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def _labels(self, record: Record) -> list[str]:
+        return list((record.row or {}).get("noise") or []) if record.kind == "corpus" else []
+
+    def keep(self, record: Record, split: str, modified: list[str]) -> None:
+        if record.kind == "corpus":
+            row = corpus_row(record)
+            self._write(f"corpus/{split}", row)
+            labels = self._labels(record)
+            repaired = set().union(*(self.resolves.get(step, set()) for step in modified)) if modified else set()
+            self.documents.update(read=1, kept=1, noisy=bool(labels), kept_noisy=bool(labels),
+                                  kept_unrepaired=any(label not in repaired for label in labels))
+            for label in labels:
+                self.noise.setdefault(label, Counter())["read"] += 1
+                self.noise[label]["repaired" if label in repaired else "remaining"] += 1
+        else:
+            row = instruction_row(record)
+            self._write(f"sft/{split}", row)
+            self.tasks.setdefault(row["task"], Counter())[split] += 1
+        if self.sample is not None and self.sample.holds(record):
+            self.sample.after.append(self.sample.enrich(row, record) | {"modified_by": modified})
+
+    def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str]) -> None:
+        row: dict[str, Any] = {"kind": record.kind, "id": record.id, "where": record.where, "split": split,
+                               "reason": reason, "detail": detail}
+        if record.row is not None and record.kind == "corpus":
+            row.update(text=record.row.get("text", ""), noise=self._labels(record))
+            labels = self._labels(record)
+            self.documents.update(read=1, noisy=bool(labels))
+            for label in labels:
+                self.noise.setdefault(label, Counter()).update(read=1, dropped=1)
+        elif record.row is not None and check_row(record.row, record.fmt, "instructions")[0] is None:
+            row.update({key: value for key, value in instruction_row(record).items() if key in ("task", "messages")})
+        else:
+            row["record"] = record.row if record.row is not None else record.raw
+        self._write("dropped", row)
+        if self.sample is not None and self.sample.holds(record):
+            self.sample.dropped.append(row)
+
+    def noise_report(self) -> dict[str, Any]:
+        """Noise before and after cleaning, from the corpus's labels.
+
+        - `rate_before`: labelled documents / documents read;
+        - `rate_after`: labelled documents kept / documents kept;
+        - `residual_rate_after`: kept documents still carrying a label no operator repaired / kept."""
+        docs = self.documents
+        return {
+            "rate_before": _rate(docs["noisy"], docs["read"]),
+            "rate_after": _rate(docs["kept_noisy"], docs["kept"]),
+            "residual_rate_after": _rate(docs["kept_unrepaired"], docs["kept"]),
+            "labels": {label: {key: counts[key] for key in ("read", "dropped", "repaired", "remaining")}
+                       for label, counts in sorted(self.noise.items())},
+        }
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+
+def _rate(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else 0.0
+
+
+# ------------------------------------------------------------------------------------------------- run
 
 
 def run(config: DataConfig, ctx: StageContext) -> StageResult:
-    ops = build_ops(config.ops)
     uses_embedded = EMBEDDED in (config.corpus, config.instructions)
     dataset = _embedded(config) if uses_embedded else None
-    documents = read_documents(config, dataset)
-    conversations = read_conversations(config, dataset) + synthesized_conversations(config)
-    # Cleaning rewrites records in place: the quality report needs them as they were read.
-    before = _rows(documents, dataset) + _rows(conversations, dataset) if config.quality else []
-
-    # One assignment over both kinds, so a company-year's documents and instructions share a split.
-    split_of = assign_groups(
-        [doc.group for doc in documents] + [conv.group for conv in conversations],
-        config.split.ratios,
-        config.split.seed,
-    )
-    corpus_ledger, sft_ledger = Ledger("corpus"), Ledger("instructions")
-    corpus = clean(documents, ops, "corpus", split_of, config.exact_dedup, corpus_ledger)
-    sft = clean(conversations, ops, "instructions", split_of, config.exact_dedup, sft_ledger)
-    corpus = near_dedup(corpus, config.near_dedup, "corpus", corpus_ledger)
-    sft = near_dedup(sft, config.near_dedup, "instructions", sft_ledger)
-
-    outputs: dict[str, str] = {}
+    sample = QualitySample(config.quality.sample_size, dataset) if config.quality is not None else None
+    writer = StageWriter(ctx.stage_dir, config.ops, sample)
+    options = stream_options(config, "fail", config.split.ratios, config.split.seed)
+    try:
+        stream = run_stream(sources(config, dataset), options, writer, ctx.stage_dir / ".work",
+                            observe=sample.observe if sample is not None else None)
+    finally:
+        writer.close()
+    outputs = {f"{prefix}_{split}": f"{prefix}/{split}.jsonl" for prefix in ("corpus", "sft") for split in SPLITS}
+    outputs["dropped"] = "dropped.jsonl"
     extra_metrics: dict[str, Any] = {}
-    if config.quality is not None:
-        kept_rows = _rows([r for split in SPLITS for r in corpus[split]], dataset)
-        kept_rows += _rows([r for split in SPLITS for r in sft[split]], dataset)
-        report = build_quality_report(
-            before, kept_rows, corpus_ledger.rows + sft_ledger.rows, ctx.stage_dir / "quality",
-            config.quality.model_copy(update={"ops": config.ops}),
-        )
+    if config.quality is not None and sample is not None:
+        report = build_quality_report(sample.before(), sample.after, sample.dropped, ctx.stage_dir / "quality",
+                                      config.quality)
         outputs |= {f"quality_{kind}": f"quality/report.{kind}" for kind in ("json", "md", "html")}
         extra_metrics |= summarise_for_manifest(report)
     if config.augment is not None:
-        sft["train"], counts = augment_train(sft["train"], config, ctx.stage_dir)
-        extra_metrics["augment_added"] = counts["output"] - counts["input"]
+        extra_metrics["augment_added"] = augment_train(ctx.stage_dir / "sft" / "train.jsonl", config, ctx.stage_dir)
         if (ctx.stage_dir / "class_weights.json").exists():
             outputs["class_weights"] = "class_weights.json"
-    with track("writing splits", total=2 * len(SPLITS) + 2) as bar:
-        for split in SPLITS:
-            for name, records in (("corpus", corpus), ("sft", sft)):
-                relative = f"{name}/{split}.jsonl"
-                write_jsonl(ctx.stage_dir / relative, (record.to_row() for record in records[split]))
-                outputs[f"{name}_{split}"] = relative
-                bar.advance()
-        write_jsonl(ctx.stage_dir / "dropped.jsonl", corpus_ledger.rows + sft_ledger.rows)
-        outputs["dropped"] = "dropped.jsonl"
-        bar.advance()
-
-        stats = _stats(config, split_of, corpus_ledger, sft_ledger, documents, corpus, sft)
-        (ctx.stage_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-        outputs["stats"] = "stats.json"
-        bar.advance()
+    stats = _stats(config, stream, writer)
+    (ctx.stage_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    outputs["stats"] = "stats.json"
 
     metrics = _metrics(stats) | extra_metrics
     if config.annotate is not None:
-        annotator = Annotator(config.annotate, company_names=_company_names(dataset))
-        rows = [r.to_row() for split in SPLITS for r in sft[split]]
+        annotator = Annotator(config.annotate, company_names=[c.name for c in dataset.companies] if dataset else [])
+        rows = [row for split in SPLITS for _, row in iter_jsonl(ctx.stage_dir / "sft" / f"{split}.jsonl")]
         write_conll(ctx.stage_dir / "entities.conll", annotate_rows(rows, annotator))
         outputs["entities"] = "entities.conll"
         if any(isinstance(row["answer"].get("entities"), list) for row in rows):
@@ -151,66 +222,60 @@ def run(config: DataConfig, ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, metrics=metrics)
 
 
-def synthesized_conversations(config: DataConfig) -> list[Conversation]:
-    """Instructions computed from structured tables (`lmsmith.data.synth`), read like any instruction row."""
-    conversations: list[Conversation] = []
-    for table in config.synth_tables:
-        rows = synthesize_table(table, config.synth)
-        conversations += [parse_instruction(row, f"{table}:{i + 1}", f"synth-{i}") for i, row in enumerate(rows)]
-    return conversations
+def _embedded(config: DataConfig) -> FinanceDataset:
+    with track("generating embedded:finance", total=1) as bar:
+        dataset = generate(config.embedded.seed, config.embedded.companies, config.embedded.years)
+        bar.advance()
+    return dataset
 
 
-def augment_train(train: list[Conversation], config: DataConfig, out_dir: Path) -> tuple[list[Conversation], dict]:
-    """Augment only the train split, so val/test stay untouched references."""
+def augment_train(train_file: Path, config: DataConfig, out_dir: Path) -> int:
+    """Augment only the train split (read back from its file), so val/test stay untouched references;
+    returns the number of rows added."""
     assert config.augment is not None
-    rows = [conv.to_row() | {"group": conv.group} for conv in train]
+    rows = [row for _, row in iter_jsonl(train_file)]
     augmented, counts = augment(rows, config.augment, out_dir)
-    return [parse_instruction(row, f"augment:{i}", f"aug-{i}") for i, row in enumerate(augmented)], counts
+    written = []
+    for i, row in enumerate(augmented):
+        problem, fmt = check_row(row, "auto", "instructions")
+        if problem is not None:
+            raise UserError(f"augment:{i}: {problem}")
+        written.append(instruction_row(Record(f"augment:{i}", {"id": row.get("id", f"aug-{i}"), **row}, fmt=fmt,
+                                              kind="instructions")))
+    write_jsonl(train_file, written)
+    return counts["output"] - counts["input"]
 
 
-def _industry_of(dataset: Optional[FinanceDataset]) -> dict[str, str]:
-    return {c.ticker: c.industry for c in dataset.companies} if dataset is not None else {}
-
-
-def _company_names(dataset: Optional[FinanceDataset]) -> list[str]:
-    return [c.name for c in dataset.companies] if dataset is not None else []
-
-
-def _rows(records: Iterable[Document | Conversation], dataset: Optional[FinanceDataset]) -> list[dict[str, Any]]:
-    """Plain rows for the quality report, with `group` and (embedded data) `industry` for its charts."""
-    industry = _industry_of(dataset)
-    rows = []
-    for record in records:
-        row = json.loads(json.dumps(record.to_row(), ensure_ascii=False)) | {"group": record.group}
-        if record.group.split(":")[0] in industry:
-            row["industry"] = industry[record.group.split(":")[0]]
-        rows.append(row)
-    return rows
-
-
-def _stats(
-    config: DataConfig,
-    split_of: dict[str, str],
-    corpus_ledger: Ledger,
-    sft_ledger: Ledger,
-    documents: list[Document],
-    corpus: dict[str, list[Document]],
-    sft: dict[str, list[Conversation]],
-) -> dict[str, Any]:
-    corpus_stats: dict[str, Any] = {"source": config.corpus, **corpus_ledger.summary()}
-    if config.corpus == EMBEDDED or any(doc.noise for doc in documents):
-        kept_docs = [doc for split in SPLITS for doc in corpus[split]]
-        corpus_stats["noise"] = noise_report(documents, kept_docs)
-    tasks: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
-        for conv in sft[split]:
-            tasks.setdefault(conv.task, {s: 0 for s in SPLITS})[split] += 1
-    groups = {split: sum(1 for s in split_of.values() if s == split) for split in SPLITS}
+def _stats(config: DataConfig, stream: Stream, writer: StageWriter) -> dict[str, Any]:
+    sections: dict[str, Any] = {}
+    for kind, source in (("corpus", config.corpus), ("instructions", config.instructions)):
+        splits = {}
+        for split in SPLITS:
+            dropped_by = stream.dropped_by(kind, split)
+            splits[split] = {"read": stream.read[(kind, split)], "kept": stream.kept[(kind, split)],
+                             "dropped": sum(dropped_by.values()), "dropped_by": dropped_by}
+        dropped_by = stream.dropped_by(kind)
+        sections[kind] = {
+            "source": source,
+            "read": stream.total(stream.read, kind),
+            "kept": stream.total(stream.kept, kind),
+            "dropped": sum(dropped_by.values()),
+            "dropped_by": dict(sorted(dropped_by.items())),
+            "modified_by": dict(sorted((step, count) for (k, step), count in stream.modified.items() if k == kind)),
+            "steps": stream.step_table(kind),
+            "tags": {f"{step}:{tag}": count for (k, step, tag), count in sorted(stream.tags.items()) if k == kind},
+            "splits": splits,
+        }
+    if writer.noise:
+        sections["corpus"]["noise"] = writer.noise_report()
+    sections["instructions"]["tasks"] = {task: {s: counts[s] for s in SPLITS} for task, counts in sorted(writer.tasks.items())}
     return {
         "ops": config.ops,
-        "split": {"ratios": list(config.split.ratios), "seed": config.split.seed, "groups": groups},
-        "corpus": corpus_stats,
-        "instructions": {"source": config.instructions, **sft_ledger.summary(), "tasks": dict(sorted(tasks.items()))},
+        "executor": {"kind": config.executor, "workers": config.workers},
+        "split": {"ratios": list(config.split.ratios), "seed": config.split.seed, "groups": stream.groups},
+        "corpus": sections["corpus"],
+        "instructions": sections["instructions"],
+        "shards": stream.shards,
     }
 
 
