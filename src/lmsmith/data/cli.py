@@ -72,7 +72,7 @@ def _ratios(text: str) -> tuple[float, float, float]:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from lmsmith.data.config import NearDedupConfig
-    from lmsmith.data.splitting import run_split
+    from lmsmith.data.split import run_split
 
     near = NearDedupConfig(enabled=not args.no_leak_check, threshold=args.threshold, apply_to="both")
     run_split(args.input, args.out, args.ratios, args.seed, args.stratify, args.group, near)
