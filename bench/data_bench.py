@@ -4,7 +4,7 @@ and the recipe's data stage end to end.
     python bench/data_bench.py [--near-sizes 100000 1000000] [--rss-sizes 10000 30000 90000] [--workers 2]
         [--stage-sizes 10000 100000 1000000] [--stage-executors local ray]
 
-- docs/s/core of the default cleaning chain (`lmsmith.data.ops.DEFAULT_OPS`) on ~1 KB documents, in
+- docs/s/core of the default cleaning chain (`lmsmith.data.steps.DEFAULT_OPS`) on ~1 KB documents, in
   one process (`clean_batch`, the function both executors run);
 - near-dup (signatures on N workers + LSH banding + clustering) on 100k and 1M ~1 KB documents, and a
   naive single-process baseline (datasketch `MinHash.update` per shingle + `MinHashLSH` insert/query)

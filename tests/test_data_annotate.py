@@ -21,8 +21,8 @@ from lmsmith.data.annotate import (
     write_conll,
 )
 from lmsmith.data.quality import embedded_rows
-from lmsmith.data.quality_cli import add_quality_commands
-from lmsmith.data.quality_resources import read_rows, write_rows
+from lmsmith.data.cli.quality import add_quality_commands
+from lmsmith.jsonl import read_jsonl, write_jsonl
 from lmsmith.errors import UserError
 
 
@@ -147,12 +147,12 @@ def test_cli_annotate_embedded(tmp_path):
 
 def test_cli_annotate_plain_text_with_a_gazetteer_file(tmp_path):
     source = tmp_path / "docs.jsonl"
-    write_rows(source, [{"id": "d1", "text": "2023年，华澄科技实现营业收入12.35亿元。"}])
+    write_jsonl(source, [{"id": "d1", "text": "2023年，华澄科技实现营业收入12.35亿元。"}])
     companies = tmp_path / "companies.txt"
     companies.write_text("华澄科技\n", encoding="utf-8")
     out = tmp_path / "ann"
     assert run_cli("annotate", str(source), "--out", str(out), "--companies-file", str(companies)) == 0
-    (row,) = read_rows(out / "annotations.jsonl")
+    (row,) = read_jsonl(out / "annotations.jsonl")
     assert [(e["type"], e["text"]) for e in row["entities"]] == [
         ("date", "2023年"), ("company", "华澄科技"), ("metric", "营业收入"), ("amount", "12.35亿元"),
     ]

@@ -32,8 +32,8 @@ from lmsmith.data.augment import (
     parse_target,
 )
 from lmsmith.data.quality import embedded_rows
-from lmsmith.data.quality_cli import add_quality_commands
-from lmsmith.data.quality_resources import read_rows, write_rows
+from lmsmith.data.cli.quality import add_quality_commands
+from lmsmith.jsonl import read_jsonl, write_jsonl
 from lmsmith.datasets.finance import TASKS
 from lmsmith.errors import UserError
 
@@ -284,7 +284,7 @@ def test_back_translation_against_lmsmith_serve(served_tiny_model):
 
 def test_cli_back_translate_hides_the_key(served_tiny_model, tmp_path):
     source = tmp_path / "in.jsonl"
-    write_rows(source, [{"id": "r1", "text": "营业收入同比增长15.20%。"}])
+    write_jsonl(source, [{"id": "r1", "text": "营业收入同比增长15.20%。"}])
     out = tmp_path / "bt"
     assert run_cli("augment", str(source), "--out", str(out), "--back-translate", "--base-url", served_tiny_model,
                    "--model", served_model_name(served_tiny_model), "--api-key", "s3cret-key", "--max-tokens", "8") == 0
@@ -292,7 +292,7 @@ def test_cli_back_translate_hides_the_key(served_tiny_model, tmp_path):
     assert "s3cret-key" not in manifest_text
     manifest = json.loads(manifest_text)
     assert manifest["counts"]["back_translation"]["requests"] >= 1
-    assert manifest["counts"]["output"] == len(read_rows(out / "augmented.jsonl"))
+    assert manifest["counts"]["output"] == len(read_jsonl(out / "augmented.jsonl"))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -310,12 +310,12 @@ def test_augment_runs_eda_then_oversampling(instructions, tmp_path):
 def test_cli_augment(tmp_path):
     source = tmp_path / "in.jsonl"
     rows = [{"id": f"t{i}", "task": "yoy" if i < 6 else "report", "text": TEXT} for i in range(8)]
-    write_rows(source, rows)
+    write_jsonl(source, rows)
     out = tmp_path / "aug"
     assert run_cli("augment", str(source), "--out", str(out), "--eda", "--num-aug", "2", "--operations",
                    "synonym,swap", "--oversample", "task", "--diversify") == 0
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    written = read_rows(out / "augmented.jsonl")
+    written = read_jsonl(out / "augmented.jsonl")
     assert manifest["counts"]["output"] == len(written)
     assert set(manifest["counts"]["eda_by_operation"]) <= {"synonym", "swap"}
     assert json.loads((out / "class_weights.json").read_text(encoding="utf-8"))["counts_after"]["report"] == \

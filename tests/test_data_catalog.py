@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmsmith.data.catalog import render
-from lmsmith.data.ops import REGISTRY
+from lmsmith.data.steps import REGISTRY
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 

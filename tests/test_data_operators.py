@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from lmsmith.data.filters import guess_language, repetition_ratio
-from lmsmith.data.numbers import APPROXIMATE_MARKERS, find_approximate_amounts, normalize_amounts
-from lmsmith.data.ops import REGISTRY, Mapper, build_op, validate_op_spec
-from lmsmith.data.pii import id_check_digit, is_valid_id_number, luhn_check_digit, luhn_valid
+from lmsmith.data.steps.filters import guess_language, repetition_ratio
+from lmsmith.data.steps.numbers import APPROXIMATE_MARKERS, find_approximate_amounts, normalize_amounts
+from lmsmith.data.steps import REGISTRY, Mapper, build_op, validate_op_spec
+from lmsmith.data.steps.pii import id_check_digit, is_valid_id_number, luhn_check_digit, luhn_valid
 
 
 def op(name: str, **params):

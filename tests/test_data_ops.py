@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lmsmith.data.config import DataConfig
-from lmsmith.data.numbers import normalize_amounts
-from lmsmith.data.ops import (
+from lmsmith.data.steps.numbers import normalize_amounts
+from lmsmith.data.steps import (
     DEFAULT_OPS,
     REGISTRY,
     Mapper,

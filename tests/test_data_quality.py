@@ -10,9 +10,9 @@ import re
 import pytest
 
 from lmsmith.data.quality import QualityConfig, build_quality_report, cleaning_vs_labels, embedded_rows
-from lmsmith.data.quality_cli import add_quality_commands
-from lmsmith.data.quality_detectors import (
-    DuplicateFinder,
+from lmsmith.data.cli.quality import add_quality_commands
+from lmsmith.data.quality.detectors import (
+    find_duplicates,
     detect_boilerplate,
     detect_fragment,
     detect_html,
@@ -22,8 +22,9 @@ from lmsmith.data.quality_detectors import (
     resident_id_valid,
     run_detectors,
 )
-from lmsmith.data.quality_metrics import category_distribution, growth_check, term_coverage
-from lmsmith.data.quality_resources import read_yaml, write_rows
+from lmsmith.data.quality.metrics import category_distribution, growth_check, term_coverage
+from lmsmith.data.resources import read_yaml
+from lmsmith.jsonl import write_jsonl
 from lmsmith.datasets.finance import TASKS
 from lmsmith.errors import UserError
 
@@ -109,13 +110,16 @@ def test_boilerplate_and_fragment_detectors():
 
 def test_duplicate_finder_exact_and_near():
     base = "星辰科技2023年实现营业收入12.35亿元，同比增长15.20%；归母净利润1.20亿元，同比增长8.00%。" * 2
-    finder = DuplicateFinder(threshold=0.7, shingle_size=5, num_perm=128)
-    assert finder.check("a", base) == (None, None)
-    exact, near = finder.check("b", base.replace("，", ", "))  # punctuation only: exact after normalising
-    assert exact and "a" in exact and near is None
-    exact, near = finder.check("c", base + "（来源：财经快讯）")
-    assert exact is None and near and "a" in near
-    assert finder.check("d", "完全不同的一段文字，讲的是另一家公司的现金流量和资产负债情况。") == (None, None)
+    found = find_duplicates([
+        ("a", base),
+        ("b", base.replace("，", ", ")),  # punctuation only: exact after normalising
+        ("c", base + "（来源：财经快讯）"),
+        ("d", "完全不同的一段文字，讲的是另一家公司的现金流量和资产负债情况。"),
+    ], threshold=0.7, shingle_size=5, num_perm=128)
+    assert found[0] == (None, None)
+    assert found[1][0] and "a" in found[1][0] and found[1][1] is None
+    assert found[2][0] is None and found[2][1] and "with a" in found[2][1]
+    assert found[3] == (None, None)
 
 
 def test_detectors_against_embedded_labels():
@@ -282,9 +286,9 @@ def test_yaml_errors_name_the_line(tmp_path):
 
 def test_cli_report_from_files(tmp_path):
     before, after, dropped = embedded_rows(companies=8)
-    write_rows(tmp_path / "before.jsonl", before)
-    write_rows(tmp_path / "kept.jsonl", after)
-    write_rows(tmp_path / "dropped.jsonl", dropped)
+    write_jsonl(tmp_path / "before.jsonl", before)
+    write_jsonl(tmp_path / "kept.jsonl", after)
+    write_jsonl(tmp_path / "dropped.jsonl", dropped)
     terms = tmp_path / "terms.txt"
     terms.write_text("# mine\n营业收入\n商誉\n", encoding="utf-8")
     out = tmp_path / "report"

@@ -11,10 +11,10 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
-from lmsmith.data.numbers import normalize_amounts
-from lmsmith.data.quality_cli import add_quality_commands
-from lmsmith.data.quality_metrics import growth_check
-from lmsmith.data.quality_resources import read_rows
+from lmsmith.data.steps.numbers import normalize_amounts
+from lmsmith.data.cli.quality import add_quality_commands
+from lmsmith.data.quality.metrics import growth_check
+from lmsmith.jsonl import read_jsonl
 from lmsmith.data.record import Record, check_row
 from lmsmith.data.synth import SynthConfig, format_amount, synthesize_table, write_embedded_table
 from lmsmith.errors import UserError
@@ -170,7 +170,7 @@ def test_cli_synth(tmp_path):
     assert run_cli("synth", "embedded:finance", "--out", str(out), "--companies", "3", "--years", "3",
                    "--tasks", "yoy,ratio") == 0
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    rows = read_rows(out / "synth.jsonl")
+    rows = read_jsonl(out / "synth.jsonl")
     assert manifest["counts"]["samples"] == len(rows) == sum(manifest["counts"]["by_task"].values())
     assert set(manifest["counts"]["by_task"]) == {"yoy", "ratio"}
     assert manifest["counts"]["company_years"] == 9 and (out / "table.csv").is_file()

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from lmsmith.data.ops import DEFAULT_OPS, rewriter
+from lmsmith.data.steps import DEFAULT_OPS, rewriter
 from lmsmith.datasets.finance import generate
 from lmsmith.datasets.finance_suite import write_suite
 from lmsmith.eval.tasks import ChoiceQuestion, load_task, read_items

@@ -1,4 +1,4 @@
-"""JSON-lines reading and writing shared by every stage; errors name `file:line`."""
+"""JSON-lines (and JSON) reading and writing shared by every stage; errors name `file:line`."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every object of a jsonl file, in order (`iter_jsonl` without the line numbers)."""
+    return [row for _, row in iter_jsonl(path)]
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Indented UTF-8 JSON (not ASCII-escaped), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional, Sequence
 from pydantic import Field
 
 from lmsmith.console import track
-from lmsmith.data.quality_resources import read_term_list, read_yaml, resource_path
+from lmsmith.data.resources import read_term_list, read_yaml, resource_path
 from lmsmith.errors import UserError
 from lmsmith.schema import StrictModel
 

@@ -34,7 +34,8 @@ import httpx
 from pydantic import Field, SecretStr, field_validator
 
 from lmsmith.console import track
-from lmsmith.data.quality_resources import YamlFile, read_term_list, read_yaml, resource_path, write_json
+from lmsmith.data.resources import YamlFile, read_term_list, read_yaml, resource_path
+from lmsmith.jsonl import write_json
 from lmsmith.errors import UserError
 from lmsmith.schema import StrictModel
 

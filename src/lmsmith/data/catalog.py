@@ -9,7 +9,7 @@ import json
 import sys
 
 from lmsmith.data.cli import describe_operators
-from lmsmith.data.ops import REGISTRY, Mapper, build_op, validate_op_spec
+from lmsmith.data.steps import REGISTRY, Mapper, build_op, validate_op_spec
 
 HEADER = """# Data engineering
 

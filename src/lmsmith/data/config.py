@@ -12,7 +12,7 @@ from lmsmith.data.augment import AugmentConfig
 from lmsmith.data.executor import ExecutorKind
 from lmsmith.data.io import SUFFIXES, TextUnit, is_supported
 from lmsmith.data.record import RecordFormat
-from lmsmith.data.ops import DEFAULT_OPS, Target, validate_op_spec
+from lmsmith.data.steps import DEFAULT_OPS, Target, validate_op_spec
 from lmsmith.data.quality import QualityConfig
 from lmsmith.data.synth import SynthConfig
 from lmsmith.paths import resolve_existing
@@ -35,7 +35,7 @@ _embedded_or_existing.resolves_paths = True
 # Either the embedded dataset's name or a file/folder that must exist.
 DataSource = Annotated[str, AfterValidator(_embedded_or_existing)]
 
-# One cleaning operator, `{op: NAME, ...params}`, checked against the registry in `lmsmith.data.ops`
+# One cleaning operator, `{op: NAME, ...params}`, checked against the registry in `lmsmith.data.steps`
 # and stored with every default filled in (so the config hash changes when a default does).
 OpSpec = Annotated[dict[str, Any], AfterValidator(validate_op_spec)]
 

@@ -34,7 +34,7 @@ from lmsmith.console import track
 from lmsmith.data.executor import make_executor
 from lmsmith.data.io import ReadError, TextUnit, iter_file, list_input_files
 from lmsmith.data.minhash import Bander, MinHasher, NearDupIndex, lsh_params
-from lmsmith.data.ops import Mapper, Op, build_ops
+from lmsmith.data.steps import Mapper, Op, build_ops
 from lmsmith.data.record import Kind, Record, RecordFormat, check_row, dedup_key, is_empty, kind_of_format, rewrite_fields
 from lmsmith.data.split import SPLITS, group_key, split_of_keys
 

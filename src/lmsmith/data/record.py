@@ -261,3 +261,22 @@ def instruction_row(record: Record) -> dict[str, Any]:
     answer = row["answer"] if isinstance(row.get("answer"), dict) else {"text": messages[-1]["content"]}
     return {"id": record.id, "task": str(task) if task is not None else "general", "messages": messages,
             "answer": answer}
+
+
+def row_text(row: dict[str, Any]) -> str:
+    """The text of an output row: a corpus row's `text`, or a conversation's messages joined by newlines."""
+    text = row.get("text")
+    if isinstance(text, str):
+        return text
+    messages = row.get("messages")
+    if isinstance(messages, list):
+        return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+    return ""
+
+
+def row_kind(row: dict[str, Any]) -> str:
+    """`corpus` for a raw-text row, `instructions` for a conversation (dropped rows say it themselves)."""
+    kind = row.get("kind")
+    if kind in ("corpus", "instructions"):
+        return kind
+    return "instructions" if "messages" in row else "corpus"

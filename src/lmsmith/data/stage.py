@@ -23,7 +23,7 @@ from lmsmith.data.annotate import Annotator, annotate_rows, score, write_conll
 from lmsmith.data.augment import augment
 from lmsmith.data.config import EMBEDDED, EMBEDDED_MODERATION, DataConfig
 from lmsmith.data.engine import Source, Stream, run_stream, step_names, stream_options
-from lmsmith.data.ops import build_ops
+from lmsmith.data.steps import build_ops
 from lmsmith.data.quality import QualitySample, build_quality_report, summarise_for_manifest
 from lmsmith.data.record import Record, check_row, corpus_row, instruction_row
 from lmsmith.data.split import SPLITS

@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional, Sequence
 from pydantic import Field
 
 from lmsmith.console import track
-from lmsmith.data.quality_resources import YamlFile, read_yaml, resource_path
+from lmsmith.data.resources import YamlFile, read_yaml, resource_path
 from lmsmith.errors import UserError
 from lmsmith.schema import StrictModel
 
@@ -121,9 +121,9 @@ def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
             reader = csv.DictReader(handle)
             return [(f"{path}:{reader.line_num}", dict(row)) for row in reader]
     if path.suffix == ".jsonl":
-        from lmsmith.data.quality_resources import iter_rows_with_lines
+        from lmsmith.jsonl import iter_jsonl
 
-        return list(iter_rows_with_lines(path))
+        return [(f"{path}:{number}", row) for number, row in iter_jsonl(path)]
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ The training data teaches the yoy, entities, report and grounded-answer (kbqa, o
 companies' reports) forms; multiple choice and news classification
 are not trained, so they show what tuning does to what it did not teach. Item counts are chosen so a
 score's standard error stays under 3 points on 0–100. Every text goes through `rewrite` first: the run's
-own cleaning operators (`lmsmith.data.ops.rewriter`), so the items read the way the training text did
+own cleaning operators (`lmsmith.data.steps.rewriter`), so the items read the way the training text did
 (amounts in one form, half-width punctuation).
 """
 

@@ -4,7 +4,7 @@ accuracy and perplexity.
 sacrebleu computes corpus BLEU-4 with its Chinese tokenizer (`tokenize="zh"`, each CJK character a
 token) and chrF. rouge-score computes ROUGE-L; its default tokenizer keeps only [a-z0-9] and so scores
 Chinese as 0, hence the per-character tokenizer below. rapidfuzz counts the edits of the edit rate.
-Numbers in answers are read after `lmsmith.data.numbers.normalize_amounts` has written amounts in one
+Numbers in answers are read after `lmsmith.data.steps.numbers.normalize_amounts` has written amounts in one
 form (亿/万/million scales applied, thousands separators dropped, accounting negatives signed). Perplexity is the exponent of the token-weighted mean
 negative log-likelihood from a causal LM's forward pass (torch). All text scores are on a 0–100 scale.
 """
@@ -108,7 +108,7 @@ _MINUS_SIGNS = {"\u2212": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\uf
 def normalize_numeric_text(text: str) -> str:
     """Full-width to ASCII (NFKC), unicode minus signs to '-', amounts in one form (scales applied,
     accounting negatives signed), remaining thousands separators dropped."""
-    from lmsmith.data.numbers import normalize_amounts
+    from lmsmith.data.steps.numbers import normalize_amounts
 
     text = unicodedata.normalize("NFKC", text)
     for minus, ascii_minus in _MINUS_SIGNS.items():

@@ -508,7 +508,7 @@ def expand_tasks(names: Sequence[str | Path], folder: Path, seed: int = 0,
     """Task files for `names`: a YAML path as it is, `finance-suite` written into `folder/finance-suite`
     (companies held out of the embedded dataset `seed`/`train_companies`/`years`; its texts rewritten by
     the cleaning operators `ops`, the data stage's defaults unless given)."""
-    from lmsmith.data.ops import DEFAULT_OPS, rewriter
+    from lmsmith.data.steps import DEFAULT_OPS, rewriter
     from lmsmith.datasets.finance_suite import SUITE_NAME, write_suite
 
     paths: list[Path] = []

@@ -37,7 +37,7 @@ class KBConfig(StrictModel):
     @field_validator("clean")
     @classmethod
     def _known_operators(cls, value: list[str]) -> list[str]:
-        from lmsmith.data.ops import validate_op_spec
+        from lmsmith.data.steps import validate_op_spec
 
         for name in value:
             if name != "default":
@@ -48,7 +48,7 @@ class KBConfig(StrictModel):
         """The text-to-text function of `clean` (None when there is nothing to run)."""
         if not self.clean:
             return None
-        from lmsmith.data.ops import DEFAULT_OPS, rewriter
+        from lmsmith.data.steps import DEFAULT_OPS, rewriter
 
         specs = [dict(spec) for spec in DEFAULT_OPS] if "default" in self.clean else []
         specs += [{"op": name} for name in self.clean if name != "default"]

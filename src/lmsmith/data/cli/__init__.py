@@ -1,14 +1,12 @@
 """`lmsmith data ...`: clean, split and list operators from the command line (argparse).
 
 `add_data_parser(subparsers)` adds the `data` command to the main `lmsmith` parser. The quality
-commands (`report`, `augment`, ...) live in `lmsmith.data.quality_cli` and are added when it exists.
+commands (`report`, `augment`, ...) live in `lmsmith.data.cli.quality` and are added when it exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -81,7 +79,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def describe_operators() -> list[dict[str, Any]]:
     """Every registered operator: name, kind, summary, and its parameters with defaults."""
-    from lmsmith.data.ops import REGISTRY, op_kind
+    from lmsmith.data.steps import REGISTRY, op_kind
 
     listing = []
     for name, cls in sorted(REGISTRY.items()):
@@ -152,8 +150,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     ops.add_argument("--json", action="store_true", help="Machine-readable listing.")
     ops.set_defaults(func=cmd_ops)
 
-    # The quality/augmentation/annotation/synthesis commands are a separate module; check that it is
-    # there rather than catching ImportError, which would also hide a bug inside it.
-    if importlib.util.find_spec("lmsmith.data.quality_cli") is not None:
-        importlib.import_module("lmsmith.data.quality_cli").add_quality_commands(data_subparsers)
+    from lmsmith.data.cli.quality import add_quality_commands
+
+    add_quality_commands(data_subparsers)
     return data

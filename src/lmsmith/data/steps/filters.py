@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from lmsmith.data.ops import Filter, OpConfig, register
+from lmsmith.data.steps import Filter, OpConfig, register
 from lmsmith.errors import UserError
 
 # A CJK ideograph, kana or hangul counts as one token; a run of Latin letters/digits as one word.
@@ -123,7 +123,7 @@ class LanguageConfig(OpConfig):
 @register("language")
 class Language(Filter):
     """Keep texts in the listed languages, identified offline from the share of Han, kana, hangul and
-    Latin letters and of common English words (`lmsmith.data.filters.guess_language`)."""
+    Latin letters and of common English words (`lmsmith.data.steps.filters.guess_language`)."""
 
     Config = LanguageConfig
     example = ({}, "Выручка компании выросла на 12 процентов.")

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lmsmith.data.quality_detectors import DETECTORS
+from lmsmith.data.quality.detectors import DETECTORS
 from lmsmith.report.document import Bullets, Document, Image, Paragraph, Preformatted
 from lmsmith.report.tables import Table
 

@@ -1,8 +1,9 @@
 """Noise detectors for the quality report: each looks at a text and says whether (and why) it is noisy.
 
 They are written apart from the cleaning operators on purpose: the report measures what cleaning left
-behind, so it must not share the operators' blind spots. Python's `re` does the pattern work and
-`datasketch` (MinHash LSH over character shingles) finds near duplicates.
+behind, so it must not share the operators' blind spots (the near-duplicate detector shares only the
+MinHash machinery, `lmsmith.data.minhash`, run on character shingles whatever the cleaning's settings).
+Python's `re` does the pattern work.
 
 | detector | flags a text that ... |
 | --- | --- |
@@ -17,13 +18,12 @@ behind, so it must not share the operators' blind spots. Python's `re` does the 
 
 from __future__ import annotations
 
-import hashlib
 import re
-import unicodedata
 from typing import Any, Callable, Optional, Sequence
 
 from lmsmith.console import track
-from lmsmith.data.quality_resources import kind_of, text_of
+from lmsmith.data.minhash import MinHasher, NearDupIndex, estimated_jaccard
+from lmsmith.data.record import dedup_key, row_kind, row_text
 
 DETECTORS = ("html", "pii", "mixed_numbers", "boilerplate", "fragment", "exact_dup", "near_dup")
 
@@ -164,60 +164,34 @@ def detect_fragment(text: str, min_chars: int) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------- duplicates
 
-_NOT_ALNUM = re.compile(r"[\W_]+")
 
-
-def normalised(text: str) -> str:
-    """Case, width, punctuation and whitespace folded away (what "the same text" means here)."""
-    return _NOT_ALNUM.sub("", unicodedata.normalize("NFKC", text).casefold())
-
-
-def shingles(text: str, size: int) -> set[bytes]:
-    """Character `size`-grams of the normalised text (characters, so Chinese needs no segmenter)."""
-    folded = normalised(text)
-    if len(folded) <= size:
-        return {folded.encode("utf-8")}
-    return {folded[i:i + size].encode("utf-8") for i in range(len(folded) - size + 1)}
-
-
-class DuplicateFinder:
-    """Exact duplicates by normalised hash, near duplicates by MinHash LSH (datasketch).
-
-    Texts are checked in order and each is compared with those seen before it, so the first of a
-    group of copies is never flagged.
-    """
-
-    def __init__(self, threshold: float, shingle_size: int, num_perm: int, seed: int = 1):
-        from datasketch import MinHash, MinHashLSH
-
-        self._minhash = MinHash
-        self._num_perm = num_perm
-        self._seed = seed
-        self._shingle_size = shingle_size
-        self._threshold = threshold
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._signatures: dict[str, Any] = {}
-        self._exact: dict[str, str] = {}
-
-    def check(self, key: str, text: str) -> tuple[Optional[str], Optional[str]]:
-        """(exact_dup evidence, near_dup evidence) for this text; then remember it."""
-        if key in self._signatures:
-            key = f"{key}@{len(self._signatures)}"  # two rows share an id; LSH keys must be unique
-        digest = hashlib.sha1(normalised(text).encode("utf-8")).hexdigest()
-        if digest in self._exact:
-            return f"same text as {self._exact[digest]}", None
-        self._exact[digest] = key
-        signature = self._minhash(num_perm=self._num_perm, seed=self._seed)
-        signature.update_batch(list(shingles(text, self._shingle_size)))
-        near = None
-        best = 0.0
-        for other in self._lsh.query(signature):
-            similarity = signature.jaccard(self._signatures[other])
-            if similarity >= self._threshold and similarity > best:
-                best, near = similarity, f"~{similarity:.2f} Jaccard with {other}"
-        self._lsh.insert(key, signature)
-        self._signatures[key] = signature
-        return None, near
+def find_duplicates(texts: Sequence[tuple[str, str]], threshold: float, shingle_size: int,
+                    num_perm: int) -> list[tuple[Optional[str], Optional[str]]]:
+    """(exact_dup evidence, near_dup evidence) for each (id, text), in order: exact copies by the
+    normalised-text key, near copies by MinHash clusters over character shingles
+    (`lmsmith.data.minhash`); the first of a group of copies is never flagged."""
+    found: list[tuple[Optional[str], Optional[str]]] = [(None, None)] * len(texts)
+    first_of: dict[str, str] = {}
+    unique: list[int] = []
+    for position, (key, text) in enumerate(texts):
+        digest = dedup_key(text)
+        if digest in first_of:
+            found[position] = (f"same text as {first_of[digest]}", None)
+        else:
+            first_of[digest] = key
+            unique.append(position)
+    if len(unique) < 2:
+        return found
+    hasher = MinHasher(num_perm, "char", char_ngram=shingle_size)
+    signatures = hasher.signatures([texts[position][1] for position in unique])
+    with NearDupIndex(threshold, num_perm) as index:
+        index.add(signatures)
+        keeper = index.clusters().keeper
+    for row, kept in enumerate(keeper.tolist()):
+        if kept != row:
+            similarity = float(estimated_jaccard(signatures[row:row + 1], signatures[kept:kept + 1])[0])
+            found[unique[row]] = (None, f"~{similarity:.2f} Jaccard with {texts[unique[kept]][0]} (same cluster)")
+    return found
 
 
 def run_detectors(
@@ -238,11 +212,11 @@ def run_detectors(
         "mixed_numbers": detect_mixed_numbers,
         "boilerplate": detect_boilerplate,
     }
-    finders: dict[str, DuplicateFinder] = {}
     verdicts: list[dict[str, str]] = []
+    by_kind: dict[str, list[int]] = {}
     with track(description, total=len(rows)) as bar:
         for index, row in enumerate(rows):
-            text, kind = text_of(row), kind_of(row)
+            text, kind = row_text(row), row_kind(row)
             found: dict[str, str] = {}
             for name, check in text_checks.items():
                 evidence = check(text)
@@ -252,14 +226,14 @@ def run_detectors(
                 evidence = detect_fragment(text, fragment_min_chars)
                 if evidence is not None:
                     found["fragment"] = evidence
-            finder = finders.get(kind)
-            if finder is None:
-                finder = finders[kind] = DuplicateFinder(near_dup_threshold, shingle_size, num_perm)
-            exact, near = finder.check(str(row.get("id", index)), text)
-            if exact:
-                found["exact_dup"] = exact
-            if near:
-                found["near_dup"] = near
+            by_kind.setdefault(kind, []).append(index)
             verdicts.append(found)
             bar.advance()
+    for positions in by_kind.values():
+        pairs = [(str(rows[i].get("id", i)), row_text(rows[i])) for i in positions]
+        for i, (exact, near) in zip(positions, find_duplicates(pairs, near_dup_threshold, shingle_size, num_perm)):
+            if exact:
+                verdicts[i]["exact_dup"] = exact
+            if near:
+                verdicts[i]["near_dup"] = near
     return verdicts

@@ -34,7 +34,7 @@ def _config(cls: type[M], **values: Any) -> M:
 
 def _write_manifest(out: Path, command: str, args: argparse.Namespace, counts: dict[str, Any],
                     outputs: dict[str, str], started: float, **extra: Any) -> None:
-    from lmsmith.data.quality_resources import write_json
+    from lmsmith.jsonl import write_json
 
     # A secret never lands in a manifest.
     inputs = {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()
@@ -59,11 +59,11 @@ def _redact(value: Any) -> Any:
 
 
 def _read_inputs(paths: list[str]) -> list[dict[str, Any]]:
-    from lmsmith.data.quality_resources import read_rows
+    from lmsmith.jsonl import read_jsonl
 
     rows: list[dict[str, Any]] = []
     for path in paths:
-        rows.extend(read_rows(path))
+        rows.extend(read_jsonl(path))
     return rows
 
 
@@ -125,7 +125,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
         augment,
         parse_target,
     )
-    from lmsmith.data.quality_resources import write_rows
+    from lmsmith.jsonl import write_jsonl
 
     started = time.time()
     rows = _embedded_instructions(args) if args.inputs == [EMBEDDED] else _read_inputs(args.inputs)
@@ -151,7 +151,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result, counts = augment(rows, config, out)
-    write_rows(out / "augmented.jsonl", result)
+    write_jsonl(out / "augmented.jsonl", result)
     outputs = {"augmented": "augmented.jsonl"}
     if oversample:
         outputs["class_weights"] = "class_weights.json"
@@ -168,7 +168,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
 def _cmd_annotate(args: argparse.Namespace) -> int:
     from lmsmith.console import console
     from lmsmith.data.annotate import AnnotateConfig, Annotator, annotate_rows, embedded_company_names, score, write_conll
-    from lmsmith.data.quality_resources import write_json, write_rows
+    from lmsmith.jsonl import write_json, write_jsonl
 
     started = time.time()
     config = _config(AnnotateConfig, companies=args.companies_file, metrics=args.metrics, text=args.text)
@@ -181,7 +181,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     annotator = Annotator(config, company_names=names)
     annotated = annotate_rows(rows, annotator)
     out = Path(args.out)
-    write_rows(out / "annotations.jsonl", annotated)
+    write_jsonl(out / "annotations.jsonl", annotated)
     write_conll(out / "entities.conll", annotated)
     outputs = {"annotations": "annotations.jsonl", "conll": "entities.conll"}
     counts: dict[str, Any] = {
@@ -209,7 +209,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from lmsmith.console import console
-    from lmsmith.data.quality_resources import write_rows
+    from lmsmith.jsonl import write_jsonl
     from lmsmith.data.synth import SynthConfig, synthesize_table, write_embedded_table
 
     started = time.time()
@@ -221,7 +221,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if table == EMBEDDED:
         table = write_embedded_table(out / "table.csv", args.seed, args.companies, args.years)
     rows = synthesize_table(table, config)
-    write_rows(out / "synth.jsonl", rows)
+    write_jsonl(out / "synth.jsonl", rows)
     counts = {"samples": len(rows), "by_task": dict(sorted(Counter(r["task"] for r in rows).items())),
               "company_years": len({r["group"] for r in rows})}
     outputs = {"samples": "synth.jsonl", **({"table": "table.csv"} if args.table == EMBEDDED else {})}

@@ -14,8 +14,8 @@ from collections import Counter
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Iterable, Optional, Sequence
 
-from lmsmith.data.numbers import normalize_amounts
-from lmsmith.data.quality_resources import kind_of, text_of
+from lmsmith.data.steps.numbers import normalize_amounts
+from lmsmith.data.record import row_kind, row_text
 
 # Which detector confirms that a noise label is still there after cleaning. Duplicates and fragments
 # have none: rewriting a text never makes it less of a copy or less of a fragment, only dropping does.
@@ -46,7 +46,7 @@ def prf(tp: int, fp: int, fn: int) -> dict[str, Any]:
 def by_kind(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(kind_of(row), []).append(row)
+        groups.setdefault(row_kind(row), []).append(row)
     return dict(sorted(groups.items()))
 
 
@@ -143,7 +143,7 @@ def length_stats(lengths: Sequence[int]) -> dict[str, Any]:
 def lengths(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
     """Characters per record (whitespace excluded), per kind."""
     return {
-        kind: [sum(1 for c in text_of(row) if not c.isspace()) for row in group]
+        kind: [sum(1 for c in row_text(row) if not c.isspace()) for row in group]
         for kind, group in by_kind(rows).items()
     }
 
@@ -178,7 +178,7 @@ def category_distribution(rows: Sequence[dict[str, Any]], field: str, head_share
 def term_coverage(rows: Sequence[dict[str, Any]], terms: Sequence[str], top: int = 10) -> dict[str, Any]:
     """How much of the domain vocabulary the records use: terms seen at least once, records holding at
     least one term, the most frequent terms and the missing ones."""
-    folded = [text_of(row).casefold() for row in rows]
+    folded = [row_text(row).casefold() for row in rows]
     frequency = {term: sum(1 for text in folded if term.casefold() in text) for term in terms}
     covered = [term for term in terms if frequency[term]]
     with_any = sum(1 for text in folded if any(term.casefold() in text for term in terms))

@@ -9,7 +9,7 @@ kept and those dropped (`dropped.jsonl` rows with a `reason`), and writes `repor
 - **Coverage**: length distributions, the category distribution (task, industry, source) and its long
   tail, and the coverage of a domain term list (the shipped finance list or yours);
 - **Cleanliness**: the noise rate by detector before and after cleaning (detectors in
-  `lmsmith.data.quality_detectors`, written apart from the cleaning operators), examples of each drop
+  `lmsmith.data.quality.detectors`, written apart from the cleaning operators), examples of each drop
   reason and, where records carry `noise` labels (the embedded corpus), the cleaning chain's precision
   and recall against them.
 
@@ -27,8 +27,8 @@ from typing import Any, Optional, Sequence
 from pydantic import Field
 
 from lmsmith.console import track
-from lmsmith.data.quality_detectors import DETECTORS, detect_fragment, run_detectors
-from lmsmith.data.quality_metrics import (
+from lmsmith.data.quality.detectors import DETECTORS, detect_fragment, run_detectors
+from lmsmith.data.quality.metrics import (
     REPAIRABLE_LABELS,
     category_distribution,
     consistency,
@@ -40,7 +40,9 @@ from lmsmith.data.quality_metrics import (
     rate,
     term_coverage,
 )
-from lmsmith.data.quality_resources import kind_of, read_term_list, resource_path, text_of, write_json
+from lmsmith.data.resources import read_term_list, resource_path
+from lmsmith.data.record import row_kind, row_text
+from lmsmith.jsonl import write_json
 from lmsmith.errors import UserError
 from lmsmith.schema import StrictModel
 
@@ -80,7 +82,7 @@ class QualityConfig(StrictModel):
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str]:
-    return kind_of(row), str(row.get("id"))
+    return row_kind(row), str(row.get("id"))
 
 
 def cleaning_vs_labels(
@@ -114,7 +116,7 @@ def cleaning_vs_labels(
     by_op: dict[str, Counter] = {}
     by_label: dict[str, Counter] = {}
     unaccounted = residual = 0
-    before_text = {_key(row): text_of(row) for row in labelled}
+    before_text = {_key(row): row_text(row) for row in labelled}
     with track("scoring cleaning against labels", total=len(labelled)) as bar:
         for row in labelled:
             key, noisy = _key(row), bool(row["noise"])
@@ -165,7 +167,7 @@ def _modified_by(kept_row: dict[str, Any], text_before: str) -> list[str]:
     steps = kept_row.get("modified_by")
     if isinstance(steps, list):
         return [str(step) for step in steps]
-    return ["unattributed"] if text_of(kept_row) != text_before else []
+    return ["unattributed"] if row_text(kept_row) != text_before else []
 
 
 def _still_noisy(labels: list[str], verdict: dict[str, str], kept_row: dict[str, Any], config: QualityConfig) -> bool:
@@ -177,7 +179,7 @@ def _still_noisy(labels: list[str], verdict: dict[str, str], kept_row: dict[str,
             if REPAIRABLE_LABELS[label] in verdict:
                 return True
         elif label == "fragment":
-            if detect_fragment(text_of(kept_row), config.fragment_min_chars) is not None:
+            if detect_fragment(row_text(kept_row), config.fragment_min_chars) is not None:
                 return True
         else:
             return True
@@ -194,7 +196,7 @@ def _drop_examples(dropped: Sequence[dict[str, Any]], config: QualityConfig) -> 
         entry = reasons.setdefault(reason, {"count": 0, "examples": []})
         entry["count"] += 1
         if len(entry["examples"]) < config.examples_per_reason:
-            text = text_of(row)
+            text = row_text(row)
             entry["examples"].append({
                 "id": row.get("id"),
                 "detail": row.get("detail", ""),
@@ -262,7 +264,7 @@ def build_quality_report(
     """Compute the 3C report, write report.json / report.md / report.html (and figures/) into `out_dir`,
     and return the report as a dict. Rows are the data stage's: corpus `{"id", "text", ...}` and
     conversations `{"id", "task", "messages", "answer"}`; dropped rows carry a `reason`."""
-    from lmsmith.data.quality_render import render_report
+    from lmsmith.data.quality.render import render_report
 
     config = config or QualityConfig()
     out_dir = Path(out_dir)
@@ -344,7 +346,7 @@ def _residual_examples(after: Sequence[dict[str, Any]], verdicts: Sequence[dict[
         for name, evidence in verdict.items():
             bucket = examples.setdefault(name, [])
             if len(bucket) < config.examples_per_reason:
-                text = text_of(row)
+                text = row_text(row)
                 bucket.append({"id": row.get("id"), "evidence": evidence,
                                "text": text[:config.example_chars] + ("…" if len(text) > config.example_chars else "")})
     return dict(sorted(examples.items()))
@@ -361,7 +363,7 @@ def embedded_rows(seed: int = 0, companies: int = 60, years: int = 5,
     import tempfile
 
     from lmsmith.data.config import PipelineConfig
-    from lmsmith.data.ops import DEFAULT_OPS
+    from lmsmith.data.steps import DEFAULT_OPS
     from lmsmith.data.stage import StageWriter, embedded_sources
     from lmsmith.data.engine import run_stream, stream_options
     from lmsmith.datasets.finance import generate

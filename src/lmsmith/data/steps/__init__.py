@@ -3,7 +3,7 @@
 A recipe lists them in order as `data.ops: [{op: NAME, ...params}]`. Each operator has a pydantic config
 (its params; unknown or bad ones are rejected when the recipe is validated), a docstring and a name in
 `REGISTRY`. The work is done by the standard library: `unicodedata`, `html`, `re`, and `decimal` (through
-`lmsmith.data.numbers`).
+`lmsmith.data.steps.numbers`).
 
 To add one:
 
@@ -32,8 +32,8 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import Field, ValidationError
 
-from lmsmith.data.numbers import OutputForm, PercentForm, find_approximate_amounts, normalize_amounts
-from lmsmith.data.pii import mask_bank_cards, mask_id_numbers
+from lmsmith.data.steps.numbers import OutputForm, PercentForm, find_approximate_amounts, normalize_amounts
+from lmsmith.data.steps.pii import mask_bank_cards, mask_id_numbers
 from lmsmith.schema import StrictModel
 
 Target = Literal["corpus", "instructions", "both"]
@@ -187,7 +187,7 @@ class NormalizeNumbers(Mapper):
     """Write every financial amount as one plain number (`1.2亿`, `120,000,000` and `120 million` all
     become `120000000`). Percentages, years and plain decimals are left alone; approximate amounts
     (`数千亿`, `500多亿`, `近百亿`) stay as written and are counted as `approximate_amount` tags in the
-    data stage's stats; see `lmsmith.data.numbers`."""
+    data stage's stats; see `lmsmith.data.steps.numbers`."""
 
     Config = NormalizeNumbersConfig
     resolves = ("mixed_numbers",)
@@ -388,5 +388,5 @@ def describe_ops() -> dict[str, str]:
 
 # The rest of the catalog registers itself on import; imported last because those modules subclass the
 # bases above.
-from lmsmith.data import filters as _filters  # noqa: E402,F401
-from lmsmith.data import mappers as _mappers  # noqa: E402,F401
+from lmsmith.data.steps import filters as _filters  # noqa: E402,F401
+from lmsmith.data.steps import mappers as _mappers  # noqa: E402,F401

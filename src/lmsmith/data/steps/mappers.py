@@ -1,4 +1,4 @@
-"""Mappers beyond the basic chain in `lmsmith.data.ops`: mojibake repair (ftfy), traditional → simplified
+"""Mappers beyond the basic chain in `lmsmith.data.steps`: mojibake repair (ftfy), traditional → simplified
 Chinese (zhconv, pure Python), width folding, whitespace, and a terminology map read from YAML.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field
 
-from lmsmith.data.ops import Mapper, OpConfig, register
+from lmsmith.data.steps import Mapper, OpConfig, register
 from lmsmith.errors import UserError
 
 
