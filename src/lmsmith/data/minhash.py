@@ -7,8 +7,10 @@
   (one matrix product-and-min), so a 1 KB text costs a few numpy calls, not 128 Python loops.
 - Banding: datasketch's `MinHashLSH` picks the number of bands and rows for the threshold (weighted
   towards recall, since candidates are verified); the bands are hashed into 64-bit keys, and candidates are texts
-  sharing a key in some band, found by sorting each band's keys (no per-text Python dict, so 1M texts
-  fit in a few hundred MB).
+  sharing a key in some band, found by sorting each band's keys (no per-text Python dict).
+- Memory: signatures and band keys spill to temporary files as they are added; clustering loads one
+  band's keys at a time (8 bytes a text) and reads only the signatures of candidate pairs, so the index
+  costs tens of bytes a text at its peak, whatever the input size.
 - Verification and clusters: candidate pairs whose estimated Jaccard similarity (share of equal
   signature slots) reaches the threshold are joined into clusters with scipy's connected components;
   the earliest text of a cluster is kept.
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import unicodedata
@@ -36,6 +39,7 @@ _MIX1 = np.uint64(0xFF51AFD7ED558CCD)
 _MIX2 = np.uint64(0xC4CEB9FE1A85EC53)
 _SHIFT = np.uint64(33)
 _CHUNK = 4096  # shingles per matrix block: bounds memory for very long texts
+_PAIRS_PER_CHECK = 8192  # candidate pairs verified at a time (at most 16k signature rows read)
 
 
 def _finalize(values: np.ndarray) -> np.ndarray:
@@ -156,15 +160,17 @@ class Clusters:
 
 
 class NearDupIndex:
-    """Collects signatures in order (spilled to a temporary file, so memory holds only band keys), then
-    clusters them. Earlier additions win: add the records you would rather keep first."""
+    """Collects signatures in order (spilled, with their band keys, to temporary files), then clusters
+    them. Earlier additions win: add the records you would rather keep first (or pass a `rank`)."""
 
     def __init__(self, threshold: float, num_perm: int, workdir: Optional[Path] = None):
         self.threshold, self.num_perm = threshold, num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self.bander = Bander(self.bands, self.rows)
         self._spill = tempfile.NamedTemporaryFile(dir=workdir, prefix="signatures-", suffix=".u32", delete=False)
-        self._keys: list[np.ndarray] = []
+        # One file per band, so clustering loads one band's keys (8 bytes a text) at a time.
+        self._band_spills = [tempfile.NamedTemporaryFile(dir=workdir, prefix=f"band{band}-", suffix=".u64",
+                                                         delete=False) for band in range(self.bands)]
         self.size = 0
 
     def add(self, signatures: np.ndarray, band_keys: Optional[np.ndarray] = None) -> None:
@@ -172,16 +178,21 @@ class NearDupIndex:
             return
         signatures = np.ascontiguousarray(signatures, dtype=np.uint32)
         self._spill.write(signatures.tobytes())
-        self._keys.append(self.bander.keys(signatures) if band_keys is None else band_keys)
+        keys = self.bander.keys(signatures) if band_keys is None else band_keys
+        for band, spill in enumerate(self._band_spills):
+            spill.write(np.ascontiguousarray(keys[:, band], dtype=np.uint64).tobytes())
         self.size += len(signatures)
 
-    def _candidate_pairs(self, keys: np.ndarray) -> np.ndarray:
+    def _candidate_pairs(self) -> np.ndarray:
         """Index pairs (i < j) sharing a band key: each member of a bucket with the bucket's first and
         with its predecessor, so a bucket of k costs 2k checks, not k²."""
         found = []
-        for band in range(keys.shape[1]):
-            order = np.argsort(keys[:, band], kind="stable")
-            ranked = keys[order, band]
+        for spill in self._band_spills:
+            spill.flush()
+            column = np.fromfile(spill.name, dtype=np.uint64)
+            order = np.argsort(column, kind="stable")
+            ranked = column[order]
+            del column
             same = ranked[1:] == ranked[:-1]
             if not same.any():
                 continue
@@ -208,16 +219,17 @@ class NearDupIndex:
         self._spill.flush()
         if n == 0:
             return Clusters(np.empty(0, dtype=np.int64), 0, 0)
-        keys = np.concatenate(self._keys)
-        pairs = self._candidate_pairs(keys)
-        signatures = np.memmap(self._spill.name, dtype=np.uint32, mode="r", shape=(n, self.num_perm))
+        pairs = self._candidate_pairs()
         similar_parts = []
-        for start in range(0, len(pairs), 65536):
-            chunk = pairs[start:start + 65536]
-            similarity = estimated_jaccard(signatures[chunk[:, 0]], signatures[chunk[:, 1]])
-            similar_parts.append(chunk[similarity >= self.threshold])
+        with open(self._spill.name, "rb") as spill:
+            for begin in range(0, len(pairs), _PAIRS_PER_CHECK):
+                chunk = pairs[begin:begin + _PAIRS_PER_CHECK]
+                rows = np.unique(chunk)
+                block = self._read_rows(spill.fileno(), rows)
+                similarity = estimated_jaccard(block[np.searchsorted(rows, chunk[:, 0])],
+                                               block[np.searchsorted(rows, chunk[:, 1])])
+                similar_parts.append(chunk[similarity >= self.threshold])
         similar = np.concatenate(similar_parts) if similar_parts else np.empty((0, 2), dtype=np.int64)
-        del signatures
         keeper = np.arange(n, dtype=np.int64)
         if len(similar):
             graph = coo_matrix((np.ones(len(similar), dtype=np.int8), (similar[:, 0], similar[:, 1])), shape=(n, n))
@@ -232,9 +244,19 @@ class NearDupIndex:
                 keeper = order[np.searchsorted(priority, first[labels], sorter=order)]
         return Clusters(keeper, len(pairs), len(similar))
 
+    def _read_rows(self, fd: int, rows: np.ndarray) -> np.ndarray:
+        """The signatures of `rows` (sorted), read one by one: a memory map of the spill file would count
+        every page the kernel maps around a read towards RSS, which then grows with the input."""
+        width = self.num_perm * 4
+        block = np.empty((len(rows), self.num_perm), dtype=np.uint32)
+        for at, row in enumerate(rows.tolist()):
+            block[at] = np.frombuffer(os.pread(fd, width, row * width), dtype=np.uint32)
+        return block
+
     def close(self) -> None:
-        self._spill.close()
-        Path(self._spill.name).unlink(missing_ok=True)
+        for spill in [self._spill, *self._band_spills]:
+            spill.close()
+            Path(spill.name).unlink(missing_ok=True)
 
     def __enter__(self) -> "NearDupIndex":
         return self
