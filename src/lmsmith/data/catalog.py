@@ -65,18 +65,19 @@ near-duplicate cluster keeps its train member first). Every operator takes
 `apply_to: corpus | instructions | both` (corpus = text records, instructions = alpaca/sharegpt/messages).
 
 **Near duplicates**: MinHash over character 5-grams (Chinese) or word 3-grams, chosen per text; LSH
-bands and rows from datasketch for the threshold; signatures spill to disk.
+bands and rows from datasketch for the threshold.
 
-**Executors**: `local` (multiprocessing, `workers` processes) and `ray` (Ray Data `map_batches`, same
-function and operators, the same output files byte for byte); input is cut into shards of about
-`shard_bytes` (1 GB). With `executor: ray` and no `ray_address` the stage starts a local Ray with
-`workers` CPUs; to use an existing cluster set `ray_address` to what `ray.init(address=...)` takes
-(`auto` on a cluster node, or `ray://HEAD:10001` through Ray Client), with lmsmith installed on every
-node, since workers import the operators.
+**Executors**: `local` (multiprocessing, `workers` processes) and `ray` (one Ray task a batch, the same
+function and operators, the same output files byte for byte); both keep at most `2 × workers` batches
+in flight. The manifest counts records and bytes per shard of about `shard_bytes` of input. With
+`executor: ray` and no `ray_address` the stage starts a local Ray with `workers` CPUs; to use an
+existing cluster set `ray_address` to what `ray.init(address=...)` takes (`auto` on a cluster node, or
+`ray://HEAD:10001` through Ray Client), with lmsmith installed on every node, since workers import the
+operators.
 
-**Memory** grows by a few bytes a record, not by the record: a batch in flight per worker, four 8-byte keys
-per record (group, exact-dedup key, positions), the near-dedup band keys, and the report's bounded sample.
-A group's split
+**Memory** grows by a few bytes a record, not by the record: a batch in flight per worker, four 8-byte
+keys per record (group, exact-dedup key, positions), the near-dedup index (signatures and band keys
+spill to disk; clustering loads one band at a time) and the report's bounded sample. A group's split
 is decided after the first pass, over hashed group keys (exact counts by the ratios).
 """
 

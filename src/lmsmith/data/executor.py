@@ -3,8 +3,9 @@
 - `LocalExecutor`: the standard library's `multiprocessing` with N worker processes (N = 1 runs in
   the calling process). At most `2 × N` batches are in flight, so memory stays flat however long the
   stream is.
-- `RayExecutor`: Ray Data. Each shard (about 1 GB of input, see `PipelineConfig.shard_bytes`) becomes
-  a dataset of pickled batches, mapped with `map_batches` by the same function, order preserved.
+- `RayExecutor`: Ray tasks, one a batch, on a local Ray or a cluster; the same window of `2 × N` batches
+  in flight and results taken in order, so the driver never holds more than the window (a Ray Data
+  dataset of a shard's batches held the whole shard in the driver).
 
 The batch function is any picklable top-level `fn(payload, batch) -> result`; the operators run
 unchanged inside it on either backend.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -76,21 +76,14 @@ class LocalExecutor(Executor):
             self._pool = None
 
 
-class _RayBatchUDF:
-    """The callable Ray Data runs on each worker: unpickle a batch, run `fn`, pickle the result."""
-
-    def __init__(self, fn: BatchFn, payload: Any):
-        self.fn, self.payload = fn, payload
-
-    def __call__(self, rows: Any) -> dict[str, list[bytes]]:
-        # pyarrow batches keep the pickles as exact bytes (numpy would pad and strip them).
-        blobs = rows.column("batch").to_pylist()
-        return {"result": [pickle.dumps(self.fn(self.payload, pickle.loads(blob))) for blob in blobs]}
+def _run_batch(fn: BatchFn, payload: Any, batch: Any) -> Any:
+    return fn(payload, batch)
 
 
 class RayExecutor(Executor):
-    """Ray Data backend. Connects to `address` (a running cluster) or starts a local instance with
-    `workers` CPUs when Ray is not initialised yet."""
+    """Ray backend. Connects to `address` (a running cluster, as `ray.init(address=...)` takes it) or
+    starts a local instance with `workers` CPUs when Ray is not initialised yet. Ray reuses its worker
+    processes, so a batch function that caches its setup per process (the operators) builds it once each."""
 
     kind = "ray"
 
@@ -105,28 +98,19 @@ class RayExecutor(Executor):
             else:
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
             self._started = True
-        import ray.data
-
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True
-        context.enable_progress_bars = False
+        self._task = ray.remote(num_cpus=1)(_run_batch)
 
     def map_batches(self, fn: BatchFn, payload: Any, batches: Iterable[Any]) -> Iterator[Any]:
-        import ray.data
+        import ray
 
-        items = [{"batch": pickle.dumps(batch)} for batch in batches]
-        if not items:
-            return
-        dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * self.workers))
-        mapped = dataset.map_batches(
-            _RayBatchUDF,
-            fn_constructor_kwargs={"fn": fn, "payload": payload},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=self.workers),
-            batch_format="pyarrow",
-        )
-        for row in mapped.iter_rows():
-            yield pickle.loads(row["result"])
+        payload_ref = ray.put(payload)
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(self._task.remote(fn, payload_ref, batch))
+            if len(pending) >= 2 * self.workers:
+                yield ray.get(pending.popleft())
+        while pending:
+            yield ray.get(pending.popleft())
 
     def close(self) -> None:
         if self._started:
