@@ -149,6 +149,18 @@ def save_checkpoint(
     return final
 
 
+# What a resume may change: the way out of a run stopped by a non-finite step is its last checkpoint with a
+# lower peak learning rate (the caller re-applies it to the restored schedule).
+RESUMABLE_CHANGES = ("optim.lr", "on_non_finite", "max_skipped_steps")
+
+
+def _comparable(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    kept = {key: value for key, value in fingerprint.items() if key not in RESUMABLE_CHANGES}
+    if isinstance(kept.get("optim"), dict):
+        kept["optim"] = {key: value for key, value in kept["optim"].items() if f"optim.{key}" not in RESUMABLE_CHANGES}
+    return kept
+
+
 def load_checkpoint(
     path: Path, model, optimizer, scheduler, fingerprint: dict[str, Any], accelerator=None
 ) -> tuple[int, dict, dict[str, dict[str, torch.Tensor]]]:
@@ -156,7 +168,8 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     state = json.loads((path / STATE).read_text())
-    saved = state["fingerprint"]
+    saved = _comparable(state["fingerprint"])
+    fingerprint = _comparable(fingerprint)
     changed = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} → {fingerprint.get(key)!r}" for key in changed)

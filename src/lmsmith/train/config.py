@@ -200,6 +200,14 @@ class TrainingSchedule(StrictModel):
         "start when there is none, auto starts afresh then.",
     )
     monitor: MonitorConfig = MonitorConfig()
+    on_non_finite: Literal["stop", "skip_step"] = Field(
+        "stop",
+        description="A step whose loss or gradient is not finite: stop the run (the stage fails and publishes "
+        "nothing; its checkpoints stay for a resume with a lower lr), or skip_step: drop that update, count it, "
+        "and stop after `max_skipped_steps` in a row.",
+    )
+    max_skipped_steps: int = Field(3, ge=1, description="With on_non_finite: skip_step, non-finite steps in a row "
+                                   "that stop the run.")
     efficiency: EfficiencyConfig = EfficiencyConfig()
     sharding: Literal["none", "fsdp2"] = Field(
         "none",
@@ -278,7 +286,8 @@ class SFTConfig(TrainingSchedule):
             clashes = [name for name, on in (("efficiency.packing", self.efficiency.packing), ("resume", self.resume),
                                              ("distill", self.distill is not None), ("class_weights", self.class_weights),
                                              ("oversample", bool(self.oversample)), ("grad_accum_steps > 1",
-                                             self.grad_accum_steps > 1), ("sharding", self.sharding != "none"))
+                                             self.grad_accum_steps > 1), ("sharding", self.sharding != "none"),
+                                             ("on_non_finite: skip_step", self.on_non_finite == "skip_step"))
                        if on]
             if clashes:
                 raise ValueError(f"privacy cannot be combined with {', '.join(clashes)}")

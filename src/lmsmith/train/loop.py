@@ -334,11 +334,50 @@ class _EarlyStopping:
 
 
 def _fingerprint(config: TrainingSchedule, world: int, model) -> dict[str, Any]:
-    """What must not change between a checkpoint and its resume (log and checkpoint cadence may)."""
+    """What must not change between a checkpoint and its resume. Log and checkpoint cadence may, and so may
+    the peak learning rate and the non-finite policy: a run stopped by a non-finite step resumes from its
+    last checkpoint with a lower lr (`checkpoint.RESUMABLE_CHANGES`)."""
     free = {"resume", "checkpoint_every", "keep_checkpoints", "log_every", "monitor"}
     dumped = config.model_dump(mode="json", exclude=free)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {**dumped, "world_size": world, "trainable_params": trainable}
+
+
+def _apply_peak_lr(optimizer, scheduler, peak_lr: float) -> None:
+    """Set the schedule's peak lr after a resume restored the checkpoint's (the same one unless changed)."""
+    if all(base == peak_lr for base in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [peak_lr] * len(scheduler.base_lrs)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = peak_lr
+        group["lr"] = peak_lr * factor
+
+
+class NonFiniteStep(UserError):
+    """A step's loss or gradient was not finite: the run stops before that update, publishing nothing."""
+
+
+def _first_non_finite(model) -> str:
+    """The first parameter (or, failing that, gradient) holding a NaN or an infinity, named for the user."""
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    for name, param in named:
+        if not torch.isfinite(param.detach()).all():
+            return f"the weight {name}"
+    for name, param in named:
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            return f"the gradient of {name}"
+    return "no single tensor (the loss itself)"
+
+
+def _non_finite_message(step: int, loss: float, grad_norm: float, model, checkpoint_dir: Path | None,
+                        skipped: int = 0) -> str:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    saved = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None and checkpoint_dir.exists() else None
+    resume = (f"; its last finite checkpoint is {saved}: rerun with --resume and a lower optim.lr" if saved else
+              "; lower optim.lr (or set on_non_finite: skip_step) and rerun")
+    streak = f" after {skipped} skipped steps in a row" if skipped else ""
+    return f"step {step}: {what}{streak}, first non-finite tensor: {_first_non_finite(model)}{resume}"
 
 
 def train(
@@ -424,6 +463,7 @@ def train(
         if found is not None:
             start_step, loop_state, saved_tensors = load_checkpoint(found, model, optimizer, scheduler, fingerprint,
                                                                     accelerator)
+            _apply_peak_lr(optimizer, scheduler, config.optim.lr)
             if is_main:
                 console.print(f"[green]resume[/] from {found} (step {start_step} of {total_steps})")
         elif config.resume is True:
@@ -446,7 +486,9 @@ def train(
     history: list[dict] = []
     interval = _Interval()
     total_tokens, train_seconds, val_loss, last_loss, stopped_at = 0, 0.0, None, float("nan"), None
+    skipped_steps = skipped_in_a_row = 0
     if loop_state is not None:
+        skipped_steps, skipped_in_a_row = loop_state.get("skipped_steps", 0), loop_state.get("skipped_in_a_row", 0)
         interval = _Interval(**loop_state["interval"])
         total_tokens, train_seconds = loop_state["total_tokens"], loop_state["train_seconds"]
         val_loss, last_loss, history = loop_state["val_loss"], loop_state["last_loss"], loop_state["history"]
@@ -473,12 +515,30 @@ def train(
                 norm = accelerator.clip_grad_norm_(trainable, config.optim.grad_clip)
                 grad_norm = float(dist.full_value(norm)) if norm is not None else 0.0
                 lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                step_mean = step_loss / (targets or 1)
+                # The gradient norm is all-reduced, so every process takes the same decision; a NaN loss
+                # leaves NaN gradients, and an infinite local loss is caught by the loss test.
+                finite = math.isfinite(grad_norm) and math.isfinite(step_mean)
+                if finite:
+                    skipped_in_a_row = 0
+                    optimizer.step()
+                else:
+                    for alert in alerts.check_step(step, step_mean, grad_norm):
+                        log.alert(alert)
+                    skipped_in_a_row += 1
+                    if config.on_non_finite == "stop" or skipped_in_a_row >= config.max_skipped_steps:
+                        raise NonFiniteStep(_non_finite_message(
+                            step, step_mean, grad_norm, model, checkpoint_dir,
+                            skipped_in_a_row if config.on_non_finite == "skip_step" else 0))
+                    skipped_steps += 1
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if not finite:
+                    progress.advance(loss=step_mean)
+                    continue
                 tokens = sum(batch.tokens for batch in micro_batches)
                 interval.add(step_loss, targets, tokens, grad_norm, time.perf_counter() - started)
-                last_loss = step_loss / (targets or 1)
+                last_loss = step_mean
                 progress.advance(loss=last_loss)
                 for alert in alerts.check_step(step, last_loss, grad_norm) + alerts.check_device(step):
                     log.alert(alert)
@@ -512,6 +572,7 @@ def train(
                         "val_loss": val_loss, "last_loss": last_loss, "history": history,
                         "alerts": alerts.state_dict(), "alert_rows": log.alerts, "trackers": log.tracker_state(),
                         "early_stopping": stopper.state() if stopper else None,
+                        "skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row,
                     }
                     best = {"best": stopper.best_weights} if stopper is not None and stopper.best_weights else {}
                     save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, state, fingerprint,
@@ -530,6 +591,9 @@ def train(
         extra.update({"best_step": stopper.best_step, f"best_{stopper.metric}": stopper.best})
     if stopped_at is not None:
         extra["stopped_early_at"] = stopped_at
+    if skipped_steps:
+        extra["skipped_non_finite_steps"] = skipped_steps
+    _check_finite_weights(model, step)
     extra.update({key: value for key, value in reported.items() if key == "val_rouge_l" or key.startswith("val.")})
     extra["peak_mem_mb"] = round(peak_memory_mb(device), 1)
     # The last logged interval's mean is a steadier figure than the final step's loss alone.
@@ -548,6 +612,13 @@ def train(
             f"{'es' if world > 1 else ''}), peak memory {extra['peak_mem_mb']:,.0f} MB"
         )
     return summary
+
+
+def _check_finite_weights(model, step: int) -> None:
+    """The weights handed back must be finite: a stage never publishes NaN weights."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param.detach()).all():
+            raise NonFiniteStep(f"step {step}: the trained weight {name} is not finite; lower optim.lr and rerun")
 
 
 def _validate(model, val_batches, probes: Sequence[Probe], objective, device) -> dict[str, float]:
@@ -611,9 +682,11 @@ def train_private(
                 seconds += time.perf_counter() - started
                 tokens += int(batch["attention_mask"].sum())
                 if loss is not None:
-                    losses.append(loss)
                     for alert in alerts.check_step(step, loss, 0.0):
                         log.alert(alert)
+                    if not math.isfinite(loss):  # opacus has stepped already: stop before another update
+                        raise NonFiniteStep(_non_finite_message(step, loss, 0.0, model, None))
+                    losses.append(loss)
                 progress.advance(loss=loss if loss is not None else float("nan"))
                 if step % config.log_every and step != total_steps and step not in check_at:
                     continue
@@ -632,6 +705,7 @@ def train_private(
     finally:
         log.close(failed=not finished)
         model.eval()
+    _check_finite_weights(model, step)
     final = next((row["loss"] for row in reversed(history) if row["loss"] is not None), float("nan"))
     summary = TrainSummary(steps=step, train_loss=final, val_loss=val_loss, tokens=total_tokens,
                            seconds=train_seconds, precision="fp32", history=history,
