@@ -192,8 +192,11 @@ def test_cleaning_vs_labels_on_hand_made_rows():
     result = cleaning_vs_labels(before, after, dropped, [{}, {}, {}], QualityConfig())
     assert (result["repair"]["tp"], result["repair"]["fp"], result["repair"]["fn"], result["repair"]["tn"]) == (2, 1, 1, 1)
     assert (result["strict"]["tp"], result["strict"]["fp"], result["strict"]["fn"], result["strict"]["tn"]) == (3, 2, 0, 0)
-    assert result["by_op"]["drop:min_length"] == {"flagged": 2, "clean_flagged": 1, "precision": 0.5}
+    # recall: of the 3 labelled noisy records, min_length caught the fragment and strip_html the html one
+    assert result["by_op"]["drop:min_length"] == {"flagged": 2, "clean_flagged": 1, "precision": 0.5,
+                                                  "recall": round(1 / 3, 4)}
     assert result["by_op"]["strip_html"]["clean_flagged"] == 0
+    assert result["by_op"]["strip_html"]["recall"] == round(1 / 3, 4)
     assert result["by_label"]["near_duplicate"]["missed"] == 1
     assert result["residual_rate_after"] == round(1 / 3, 4)  # the near duplicate is still there
 

@@ -75,6 +75,20 @@ existing cluster set `ray_address` to what `ray.init(address=...)` takes (`auto`
 `ray://HEAD:10001` through Ray Client), with lmsmith installed on every node, since workers import the
 operators.
 
+**Fitted steps** learn part of their spec from the data: `perplexity` with `quantile` (its
+`max_perplexity` is that quantile of the perplexities of the texts the rules keep), `quality_classifier`
+(a logistic regression on hashed character n-grams, seeded with the rule labels and self-trained) and
+`coverage` (k-means clusters; texts in rare ones are tagged for oversampling). Before the stream runs,
+the pipeline reads the first `fit_sample` records (default 2000) of each source, checked as the stream
+checks them, runs the steps before the fitted one on copies (so it sees the text as it will in the
+stream), marks each record the rules (every operator that is not fitted) drop or empty as noisy, and
+fits. The fitted fields (a number, or the path of an `.npz` of plain arrays in the run's `fitted/`
+folder, never a pickle) go into the step's spec, which every worker, local or Ray, builds from: the
+same result whatever the executor. They are recorded as `fitted` in the data stage's `stats.json` and in
+`lmsmith data clean`'s manifest; set the field yourself (`weights`, `centroids`, `max_perplexity`) to
+reuse a fit. The 3C report's `cleaning_vs_labels.by_op` gives each step's precision and recall against
+the noise labels, so what a model-based step adds over the rules shows there.
+
 **Memory** grows by a few bytes a record, not by the record: a batch in flight per worker, four 8-byte
 keys per record (group, exact-dedup key, positions), the near-dedup index (signatures and band keys
 spill to disk; clustering loads one band at a time) and the report's bounded sample. A group's split

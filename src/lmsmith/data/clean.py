@@ -70,6 +70,7 @@ def run_clean(
         "tags": {f"{step}:{tag}": count for (_, step, tag), count in sorted(stream.tags.items())},
         "shards": stream.shards,
         "near_dedup": stream.near_dedup or None,
+        "fitted": stream.fitted or None,
         "wall_time_s": stream.wall_time_s,
         "records_per_s": round(read / stream.wall_time_s, 1) if stream.wall_time_s > 0 else None,
     }

@@ -101,9 +101,13 @@ class StreamConfig(StrictModel):
     near_dedup: NearDedupConfig = NearDedupConfig()
     text_unit: TextUnit = Field("block", description="txt/md files: one record per blank-line-separated block, or per file.")
     batch_size: int = Field(256, ge=1, description="Records per work unit sent to a worker.")
-    shard_bytes: int = Field(1 << 30, ge=1, description="Input bytes per shard (about 1 GB): the unit Ray materialises.")
+    shard_bytes: int = Field(1 << 30, ge=1, description="Input bytes per shard (about 1 GB): the manifest and stats count records and bytes per shard.")
     executor: ExecutorKind = Field("local", description="Run the operators in local processes or on Ray Data.")
     workers: int = Field(1, ge=1, description="Worker processes (local) or Ray actors.")
+    fit_sample: int = Field(
+        2000, ge=10, description="Records read from the start of each source to fit the fitted operators on "
+        "(perplexity by quantile, quality_classifier, coverage) before the stream runs.",
+    )
     ray_address: Optional[str] = Field(
         None, description="A running Ray cluster to join (ray.init(address=...), e.g. 'ray://head:10001' or "
         "'auto'); unset: start a local Ray with `workers` CPUs. Only with executor: ray.",

@@ -19,6 +19,8 @@ band keys of the near-duplicate index, whatever the input size.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import shutil
 import time
@@ -34,7 +36,7 @@ from lmsmith.console import track
 from lmsmith.data.executor import make_executor
 from lmsmith.data.io import ReadError, TextUnit, iter_file, list_input_files
 from lmsmith.data.minhash import Bander, MinHasher, NearDupIndex, lsh_params
-from lmsmith.data.steps import Mapper, Op, build_ops
+from lmsmith.data.steps import Mapper, Op, build_op, build_ops, validate_op_spec
 from lmsmith.data.record import Kind, Record, RecordFormat, check_row, dedup_key, is_empty, kind_of_format, rewrite_fields
 from lmsmith.data.split import SPLITS, group_key, split_of_keys
 
@@ -129,7 +131,7 @@ def apply_ops(record: Record, ops: list[tuple[str, Op]],
             detail = op.reject(record.content())
             if detail is not None:
                 return (step, detail), modified
-        if tags is not None:
+        if tags is not None and type(op).tags is not Op.tags:  # most operators note nothing: skip the join
             tags.extend((step, tag) for tag in op.tags(record.content()))
     return None, modified
 
@@ -203,6 +205,7 @@ class Stream:
     near_dedup: dict[str, Any] = field(default_factory=dict)
     groups: dict[str, int] = field(default_factory=dict)  # distinct groups per split
     wall_time_s: float = 0.0
+    fitted: dict[str, dict[str, Any]] = field(default_factory=dict)  # step → the spec fields its fit set
 
     def kinds(self) -> list[Kind]:
         return [kind for kind in KINDS if any(k == kind for k, _ in self.read)]
@@ -256,6 +259,7 @@ class StreamOptions:
     ratios: tuple[float, float, float] = (1.0, 0.0, 0.0)
     split_seed: int = 0
     near_rank_by_split: bool = True
+    fit_sample: int = 2000  # records read from each source to fit the fitted operators on
 
 
 def _checked(source: Source, on_error: OnError,
@@ -329,6 +333,7 @@ def run_stream(sources: list[Source], options: StreamOptions, writer: Writer, wo
     names = step_names(options.ops)
     splits = options.ratios[0] < 1
     stream = Stream(steps=[READ, EMPTY, *names, EXACT, NEAR, *([LEAK] if splits else [])])
+    options, stream.fitted = fit_ops(sources, options, work.parent / "fitted")
     payload = {"ops": options.ops, "near_dedup": options.near_dedup}
     near = options.near_dedup
     started = time.perf_counter()
@@ -395,10 +400,15 @@ def _split_index(groups: np.ndarray, options: StreamOptions, stream: Stream) -> 
 
 @dataclass
 class _Duplicates:
-    """Per survivor of one kind: why it goes ("" when kept) and the survivor it duplicates (or -1)."""
+    """Per survivor of one kind: why it goes (an index into `REASONS`, 0 when kept) and the survivor it
+    duplicates (or -1). One byte and eight a survivor: the arrays span the whole input."""
 
-    reason: list[str]
+    REASONS = ("", EXACT, NEAR, LEAK)
+    code: np.ndarray
     of: np.ndarray
+
+    def reason(self, at: int) -> str:
+        return self.REASONS[int(self.code[at])]
 
 
 def _duplicates(survivor_at: array, keys: array, near_at: array, index: Optional[NearDupIndex],
@@ -417,7 +427,7 @@ def _duplicates(survivor_at: array, keys: array, near_at: array, index: Optional
         first_of = first[inverse]
         exact_dup = first_of != np.arange(n)
         duplicate_of[exact_dup] = first_of[exact_dup]
-    reasons = np.where(exact_dup, EXACT, "").astype(object)
+    code = exact_dup.astype(np.int8)  # 1: EXACT
     if index is not None and index.size:
         rows = np.frombuffer(near_at, dtype=np.int64)
         near_rank = rank[rows] + exact_dup[rows] * (3 * max(n, 1) * max(n, 1))
@@ -425,8 +435,8 @@ def _duplicates(survivor_at: array, keys: array, near_at: array, index: Optional
         candidates = (keeper != rows) & ~exact_dup[rows]
         dropped, kept_by = rows[candidates], keeper[candidates]
         duplicate_of[dropped] = kept_by
-        reasons[dropped] = np.where(split[dropped] == split[kept_by], NEAR, LEAK)
-    return _Duplicates(reasons.tolist(), duplicate_of)
+        code[dropped] = np.where(split[dropped] == split[kept_by], 2, 3)  # NEAR, LEAK
+    return _Duplicates(code, duplicate_of)
 
 
 def _write(work: Path, stream: Stream, writer: Writer, split_index: np.ndarray,
@@ -458,7 +468,7 @@ def _write(work: Path, stream: Stream, writer: Writer, split_index: np.ndarray,
             split = SPLITS[int(split_index[data["at"]])]
             stream.read[(kind, split)] += 1
             stream.modified.update((kind, step) for step in data["modified"])
-            reason = duplicates[kind].reason[at]
+            reason = duplicates[kind].reason(at)
             if not reason:
                 stream.kept[(kind, split)] += 1
                 stream.tags.update((kind, step, tag) for step, tag in data["tags"])
@@ -479,5 +489,67 @@ def stream_options(config: Any, on_error: OnError = "fail", ratios: tuple[float,
         ops=config.ops, exact_dedup=config.exact_dedup, near_dedup=config.near_dedup.model_dump(mode="json"),
         batch_size=config.batch_size, shard_bytes=config.shard_bytes, executor=config.executor,
         workers=config.workers, ray_address=config.ray_address, on_error=on_error, ratios=ratios,
-        split_seed=split_seed,
+        split_seed=split_seed, fit_sample=config.fit_sample,
     )
+
+
+# ------------------------------------------------------------------------------------ fitted operators
+
+
+def _copy(record: Record) -> Record:
+    return dataclasses.replace(record, row=copy.deepcopy(record.row))
+
+
+def fit_sample(sources: list[Source], options: StreamOptions) -> list[Record]:
+    """The first `fit_sample` records of each source, checked as the stream checks them (a bad one stops
+    the run under `on_error: fail`, is left out under `skip`), without those empty to begin with: the same
+    records whatever the executor."""
+    sample: list[Record] = []
+    for source in sources:
+        for taken, (record, _) in enumerate(_checked(source, options.on_error, None)):
+            if taken >= options.fit_sample:
+                break
+            if record.error is None and record.row is not None and not is_empty(record.row, record.fmt):
+                sample.append(record)
+    return sample
+
+
+def fit_ops(sources: list[Source], options: StreamOptions,
+            fit_dir: Path) -> tuple[StreamOptions, dict[str, dict[str, Any]]]:
+    """Fit the operators that learn part of their spec (`Op.fits`, and `needs_fit` for this spec), in
+    pipeline order, on `fit_sample` copies: each sees the texts as they reach it in the stream (a record a
+    rule drops earlier, as it was when dropped) and `rule_noisy`, whether the rule chain (every operator
+    that does not fit: the rules) drops or empties it. Returns the options with the fitted specs (what
+    the workers build) and {step: fields set}; files a fit writes go to `fit_dir`."""
+    specs = [validate_op_spec(spec) for spec in options.ops]
+    ops = [build_op(spec) for spec in specs]
+    if not any(op.fits and op.needs_fit() for op in ops):
+        return options, {}
+    names = step_names(specs)
+    sample = fit_sample(sources, options)
+    rules = [(name, op) for name, op in zip(names, ops) if not op.fits]
+    rule_noisy = [apply_ops(_copy(record), rules)[0] is not None for record in sample]
+    fitted: dict[str, dict[str, Any]] = {}
+    for i, op in enumerate(ops):
+        if not (op.fits and op.needs_fit()):
+            continue
+        # Filters rewrite nothing, so only the mappers and the rules decide the text (a model filter
+        # before this one is not run twice).
+        before = [(name, earlier) for name, earlier in zip(names[:i], ops[:i]) if not earlier.fits]
+        texts, noisy = [], []
+        for record, flagged in zip(sample, rule_noisy):
+            if not op.applies_to(record.kind):
+                continue
+            seen = _copy(record)
+            apply_ops(seen, before)
+            text = seen.content()
+            if text.strip():
+                texts.append(text)
+                noisy.append(flagged)
+        fit_dir.mkdir(parents=True, exist_ok=True)
+        fields = op.fit(texts, noisy, fit_dir.resolve())
+        specs[i] = validate_op_spec({**specs[i], **fields})
+        ops[i] = build_op(specs[i])
+        fitted[names[i]] = {key: value for key, value in fields.items() if value is not None} | {
+            "sample": len(texts), "rule_noisy": sum(noisy)}
+    return dataclasses.replace(options, ops=specs), fitted

@@ -4,7 +4,8 @@ split by group, then the optional steps on its outputs (augmentation, annotation
 Outputs (names for `ctx.artifact("data", NAME)`):
 - `corpus_{train,val,test}` → `corpus/{split}.jsonl`: `{"id", "text", "source", "noise"}` per line;
 - `sft_{train,val,test}` → `sft/{split}.jsonl`: `{"id", "task", "messages", "answer"}` per line;
-- `stats` → `stats.json`: read / kept / dropped per step and per split, and the noise rates;
+- `stats` → `stats.json`: read / kept / dropped per step and per split, the noise rates, and `fitted`
+  (the fields each fitted operator learnt on the first records);
 - `dropped` → `dropped.jsonl`: every dropped record with its `reason` (the step) and `detail`.
 
 Files of any format `lmsmith.data.io` reads stream through in constant memory, on local processes or
@@ -271,6 +272,7 @@ def _stats(config: DataConfig, stream: Stream, writer: StageWriter) -> dict[str,
     sections["instructions"]["tasks"] = {task: {s: counts[s] for s in SPLITS} for task, counts in sorted(writer.tasks.items())}
     return {
         "ops": config.ops,
+        "fitted": stream.fitted,
         "executor": {"kind": config.executor, "workers": config.workers},
         "split": {"ratios": list(config.split.ratios), "seed": config.split.seed, "groups": stream.groups},
         "corpus": sections["corpus"],

@@ -101,8 +101,10 @@ def cleaning_vs_labels(
     - `strict`: any change at all;
     - `repair`: a change by an operator other than the `canonicalizers` (which rewrite clean texts too,
       so their changes say nothing about noise).
-    `by_op` says how often each operator flags a clean record (what hurts precision) and `by_label` how
-    often each kind of noise goes unflagged (what hurts recall).
+    `by_op` says how often each operator flags a clean record (what hurts precision) and, as `recall`, the
+    share of all labelled noisy records it flagged (what each step, a model-based one included, adds; a
+    record goes to the step that dropped it, or to every step that rewrote it); `by_label` how often each
+    kind of noise goes unflagged (what hurts recall).
     """
     labelled = [row for row in before if isinstance(row.get("noise"), list)]
     if not any(row["noise"] for row in labelled):
@@ -141,6 +143,7 @@ def cleaning_vs_labels(
             bar.advance()
 
     kept_labelled = sum(1 for row in labelled if _key(row) in kept)
+    noisy_total = sum(1 for row in labelled if row["noise"])
     return {
         "records": len(labelled),
         "labelled_noisy": sum(1 for row in labelled if row["noise"]),
@@ -151,7 +154,8 @@ def cleaning_vs_labels(
         "repair": {**prf(repair["tp"], repair["fp"], repair["fn"]), "tn": repair["tn"]},
         "by_op": {
             name: {"flagged": c["noisy"] + c["clean"], "clean_flagged": c["clean"],
-                   "precision": rate(c["noisy"], c["noisy"] + c["clean"])}
+                   "precision": rate(c["noisy"], c["noisy"] + c["clean"]),
+                   "recall": rate(c["noisy"], noisy_total)}
             for name, c in sorted(by_op.items())
         },
         "by_label": {

@@ -193,9 +193,9 @@ def _build_document(report: dict[str, Any], images: dict[str, tuple[str, bytes]]
             r = labels[reading]
             table.add(reading, r["precision"], r["recall"], r["f1"], r["tp"], r["fp"], r["fn"])
         clean.blocks.append(table)
-        table = Table(["flagged by", "records", "clean records flagged", "precision"])
+        table = Table(["flagged by", "records", "clean records flagged", "precision", "recall"])
         for op, counts in labels["by_op"].items():
-            table.add(op, counts["flagged"], counts["clean_flagged"], counts["precision"])
+            table.add(op, counts["flagged"], counts["clean_flagged"], counts["precision"], counts.get("recall", ""))
         clean.blocks.append(table)
         table = Table(["noise label", "records", "missed", "recall"])
         for label, counts in labels["by_label"].items():

@@ -28,6 +28,7 @@ import html
 import re
 import unicodedata
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import Field, ValidationError
@@ -64,6 +65,21 @@ class Op(ABC):
         """What this operator saw but left as it is (one entry per occurrence), counted per step in the
         stats: e.g. an approximate amount (`500多亿`) that `normalize_numbers` keeps as written."""
         return []
+
+    # A fitted operator learns part of its spec from the data before the stream runs (`lmsmith.data.engine`
+    # fits it on the first `fit_sample` records): `fit` returns the spec fields to set, numbers or the path
+    # of a file it wrote into `fit_dir`, so the workers rebuild the fitted operator from its spec alone.
+    fits: ClassVar[bool] = False
+
+    def needs_fit(self) -> bool:
+        """Whether this spec still lacks what `fit` sets (False once fitted or given by hand)."""
+        return False
+
+    def fit(self, texts: list[str], rule_noisy: list[bool], fit_dir: Path) -> dict[str, Any]:
+        """The spec fields to set, learnt from `texts` (each as it reaches this operator, or as it was
+        when a rule dropped it) and `rule_noisy` (the rule chain, every operator that is not fitted,
+        drops or empties it)."""
+        raise NotImplementedError(f"{self.name} is not a fitted operator")
 
 
 class Mapper(Op):
@@ -390,3 +406,4 @@ def describe_ops() -> dict[str, str]:
 # bases above.
 from lmsmith.data.steps import filters as _filters  # noqa: E402,F401
 from lmsmith.data.steps import mappers as _mappers  # noqa: E402,F401
+from lmsmith.data.steps import learned as _learned  # noqa: E402,F401

@@ -11,7 +11,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -277,16 +277,31 @@ class RegexFilter(Filter):
 
 class PerplexityConfig(OpConfig):
     model: str = Field(..., description="A local HF causal-LM folder (loaded once per worker, on CPU).")
-    max_perplexity: float = Field(..., gt=0, description="Drop texts the model finds more surprising than this.")
+    max_perplexity: Optional[float] = Field(
+        None, gt=0, description="Drop texts the model finds more surprising than this; or set `quantile`.")
+    quantile: Optional[float] = Field(
+        None, gt=0, lt=1,
+        description="Fit `max_perplexity` before the stream runs: this quantile of the perplexities of the fit "
+        "sample's texts the rules keep (0.95 drops what is more surprising than 95% of them).",
+    )
     max_tokens: int = Field(512, ge=8, description="Score only the first this many tokens.")
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> "PerplexityConfig":
+        if (self.max_perplexity is None) == (self.quantile is None):
+            raise ValueError("set exactly one of max_perplexity (a fixed limit) or quantile (a limit fitted on "
+                             f"the first records), got max_perplexity={self.max_perplexity}, quantile={self.quantile}")
+        return self
 
 
 @register("perplexity")
 class Perplexity(Filter):
     """Drop texts whose perplexity under a given local language model exceeds a limit (garbled or
-    off-domain text). Needs torch and transformers; the model loads on first use."""
+    off-domain text): a fixed `max_perplexity`, or a `quantile` fitted on the first records (a fitted
+    step, see above). Needs torch and transformers; the model loads on first use."""
 
     Config = PerplexityConfig
+    fits = True
 
     def __init__(self, config: PerplexityConfig):
         super().__init__(config)
@@ -314,6 +329,22 @@ class Perplexity(Filter):
             loss = model(input_ids=ids, labels=ids).loss
         return math.exp(min(float(loss), 50.0))
 
+    def needs_fit(self) -> bool:
+        return self.config.max_perplexity is None
+
+    def fit(self, texts: list[str], rule_noisy: list[bool], fit_dir: Path) -> dict[str, Any]:
+        import numpy as np
+
+        kept = [text for text, noisy in zip(texts, rule_noisy) if not noisy] or texts
+        values = [value for value in map(self.perplexity, kept) if math.isfinite(value)]
+        if not values:
+            raise UserError("perplexity.quantile: no text of the fit sample could be scored (too short?)")
+        limit = float(np.quantile(np.array(values), self.config.quantile))
+        return {"max_perplexity": float(f"{limit:.6g}"), "quantile": None}
+
     def reject(self, text: str) -> Optional[str]:
+        if self.config.max_perplexity is None:
+            raise UserError("perplexity: max_perplexity is not fitted yet (a quantile is fitted by the data "
+                            "pipeline before the stream runs)")
         value = self.perplexity(text)
         return f"perplexity {value:.1f} > {self.config.max_perplexity}" if value > self.config.max_perplexity else None
