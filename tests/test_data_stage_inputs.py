@@ -120,3 +120,14 @@ def test_amounts_from_real_news_are_normalised_and_approximate_ones_counted(tmp_
     assert "数千亿元" in kept[1] and "500多亿元" in kept[1] and "亿纬锂能" in kept[1]
     stats = json.loads((stage / "stats.json").read_text(encoding="utf-8"))
     assert stats["corpus"]["tags"] == {"normalize_numbers:approximate_amount": 2}
+
+
+def test_an_operator_file_resolves_against_the_recipe_folder_and_reruns_the_stage(tmp_path):
+    from lmsmith.pipeline import external_inputs
+
+    (tmp_path / "words.txt").write_text("广告\n", encoding="utf-8")
+    recipe = validate_recipe({"data": {"ops": [{"op": "blacklist", "file": "words.txt"}]}}, base_dir=tmp_path)
+    assert recipe.data.ops[0]["file"] == str((tmp_path / "words.txt").resolve())
+    assert external_inputs(recipe.data) == {"ops.0.file": (tmp_path / "words.txt").resolve()}
+    with pytest.raises(UserError, match=r"data.ops.0: blacklist.file: file not found: .*nope.txt"):
+        validate_recipe({"data": {"ops": [{"op": "blacklist", "file": "nope.txt"}]}}, base_dir=tmp_path)

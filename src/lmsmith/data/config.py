@@ -37,7 +37,11 @@ DataSource = Annotated[str, AfterValidator(_embedded_or_existing)]
 
 # One cleaning operator, `{op: NAME, ...params}`, checked against the registry in `lmsmith.data.steps`
 # and stored with every default filled in (so the config hash changes when a default does).
-OpSpec = Annotated[dict[str, Any], AfterValidator(validate_op_spec)]
+def _op_spec(value: Any, info: ValidationInfo) -> dict[str, Any]:
+    return validate_op_spec(value, info)  # with the recipe's folder, for the operators' file parameters
+
+
+OpSpec = Annotated[dict[str, Any], AfterValidator(_op_spec)]
 
 
 def _check_suffix(value: str, what: str) -> str:

@@ -18,8 +18,8 @@ from lmsmith.errors import UserError
 
 
 def load_pipeline(path: str | Path):
-    """A pipeline YAML (`PipelineConfig` fields: ops, exact_dedup, near_dedup, ...) → the config;
-    a bad field is a `UserError` naming the file and the field."""
+    """A pipeline YAML (`PipelineConfig` fields: ops, exact_dedup, near_dedup, ...) → the config; files it
+    names resolve against its folder; a bad field is a `UserError` naming the file and the field."""
     from lmsmith.data.config import PipelineConfig
 
     path = Path(path)
@@ -35,7 +35,7 @@ def load_pipeline(path: str | Path):
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping with 'ops' (or a list of operators)")
     try:
-        return PipelineConfig.model_validate(data)
+        return PipelineConfig.model_validate(data, context={"base_dir": path.parent})  # files beside the YAML
     except ValidationError as exc:
         problem = exc.errors()[0]
         field = ".".join(str(part) for part in problem["loc"])

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo
 
 from lmsmith.data.steps.numbers import OutputForm, PercentForm, find_approximate_amounts, normalize_amounts
 from lmsmith.data.steps.pii import mask_bank_cards, mask_id_numbers
@@ -346,10 +346,11 @@ DEFAULT_OPS: tuple[dict[str, Any], ...] = (
 )
 
 
-def validate_op_spec(spec: Any) -> dict[str, Any]:
+def validate_op_spec(spec: Any, info: Optional[ValidationInfo] = None) -> dict[str, Any]:
     """Check `{op: NAME, ...params}` and return it with every default filled in.
 
-    Raises ValueError naming the operator and the offending parameter.
+    File parameters (`InputPath`) resolve against the recipe's folder when `info` carries it (a recipe's
+    `data.ops`), and are stored absolute. Raises ValueError naming the operator and the offending parameter.
     """
     if not isinstance(spec, dict):
         raise ValueError(f"expected a mapping like {{op: strip_html}}, got {spec!r}")
@@ -360,13 +361,13 @@ def validate_op_spec(spec: Any) -> dict[str, Any]:
         raise ValueError(f"{shown}; available: {known}")
     params = {k: v for k, v in spec.items() if k != "op"}
     try:
-        config = REGISTRY[name].Config.model_validate(params)
+        config = REGISTRY[name].Config.model_validate(params, context=info.context if info is not None else None)
     except ValidationError as exc:
         problems = []
         for problem in exc.errors():
             field = ".".join(str(part) for part in problem["loc"])
             message = "unknown parameter" if problem["type"] == "extra_forbidden" else problem["msg"]
-            problems.append(f"{name}.{field}: {message}")
+            problems.append(f"{name}.{field}: {message.removeprefix('Value error, ')}")
         raise ValueError("; ".join(problems)) from None
     return {"op": name, **config.model_dump(mode="json")}
 

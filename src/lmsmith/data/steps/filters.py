@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lmsmith.data.steps import Filter, OpConfig, register
 from lmsmith.errors import UserError
+from lmsmith.paths import InputPath
 
 # A CJK ideograph, kana or hangul counts as one token; a run of Latin letters/digits as one word.
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+")
@@ -32,7 +33,7 @@ class LengthConfig(OpConfig):
     unit: Literal["chars", "tokens"] = Field("chars", description="chars: non-space characters; tokens: see `tokenizer`.")
     min: int = Field(1, ge=0, description="Drop texts shorter than this.")
     max: Optional[int] = Field(None, ge=1, description="Drop texts longer than this (no limit when unset).")
-    tokenizer: Optional[str] = Field(
+    tokenizer: Optional[InputPath] = Field(
         None,
         description="An HF tokenizer folder or tokenizer.json to count tokens with; unset: CJK characters "
         "and words count one each.",
@@ -208,7 +209,7 @@ class WordRepetition(Filter):
 
 class BlacklistConfig(OpConfig):
     words: list[str] = Field(default_factory=list, description="Words or phrases (case-insensitive).")
-    file: Optional[str] = Field(None, description="A text file with one more word per line.")
+    file: Optional[InputPath] = Field(None, description="A text file with one more word per line.")
     min_hits: int = Field(1, ge=1, description="Drop when at least this many occurrences are found.")
 
 
@@ -276,7 +277,7 @@ class RegexFilter(Filter):
 
 
 class PerplexityConfig(OpConfig):
-    model: str = Field(..., description="A local HF causal-LM folder (loaded once per worker, on CPU).")
+    model: InputPath = Field(..., description="A local HF causal-LM folder (loaded once per worker, on CPU).")
     max_perplexity: Optional[float] = Field(
         None, gt=0, description="Drop texts the model finds more surprising than this; or set `quantile`.")
     quantile: Optional[float] = Field(

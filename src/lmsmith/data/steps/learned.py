@@ -20,6 +20,7 @@ from pydantic import Field
 
 from lmsmith.data.steps import Filter, OpConfig, register
 from lmsmith.errors import UserError
+from lmsmith.paths import InputPath
 
 
 def _vectorizer(ngram_max: int, features: int):
@@ -68,7 +69,7 @@ class QualityClassifierConfig(OpConfig):
     )
     pseudo_label_confidence: float = Field(0.9, gt=0.5, le=1, description="P(noisy) at which a pseudo-label is added.")
     seed: int = Field(0, description="Seed of the self-training folds.")
-    weights: Optional[str] = Field(
+    weights: Optional[InputPath] = Field(
         None, description="The fitted model: an .npz of its coefficients written by the fit into the run's "
         "fitted/ folder (set it to reuse a model; then nothing is fitted).",
     )
@@ -153,7 +154,7 @@ class CoverageConfig(OpConfig):
     features: int = Field(1 << 12, ge=1 << 6, le=1 << 16, description="Hashed feature slots (the centroids are dense).")
     seed: int = Field(0, description="Seed of the k-means.")
     tag: str = Field("rare_cluster", min_length=1, description="The tag a text in a rare cluster gets.")
-    centroids: Optional[str] = Field(
+    centroids: Optional[InputPath] = Field(
         None, description="The fitted clusters: an .npz of centroids and rare flags written by the fit into the "
         "run's fitted/ folder (set it to reuse one; then nothing is fitted).",
     )

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from lmsmith.data.steps import Mapper, OpConfig, register
 from lmsmith.errors import UserError
+from lmsmith.paths import InputPath
 
 
 class FixMojibakeConfig(OpConfig):
@@ -129,7 +130,7 @@ DEFAULT_TERMS = "finance_terms.yaml"
 
 
 class TerminologyConfig(OpConfig):
-    dictionary: Optional[str] = Field(
+    dictionary: Optional[InputPath] = Field(
         None, description="A YAML file mapping variant → canonical term (used with the default unless use_default is false)."
     )
     use_default: bool = Field(True, description="Start from the finance dictionary shipped in lmsmith/data/resources.")
