@@ -160,3 +160,26 @@ def test_coverage_tags_the_rare_cluster_and_drops_nothing(tmp_path):
     assert op.tags("Bond coupon schedule number 99: pay semiannual coupon on the notes.") == ["rare_cluster"]
     assert op.tags(_finance_sentences(1, seed=9)[0]) == []
     assert op.reject("anything") is None
+
+
+def test_the_data_stage_marks_rare_rows_and_the_report_shows_them(tmp_path):
+    from lmsmith.pipeline import run_pipeline
+    from lmsmith.recipe import validate_recipe
+
+    rows = [{"id": f"zh{i}", "text": t} for i, t in enumerate(_finance_sentences(95))]
+    rows += [{"id": f"en{i}", "text": f"Bond coupon schedule number {i}: pay semiannual coupon on the notes."}
+             for i in range(5)]
+    random.Random(0).shuffle(rows)
+    corpus = _write_jsonl(tmp_path / "in.jsonl", rows)
+    recipe = validate_recipe({"data": {
+        "corpus": str(corpus), "embedded": {"companies": 2}, "split": {"ratios": [1, 0, 0]},
+        "ops": [{"op": "coverage", "clusters": 2, "rare_share": 0.1, "apply_to": "corpus"}],
+        "near_dedup": {"enabled": False}, "exact_dedup": False}}, base_dir=tmp_path)
+    run_pipeline(recipe, tmp_path / "run", only="data")
+    stage = tmp_path / "run" / "data"
+    kept = [json.loads(line) for line in (stage / "corpus" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    tagged = {row["id"] for row in kept if row.get("tags") == ["rare_cluster"]}
+    assert tagged == {f"en{i}" for i in range(5)}
+    report = json.loads((stage / "quality" / "report.json").read_text(encoding="utf-8"))
+    assert report["coverage"]["tags"]["rare_cluster"]["records"] == 5
+    assert "rare_cluster" in (stage / "quality" / "report.md").read_text(encoding="utf-8")

@@ -23,7 +23,7 @@ split → writers. The recipe's `data` stage and `lmsmith data clean` run the sa
   `synth_tables`' instructions, assigns every record's group a split (train/val/test by
   `data.split.ratios`, groups never straddle splits), and writes `corpus/{split}.jsonl`,
   `sft/{split}.jsonl`, `dropped.jsonl`, `stats.json` (per kind: read/kept/dropped per step and per split,
-  `modified_by`, operator `tags`, noise labels) and the 3C report (from a fixed sample of
+  `modified_by`, operator `tags`, noise labels; a kept row carries its own `tags`) and the 3C report (from a fixed sample of
   `quality.sample_size` records, seen before and after cleaning, and the stream's counters);
 - `lmsmith data clean INPUT --out DIR [--pipeline PIPE.yaml] [--executor local|ray] [--workers N]
   [--on-error fail|skip]` writes each kept row back as read (text rewritten) to `DIR/kept.jsonl`, drops to

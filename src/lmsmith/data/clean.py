@@ -24,8 +24,9 @@ class _CleanWriter:
         self.kept = open(out_dir / "kept.jsonl", "w", encoding="utf-8")
         self.dropped = open(out_dir / "dropped.jsonl", "w", encoding="utf-8")
 
-    def keep(self, record: Record, split: str, modified: list[str]) -> None:
-        self.kept.write(json.dumps(record.row, ensure_ascii=False) + "\n")
+    def keep(self, record: Record, split: str, modified: list[str], tags: list[str]) -> None:
+        row = {**(record.row or {}), "tags": tags} if tags else record.row
+        self.kept.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str]) -> None:
         row = record.row if record.row is not None else record.raw

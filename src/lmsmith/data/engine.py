@@ -184,9 +184,10 @@ def clean_batch(payload: dict[str, Any], records: list[Record]) -> BatchResult:
 
 
 class Writer(Protocol):
-    """Where pass 2 sends each record: kept (with its split) or dropped (with the step and why)."""
+    """Where pass 2 sends each record: kept (with its split, the steps that rewrote it and the tags the
+    operators gave it) or dropped (with the step and why)."""
 
-    def keep(self, record: Record, split: str, modified: list[str]) -> None: ...
+    def keep(self, record: Record, split: str, modified: list[str], tags: list[str]) -> None: ...
 
     def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str]) -> None: ...
 
@@ -472,7 +473,7 @@ def _write(work: Path, stream: Stream, writer: Writer, split_index: np.ndarray,
             if not reason:
                 stream.kept[(kind, split)] += 1
                 stream.tags.update((kind, step, tag) for step, tag in data["tags"])
-                writer.keep(record, split, data["modified"])
+                writer.keep(record, split, data["modified"], sorted({tag for _, tag in data["tags"]}))
                 continue
             original = ids[(kind, int(duplicates[kind].of[at]))]
             detail = (f"same normalised text as {original}" if reason == EXACT else

@@ -115,9 +115,9 @@ class StageWriter:
     def _labels(self, record: Record) -> list[str]:
         return list((record.row or {}).get("noise") or []) if record.kind == "corpus" else []
 
-    def keep(self, record: Record, split: str, modified: list[str]) -> None:
+    def keep(self, record: Record, split: str, modified: list[str], tags: list[str]) -> None:
         if record.kind == "corpus":
-            row = corpus_row(record)
+            row = corpus_row(record) | ({"tags": tags} if tags else {})
             self._write(f"corpus/{split}", row)
             labels = self._labels(record)
             repaired = set().union(*(self.resolves.get(step, set()) for step in modified)) if modified else set()
@@ -127,7 +127,7 @@ class StageWriter:
                 self.noise.setdefault(label, Counter())["read"] += 1
                 self.noise[label]["repaired" if label in repaired else "remaining"] += 1
         else:
-            row = instruction_row(record)
+            row = instruction_row(record) | ({"tags": tags} if tags else {})
             self._write(f"sft/{split}", row)
             self.tasks.setdefault(row["task"], Counter())[split] += 1
         if self.sample is not None and self.sample.holds(record):

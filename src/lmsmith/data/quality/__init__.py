@@ -327,6 +327,7 @@ def build_quality_report(
             },
             "categories": categories,
             "terms": {"before": term_coverage(before, terms), "after": term_coverage(after, terms)},
+            "tags": _tagged(after, config),
         },
         "cleanliness": {
             "detectors": {"before": rates_before, "after": rates_after},
@@ -341,6 +342,23 @@ def build_quality_report(
     report["files"] = files
     write_json(out_dir / "report.json", report)
     return report
+
+
+def _tagged(after: Sequence[dict[str, Any]], config: QualityConfig) -> dict[str, Any]:
+    """Kept records the operators tagged (`coverage`'s rare clusters, candidates for oversampling; amounts
+    left approximate): how many, their share and a few examples."""
+    found: dict[str, dict[str, Any]] = {}
+    for row in after:
+        for tag in row.get("tags") or []:
+            entry = found.setdefault(str(tag), {"records": 0, "examples": []})
+            entry["records"] += 1
+            if len(entry["examples"]) < config.examples_per_reason:
+                text = row_text(row)
+                entry["examples"].append({"id": row.get("id"), "text": text[:config.example_chars]
+                                          + ("…" if len(text) > config.example_chars else "")})
+    for entry in found.values():
+        entry["share"] = rate(entry["records"], len(after))
+    return dict(sorted(found.items()))
 
 
 def _residual_examples(after: Sequence[dict[str, Any]], verdicts: Sequence[dict[str, str]], config: QualityConfig) -> dict[str, list]:

@@ -166,6 +166,15 @@ def _build_document(report: dict[str, Any], images: dict[str, tuple[str, bytes]]
     coverage.blocks.append(top)
     if terms["missing_terms"]:
         coverage.blocks.append(Paragraph("Missing terms: " + ", ".join(terms["missing_terms"])))
+    tagged = report["coverage"].get("tags") or {}
+    if tagged:
+        coverage.blocks.append(Paragraph("Kept records the operators tagged (rare_cluster: the long tail the "
+                                         "coverage step found, candidates for oversampling):"))
+        table = Table(["tag", "records", "share", "example"])
+        for tag, entry in tagged.items():
+            example = entry["examples"][0]["text"] if entry["examples"] else ""
+            table.add(tag, entry["records"], _pct(entry["share"]), example)
+        coverage.blocks.append(table)
 
     clean = doc.section("Cleanliness")
     cleanliness = report["cleanliness"]
