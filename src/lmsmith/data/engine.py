@@ -13,8 +13,8 @@ Two passes over one stream of `Record`s:
 A drop's `reason` names the step: `read` (malformed, when errors are skipped), `empty`, an operator (`#2`
 for its second use), `exact_dedup`, `near_dedup`, or `near_dedup_leak` (a val/test record close to one in
 an earlier split). `Stream` holds the counters, per kind and split; read = kept + dropped holds at every
-step. Memory holds a batch in flight, 8 bytes of group key and 8 of exact key per record, and the
-band keys of the near-duplicate index, whatever the input size.
+step. Memory holds the batches in flight and a few 8-byte keys per record (group, exact-dedup key,
+positions); signatures and band keys spill to disk (docs/benchmarks.md has the measured peaks).
 """
 
 from __future__ import annotations
@@ -72,9 +72,6 @@ class Source:
         for file, name in list_input_files(self.path):
             for record in iter_file(file, name, self.text_unit):
                 yield record, f"{file}:{record.where.rpartition(':')[2]}"
-
-    def describe(self) -> str:
-        return str(self.path) if self.path is not None else self.label
 
 
 # ------------------------------------------------------------------------------ the workers' unit of work
@@ -259,7 +256,6 @@ class StreamOptions:
     on_error: OnError = "fail"
     ratios: tuple[float, float, float] = (1.0, 0.0, 0.0)
     split_seed: int = 0
-    near_rank_by_split: bool = True
     fit_sample: int = 2000  # records read from each source to fit the fitted operators on
 
 
@@ -419,7 +415,7 @@ def _duplicates(survivor_at: array, keys: array, near_at: array, index: Optional
     splits leaves val/test; an exact duplicate never keeps a cluster."""
     n = len(survivor_at)
     positions = np.frombuffer(survivor_at, dtype=np.int64) if n else np.empty(0, dtype=np.int64)
-    split = split_index[positions].astype(np.int64) if options.near_rank_by_split else np.zeros(n, dtype=np.int64)
+    split = split_index[positions].astype(np.int64)
     rank = split * max(n, 1) + np.arange(n, dtype=np.int64)
     duplicate_of = np.full(n, -1, dtype=np.int64)
     exact_dup = np.zeros(n, dtype=bool)
