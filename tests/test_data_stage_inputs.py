@@ -131,3 +131,21 @@ def test_an_operator_file_resolves_against_the_recipe_folder_and_reruns_the_stag
     assert external_inputs(recipe.data) == {"ops.0.file": (tmp_path / "words.txt").resolve()}
     with pytest.raises(UserError, match=r"data.ops.0: blacklist.file: file not found: .*nope.txt"):
         validate_recipe({"data": {"ops": [{"op": "blacklist", "file": "nope.txt"}]}}, base_dir=tmp_path)
+
+
+def test_on_error_skip_drops_malformed_rows_with_their_line(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    good = "公司2024年营业收入为7.1亿元，同比增长12.5%，经营活动现金流量净额为2.3亿元，主要受回款节奏影响。"
+    corpus.write_text(json.dumps({"text": good}, ensure_ascii=False) + "\n{broken\n"
+                      + json.dumps({"body": "no text"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"{corpus}:2: invalid JSON"):
+        _run(tmp_path / "strict", {"corpus": str(corpus), "embedded": {"companies": 2}}, tmp_path)
+    manifest = _run(tmp_path / "run", {"corpus": str(corpus), "embedded": {"companies": 2}, "on_error": "skip"},
+                    tmp_path)
+    dropped = [json.loads(line) for line in (tmp_path / "run" / "data" / "dropped.jsonl").read_text().splitlines()]
+    reads = [row for row in dropped if row["reason"] == "read"]
+    assert [row["detail"] for row in reads] == [f"{corpus}:2: invalid JSON: Expecting property name enclosed in "
+                                               "double quotes (column 2)",
+                                               f"{corpus}:3: a corpus line needs a string field 'text'"]
+    assert reads[1]["record"] == {"body": "no text"}
+    assert manifest.metrics["corpus_read"] == 3 and manifest.metrics["corpus_kept"] == 1

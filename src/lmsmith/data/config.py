@@ -146,6 +146,10 @@ class DataConfig(StreamConfig):
         "labelled set, docs/security.md).",
     )
     embedded: EmbeddedFinanceConfig = EmbeddedFinanceConfig()
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="A malformed row stops the stage naming file:line (fail), or goes to dropped.jsonl "
+        "with reason 'read' and the same message (skip).",
+    )
     split: SplitConfig = SplitConfig()
     synth_tables: list[DataSource] = Field(
         default_factory=list,

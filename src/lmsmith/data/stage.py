@@ -23,7 +23,7 @@ from lmsmith.console import console, track
 from lmsmith.data.annotate import Annotator, annotate_rows, score, write_conll
 from lmsmith.data.augment import augment
 from lmsmith.data.config import EMBEDDED, EMBEDDED_MODERATION, DataConfig
-from lmsmith.data.engine import Source, Stream, run_stream, step_names, stream_options
+from lmsmith.data.engine import READ, Source, Stream, run_stream, step_names, stream_options
 from lmsmith.data.steps import build_ops
 from lmsmith.data.quality import QualitySample, build_quality_report, summarise_for_manifest
 from lmsmith.data.record import Record, check_row, corpus_row, instruction_row
@@ -136,7 +136,9 @@ class StageWriter:
     def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str]) -> None:
         row: dict[str, Any] = {"kind": record.kind, "id": record.id, "where": record.where, "split": split,
                                "reason": reason, "detail": detail}
-        if record.row is not None and record.kind == "corpus":
+        if reason == READ:  # malformed (on_error: skip): kept as it was read, counted nowhere else
+            row["record"] = record.row if record.row is not None else record.raw
+        elif record.row is not None and record.kind == "corpus":
             row.update(text=record.row.get("text", ""), noise=self._labels(record))
             labels = self._labels(record)
             self.documents.update(read=1, noisy=bool(labels))
@@ -182,7 +184,7 @@ def run(config: DataConfig, ctx: StageContext) -> StageResult:
     dataset = _embedded(config) if uses_embedded else None
     sample = QualitySample(config.quality.sample_size, dataset) if config.quality is not None else None
     writer = StageWriter(ctx.stage_dir, config.ops, sample)
-    options = stream_options(config, "fail", config.split.ratios, config.split.seed)
+    options = stream_options(config, config.on_error, config.split.ratios, config.split.seed)
     try:
         stream = run_stream(sources(config, dataset), options, writer, ctx.stage_dir / ".work",
                             observe=sample.observe if sample is not None else None)

@@ -7,6 +7,8 @@ commands (`report`, `augment`, ...) live in `lmsmith.data.cli.quality` and are a
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 import json
 from pathlib import Path
 from typing import Any
@@ -94,7 +96,18 @@ def describe_operators() -> list[dict[str, Any]]:
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    """A parameter's type as a reader wants it: `InputPath` (an Annotated Path with its validator) is a
+    `path`, so the catalog never prints a function's address."""
+    if annotation is Path:
+        return "path"
+    if typing.get_origin(annotation) is typing.Annotated:
+        base = typing.get_args(annotation)[0]
+        return "path" if base is Path else _type_name(base)
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [_type_name(arg) for arg in args if arg is not type(None)]
+        return f"Optional[{', '.join(inner)}]"
+    text = getattr(annotation, "__name__", None) if not args else None
     return text or str(annotation).replace("typing.", "")
 
 
