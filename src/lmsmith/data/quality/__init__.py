@@ -19,6 +19,8 @@ document model (`lmsmith.report.document`) for the two renderings; the rest is t
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import json
 from collections import Counter
 from pathlib import Path
@@ -41,7 +43,7 @@ from lmsmith.data.quality.metrics import (
     term_coverage,
 )
 from lmsmith.data.resources import read_term_list, resource_path
-from lmsmith.data.record import row_kind, row_text
+from lmsmith.data.record import Record, corpus_row, instruction_row, row_kind, row_text
 from lmsmith.jsonl import write_json
 from lmsmith.errors import UserError
 from lmsmith.schema import StrictModel
@@ -416,16 +418,11 @@ class QualitySample:
         self._industry = {c.ticker: c.industry for c in dataset.companies} if dataset is not None else {}
 
     @staticmethod
-    def _key(record: Any) -> str:
+    def _key(record: Record) -> str:
         return f"{record.kind}|{record.where}"
 
-    def observe(self, record: Any) -> None:
-        import hashlib
-        import heapq
-
-        from lmsmith.data.record import corpus_row, instruction_row
-
-        if record.row is None:
+    def observe(self, record: Record) -> None:
+        if record.row is None or record.error is not None:  # a malformed row is only a drop with reason `read`
             return
         key = self._key(record)
         digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
@@ -438,13 +435,13 @@ class QualitySample:
             _, evicted = heapq.heappop(self._heap)
             del self._before[evicted]
 
-    def enrich(self, row: dict[str, Any], record: Any) -> dict[str, Any]:
+    def enrich(self, row: dict[str, Any], record: Record) -> dict[str, Any]:
         row = {**row, "group": record.group}
         if record.group.split(":")[0] in self._industry:
             row["industry"] = self._industry[record.group.split(":")[0]]
         return row
 
-    def holds(self, record: Any) -> bool:
+    def holds(self, record: Record) -> bool:
         return self._key(record) in self._before
 
     def before(self) -> list[dict[str, Any]]:
