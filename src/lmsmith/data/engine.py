@@ -36,7 +36,7 @@ from lmsmith.console import track
 from lmsmith.data.executor import make_executor
 from lmsmith.data.io import ReadError, TextUnit, iter_file, list_input_files
 from lmsmith.data.minhash import Bander, MinHasher, NearDupIndex, lsh_params
-from lmsmith.data.steps import Mapper, Op, build_op, build_ops, validate_op_spec
+from lmsmith.data.steps import REGISTRY, Mapper, Op, build_op, build_ops, validate_op_spec
 from lmsmith.data.record import Kind, Record, RecordFormat, check_row, dedup_key, is_empty, kind_of_format, rewrite_fields
 from lmsmith.data.split import SPLITS, group_key, split_of_keys
 
@@ -518,6 +518,8 @@ def fit_ops(sources: list[Source], options: StreamOptions,
     rule drops earlier, as it was when dropped) and `rule_noisy`, whether the rule chain (every operator
     that does not fit: the rules) drops or empties it. Returns the options with the fitted specs (what
     the workers build) and {step: fields set}; files a fit writes go to `fit_dir`."""
+    if not any(REGISTRY[spec["op"]].fits for spec in options.ops):  # no operator built for nothing
+        return options, {}
     specs = [validate_op_spec(spec) for spec in options.ops]
     ops = [build_op(spec) for spec in specs]
     if not any(op.fits and op.needs_fit() for op in ops):

@@ -138,16 +138,14 @@ class StageWriter:
                                "reason": reason, "detail": detail}
         if reason == READ:  # malformed (on_error: skip): kept as it was read, counted nowhere else
             row["record"] = record.row if record.row is not None else record.raw
-        elif record.row is not None and record.kind == "corpus":
-            row.update(text=record.row.get("text", ""), noise=self._labels(record))
+        elif record.kind == "corpus":
             labels = self._labels(record)
+            row.update(text=record.row.get("text", ""), noise=labels)
             self.documents.update(read=1, noisy=bool(labels))
             for label in labels:
                 self.noise.setdefault(label, Counter()).update(read=1, dropped=1)
-        elif record.row is not None and check_row(record.row, record.fmt, "instructions")[0] is None:
+        else:  # it passed the instruction check when read; the operators rewrite only its text
             row.update({key: value for key, value in instruction_row(record).items() if key in ("task", "messages")})
-        else:
-            row["record"] = record.row if record.row is not None else record.raw
         self._write("dropped", row)
         if self.sample is not None and self.sample.holds(record):
             self.sample.dropped.append(row)

@@ -79,7 +79,7 @@ class Op(ABC):
         """The spec fields to set, learnt from `texts` (each as it reaches this operator, or as it was
         when a rule dropped it) and `rule_noisy` (the rule chain, every operator that is not fitted,
         drops or empties it)."""
-        raise NotImplementedError(f"{self.name} is not a fitted operator")
+        raise TypeError(f"{self.name} is not a fitted operator (fits is False): the pipeline never fits it")
 
 
 class Mapper(Op):
