@@ -66,12 +66,9 @@ class Record:
         value = self.row.get("group") if isinstance(self.row, dict) else None
         return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else self.id
 
-    def texts(self) -> list[str]:
-        return text_fields(self.row, self.fmt)
-
     def content(self) -> str:
         """What filters judge and the dedup key hashes: the text fields joined by newlines."""
-        return "\n".join(self.texts())
+        return "\n".join(text_fields(self.row, self.fmt))
 
 
 def detect_format(row: dict[str, Any]) -> Optional[str]:
