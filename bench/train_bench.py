@@ -162,7 +162,7 @@ def run_cpu_side(args, side: str, variant: dict) -> dict:
     from transformers import AutoTokenizer
 
     from lmsmith.train.data import Example, eval_batches
-    from lmsmith.train.loop import evaluate
+    from lmsmith.train.forward import evaluate
 
     work = Path(args.work)
     data = json.loads((work / "data.json").read_text())[args.shape]

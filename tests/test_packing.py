@@ -8,7 +8,7 @@ import torch
 
 from conftest import build_tiny_model
 from lmsmith.train.data import IGNORE_INDEX, Example, chat_example, collate, pack_examples
-from lmsmith.train.loop import loss_sum
+from lmsmith.train.forward import loss_sum
 
 CONVERSATIONS = [
     [{"role": "user", "content": "星辰科技2023年营业收入是多少?"}, {"role": "assistant", "content": "12.5亿元。"}],

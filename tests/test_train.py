@@ -26,7 +26,8 @@ from lmsmith.train.config import (
     TinyModelConfig,
 )
 from lmsmith.train.data import IGNORE_INDEX, Example, StepPlan, chat_example, collate, pack_documents
-from lmsmith.train.loop import accumulate_gradients, loss_sum, lr_factor
+from lmsmith.train.forward import accumulate_gradients, loss_sum
+from lmsmith.train.loop import lr_factor
 from lmsmith.train.methods import apply_method, count_parameters
 from lmsmith.train.model import build_tiny_model, load_causal_lm, stop_token_ids
 from test_tokenizer import sft_rows, write_data_stage

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import build_tiny_model
 from lmsmith.train.data import chat_example, collate
 from lmsmith.train.efficiency import chunked_linear_cross_entropy, enable_gradient_checkpointing
-from lmsmith.train.loop import loss_sum
+from lmsmith.train.forward import loss_sum
 from test_packing import CONVERSATIONS
 
 

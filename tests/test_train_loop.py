@@ -14,7 +14,8 @@ from lmsmith.recipe import load_recipe
 from lmsmith.train.config import EarlyStoppingConfig, MonitorConfig, OptimConfig, TrainingSchedule
 from lmsmith.train.data import Example, StepPlan, chat_example, eval_batches, oversample
 from lmsmith.eval.tasks import TaskConfig, read_items
-from lmsmith.train.loop import GenerationProbe, evaluate, loss_sum, train
+from lmsmith.train.forward import evaluate, loss_sum
+from lmsmith.train.loop import GenerationProbe, train
 from test_packing import CONVERSATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,3 +313,23 @@ def test_sft_val_tasks_are_checked_before_training(tmp_path, tiny_tokenizer):
 
     with pytest.raises(ValidationError, match="pretraining measures val_loss only"):
         PretrainConfig(early_stopping={"metric": "val_rouge_l"})
+
+
+def test_dp_sgd_runs_through_the_same_recipe_and_its_rows_carry_epsilon_not_a_global_norm(sft_upstream, tmp_path):
+    run_sft(sft_upstream, tmp_path, method={"name": "lora", "r": 4, "train_tokens": "none"},
+            privacy={"noise_multiplier": 1.0, "delta": 1e-3})
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all("dp_epsilon" in row and "grad_norm" not in row and "val_loss" in rows[-1] for row in rows)
+
+
+def test_loop_state_round_trips_through_json_and_refuses_unknown_fields():
+    from lmsmith.errors import UserError
+    from lmsmith.train.loop import LoopState
+
+    state = LoopState(total_tokens=7, last_loss=2.0, history=[{"step": 1, "loss": 2.0}], skipped_steps=1)
+    state.interval.add(3.0, 2, 10, 0.5, 0.1)
+    again = LoopState.from_json(json.loads(json.dumps(state.to_json())))
+    assert again == state and again.interval.row(2, 1e-3)["loss"] == 1.5
+    with pytest.raises(UserError, match="unknown loop fields extra"):
+        LoopState.from_json({**state.to_json(), "extra": 1})

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lmsmith.train.data import StepPlan
-from lmsmith.train.loop import NonFiniteStep, loss_sum, train
+from lmsmith.train.forward import loss_sum
+from lmsmith.train.loop import NonFiniteStep, train
 from test_train_loop import conflicting_data, schedule, tiny
 
 

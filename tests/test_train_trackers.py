@@ -243,7 +243,7 @@ def test_training_with_mlflow_resumes_into_the_same_run(tmp_path):
 
 @pytest.mark.slow
 def test_a_dp_sgd_stage_logs_to_both_trackers(sft_upstream, tmp_path, monkeypatch):
-    """train_private through the pipeline: MLflow gets ε per row; W&B's offline run lands in the stage folder."""
+    """DP-SGD through the pipeline: MLflow gets ε per row; W&B's offline run lands in the stage folder."""
     monkeypatch.delenv("WANDB_DIR")
     monitor = MonitorConfig(tensorboard=False, wandb=WandbConfig(project="tests", mode="offline"),
                             mlflow=MlflowConfig(tracking_uri=str(tmp_path / "mlruns"), experiment="tests"))

@@ -1,13 +1,19 @@
-"""lmsmith's own training loop on accelerate: AdamW, warmup + cosine, clipping, validation, early
-stopping, checkpoints for exact resume, metrics.jsonl / TensorBoard and alerts.
+"""lmsmith's training recipe on accelerate: AdamW, warmup + cosine, clipping, validation, early stopping,
+checkpoints for exact resume, metrics.jsonl / TensorBoard and alerts, and DP-SGD as a mode of the same loop.
+
+Read it like a torchtune recipe: `TrainRecipe.setup` builds everything a run needs (precision, optimiser,
+schedule, the accelerate wrapping, the resumed state), `TrainRecipe.train` runs the steps,
+`save_checkpoint` writes a resumable checkpoint, `cleanup` closes the logs. `LoopState` is everything the
+loop carries from one step to the next besides tensors; a checkpoint stores it as JSON. `train()` is the
+one-call form the stages use.
 
 The loss of an optimiser step is the sum of token losses over all its micro-batches (on every process)
 divided by the number of target tokens in the whole step, so splitting a step into micro-batches or
-processes of different lengths never changes the gradient. Logits are computed only at target positions,
-through a chunked linear + cross-entropy (`efficiency.py`) that never holds the full logits tensor. On
-CPUs with native bf16 and on GPUs, matrices run under bf16 autocast (weights and optimiser state stay
-fp32), which measured about twice as fast as fp32 on CPU for these model sizes. accelerate provides the
-process setup, DDP/FSDP/DeepSpeed wrapping and gradient synchronisation (`dist.py`).
+processes of different lengths never changes the gradient (`forward.py`). On CPUs with native bf16 and
+on GPUs, matrices run under bf16 autocast (weights and optimiser state stay fp32), which measured about
+twice as fast as fp32 on CPU for these model sizes. accelerate provides the process setup,
+DDP/FSDP/DeepSpeed wrapping and gradient synchronisation (`dist.py`); opacus the DP-SGD step
+(`privacy.py`).
 """
 
 from __future__ import annotations
@@ -17,30 +23,21 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmsmith.console import console, track
 from lmsmith.errors import UserError
 from lmsmith.train import dist
 from lmsmith.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from lmsmith.train.config import OptimConfig, TrainingSchedule
-from lmsmith.train.data import IGNORE_INDEX, Batch
-from lmsmith.train.efficiency import (
-    apply_liger_kernels,
-    chunked_linear_cross_entropy,
-    compile_layers,
-    enable_gradient_checkpointing,
-)
+from lmsmith.train.data import Batch
+from lmsmith.train.efficiency import apply_liger_kernels, compile_layers, enable_gradient_checkpointing
+from lmsmith.train.forward import Objective, TrainingForward, accumulate_gradients, evaluate
 from lmsmith.train.monitor import AlertMonitor, RunLog, mfu, peak_flops, peak_memory_mb, training_flops_per_token
-
-# objective(model, batch) -> (summed loss over target tokens, number of target tokens)
-Objective = Callable[[Any, Batch], "tuple[torch.Tensor, int]"]
-
 
 def configure_threads() -> int:
     """Use every core this process may run on, unless the user pinned a count with OMP_NUM_THREADS."""
@@ -65,114 +62,6 @@ def resolve_precision(precision: str, device: torch.device | None = None) -> str
 def autocast(precision: str, device_type: str = "cpu"):
     """Mixed precision for the forward pass: matrices in bf16, weights, optimiser state and loss in fp32."""
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def _hidden_states_path(model):
-    """(decoder, output head) when logits can be taken at chosen positions only, else None.
-
-    Adapters that live inside the layers (LoRA and kin) leave the plain decoder → head path intact;
-    prompt-learning methods change the inputs in the wrapper's forward, so those use the full forward.
-    """
-    base = model
-    if hasattr(model, "peft_config"):
-        config = model.peft_config[model.active_adapter]
-        if getattr(config, "is_prompt_learning", False):
-            return None
-        base = model.get_base_model()
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    if decoder is None or head is None:
-        return None
-    return decoder, head
-
-
-def loss_sum(model, batch: Batch, chunk_size: int | None = 1024) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the batch's target positions, and their count.
-
-    `chunk_size` rows of logits at a time (None: all target logits at once, the plain reference).
-    """
-    targets = batch.labels[:, 1:]
-    selected = targets != IGNORE_INDEX
-    count = int(selected.sum())
-    path = _hidden_states_path(model)
-    if path is None:
-        # Prompt learning: peft builds its own positions and puts virtual tokens in front; cut them off.
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        logits = logits[:, -batch.input_ids.shape[1] :][:, :-1][selected]
-        return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), count
-    decoder, head = path
-    # No KV cache: transformers only derives the per-document mask of packed rows without one.
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, use_cache=False).last_hidden_state[:, :-1][selected]
-    if chunk_size is None:
-        return F.cross_entropy(head(hidden).float(), targets[selected], reduction="sum"), count
-    return chunked_linear_cross_entropy(hidden, head, targets[selected], chunk_size), count
-
-
-class TrainingForward(torch.nn.Module):
-    """The whole training forward (model and loss) as one module, so DDP and FSDP see every use of
-    every parameter through their wrapper even though the loss calls the decoder and head directly."""
-
-    def __init__(self, model, objective: Objective | None = None, chunk_size: int | None = 1024):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.chunk_size = chunk_size
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        if self.objective is not None:
-            return self.objective(self.model, batch)[0]
-        return loss_sum(self.model, batch, self.chunk_size)[0]
-
-
-def accumulate_gradients(
-    model, micro_batches: Sequence[Batch], forward: torch.nn.Module | None = None, accelerator=None
-) -> tuple[float, float]:
-    """Backpropagate one optimiser step's mean token loss; return its summed loss and target count.
-
-    With several processes, `micro_batches` is this process's share and the returned figures are
-    the global ones. With class weights the count is the weighted target count (`Batch.target_weight`),
-    so the step's loss is a weighted per-token mean.
-    """
-    forward = forward if forward is not None else TrainingForward(model)
-    local_targets = sum(batch.target_weight for batch in micro_batches)
-    world = accelerator.num_processes if accelerator is not None else 1
-    targets = dist.all_sum([local_targets], accelerator)[0]
-    total = 0.0
-    for index, batch in enumerate(micro_batches):
-        if accelerator is not None:
-            batch = batch.to(accelerator.device)
-        last = index == len(micro_batches) - 1
-        # Only the last micro-batch's backward needs DDP to synchronise gradients.
-        sync = nullcontext() if accelerator is None or last else accelerator.no_sync(forward)
-        with sync:
-            loss = forward(batch)
-            # Dividing every micro-batch by the step's global target count (times the world size,
-            # which DDP's gradient averaging divides out) makes the summed gradients those of the
-            # global batch's per-token mean loss, whatever the micro-batches' sizes.
-            scaled = loss * (world / (targets or 1))
-            if accelerator is not None:
-                accelerator.backward(scaled)
-            else:
-                scaled.backward()
-        total += float(loss.detach())
-    total = dist.all_sum([total], accelerator)[0]
-    return total, targets
-
-
-@torch.no_grad()
-def evaluate(model, batches: Sequence[Batch], objective: Objective | None = None, device=None) -> float | None:
-    """Mean token loss over `batches` (None when there is nothing to score)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        if device is not None:
-            batch = batch.to(device)
-        loss, n = objective(model, batch) if objective is not None else loss_sum(model, batch)
-        total += float(loss)
-        count += float(n)
-    model.train(was_training)
-    return total / count if count else None
 
 
 @dataclass
@@ -295,7 +184,7 @@ class _Interval:
     def row(self, step: int, lr: float) -> dict:
         return {
             "step": step,
-            "loss": round(self.loss / (self.targets or 1), 5),
+            "loss": round(self.loss / self.targets, 5) if self.targets else None,
             "lr": lr,
             "grad_norm": round(self.grad_norm / max(1, self.steps), 5),
             "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else None,
@@ -331,6 +220,39 @@ class _EarlyStopping:
 
     def state(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "bad_checks": self.bad_checks}
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides tensors: running figures, the logged history, and
+    the collaborators' own states (alerts, trackers, early stopping) as of the last checkpoint. A
+    checkpoint's `state.json` holds it as JSON, so a resumed run logs the same rows as an unbroken one."""
+
+    interval: _Interval = field(default_factory=_Interval)
+    total_tokens: int = 0
+    train_seconds: float = 0.0
+    val_loss: float | None = None
+    last_loss: float = math.nan
+    history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0
+    skipped_in_a_row: int = 0
+    alerts: dict[str, Any] = field(default_factory=dict)
+    alert_rows: list[dict] = field(default_factory=list)
+    trackers: dict[str, Any] | None = None
+    early_stopping: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LoopState":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"checkpoint state: unknown loop fields {', '.join(unknown)}; it was written by "
+                            "another version of lmsmith")
+        values = {key: value for key, value in data.items() if key != "interval"}
+        return cls(interval=_Interval(**data.get("interval", {})), **values)
 
 
 def _fingerprint(config: TrainingSchedule, world: int, model) -> dict[str, Any]:
@@ -380,22 +302,347 @@ def _non_finite_message(step: int, loss: float, grad_norm: float, model, checkpo
     return f"step {step}: {what}{streak}, first non-finite tensor: {_first_non_finite(model)}{resume}"
 
 
+@dataclass
+class _StepOutcome:
+    """One optimiser step's figures: summed loss over its target count, real tokens, gradient norm
+    (None where the update measures none), and whether the update was applied."""
+
+    loss: float
+    targets: float
+    tokens: int
+    grad_norm: float | None
+    applied: bool
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / (self.targets or 1)
+
+
+class TrainRecipe:
+    """One training run: `setup`, then `train`, then `cleanup` (whatever happened); `summary` reports it.
+
+    `private` (a `privacy.PrivateTraining`) switches the update to DP-SGD: opacus' Poisson-sampled
+    batches, per-example clipping and noise, in fp32, without checkpoints (resuming would also need the
+    accountant's history; the config refuses `resume` with `privacy`). Everything else, the schedule,
+    validation, metrics, alerts and the non-finite stop, is the same code for both modes.
+    """
+
+    def __init__(
+        self,
+        model,
+        config: TrainingSchedule,
+        stage_dir: Path,
+        *,
+        checkpoint_dir: Path | None = None,
+        val_batches: Sequence[Batch] = (),
+        probes: Sequence[Probe] = (),
+        objective: Objective | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        accelerator=None,
+        private=None,
+        description: str = "train",
+    ):
+        self.model, self.config, self.stage_dir = model, config, stage_dir
+        self.checkpoint_dir = checkpoint_dir if private is None else None
+        self.val_batches, self.probes, self.objective = val_batches, probes, objective
+        self.optimizer, self.accelerator, self.private = optimizer, accelerator, private
+        self.description = description
+        self.state = LoopState()
+        self.step = self.start_step = 0
+        self.extra: dict[str, Any] = {}
+        self.stopper: _EarlyStopping | None = None
+        self.stopped_at: int | None = None
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self, total_steps: int) -> None:
+        """Precision, efficiency switches, optimiser, schedule, accelerate wrapping; then the resumed state."""
+        configure_threads()
+        config, model = self.config, self.model
+        self.total_steps = total_steps
+        if self.private is None:
+            self._setup_standard()
+        else:
+            self.accelerator = None
+            self.device, self.precision, self.is_main = torch.device("cpu"), "fp32", True  # opacus' hooks want fp32
+            self.optimizer = self.private.optimizer
+            self.forward, self.trainable, self.fingerprint, self.amp = None, [], None, nullcontext()
+            self.saved_attention = None
+            model.train()
+        counted_total = sum(p.numel() for p in model.parameters())
+        counted_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.flops_per_token = training_flops_per_token(counted_trainable, counted_total)
+        self.peak = peak_flops(self.device, config.monitor.cpu_peak_tflops * 1e12)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio),
+        )
+        if config.early_stopping is not None:
+            rule = config.early_stopping
+            self.stopper = _EarlyStopping(rule.metric, higher_is_better(rule.metric), rule.patience, rule.min_delta)
+        saved_tensors = self._resume()
+        self.step, state = self.start_step, self.state
+        self.log = RunLog(self.stage_dir / "metrics.jsonl",
+                          self.stage_dir / "tensorboard" if config.monitor.tensorboard else None,
+                          restored_rows=state.history, restored_alerts=state.alert_rows, enabled=self.is_main,
+                          monitor=config.monitor, params=config.model_dump(mode="json"),
+                          tracker_state=state.trackers if self.start_step else None)
+        self.alerts = AlertMonitor(config.monitor, self.device)
+        if self.start_step:
+            self.alerts.load_state_dict(state.alerts)
+            if self.stopper is not None and state.early_stopping:
+                for key in ("best", "best_step", "bad_checks"):
+                    setattr(self.stopper, key, state.early_stopping[key])
+                self.stopper.best_weights = saved_tensors.get("best")
+        has_checks = bool(self.val_batches or self.probes)
+        self.check_at = val_steps(total_steps, config.val_every) if has_checks else set()
+
+    def _setup_standard(self) -> None:
+        config, model, efficiency = self.config, self.model, self.config.efficiency
+        accelerator = self.accelerator = self.accelerator or dist.make_accelerator()
+        self.device = accelerator.device
+        self.precision = resolve_precision(config.precision, self.device)
+        use_accelerate_amp = accelerator.mixed_precision != "no"
+        if use_accelerate_amp:
+            self.precision = accelerator.mixed_precision
+        self.is_main = accelerator.is_main_process
+        self.saved_attention = model.config._attn_implementation
+        if config.attention:
+            model.set_attn_implementation(config.attention)
+        if efficiency.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if efficiency.liger and apply_liger_kernels(model, self.device):
+            self.extra["liger"] = True
+        if efficiency.compile:
+            self.extra["compiled_layers"] = compile_layers(model)
+        if next(model.parameters()).device != self.device:
+            model.to(self.device)
+        model.train()
+        self.fingerprint = _fingerprint(config, accelerator.num_processes, model)
+        forward = TrainingForward(model, self.objective,
+                                  efficiency.loss_chunk_size if efficiency.chunked_loss else None)
+        if config.sharding == "fsdp2":
+            base = model.get_base_model() if hasattr(model, "peft_config") else model
+            dist.fsdp2_shard(forward, list(base.get_decoder().layers))
+        optimizer = self.optimizer or build_optimizer(model, config.optim)
+        # The scheduler (built in setup) stays unprepared: accelerate's wrapper steps it once per process,
+        # and our steps are already global.
+        if config.sharding == "fsdp2":
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            forward, optimizer = accelerator.prepare(forward, optimizer)
+        self.forward, self.optimizer = forward, optimizer
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.amp = accelerator.autocast() if use_accelerate_amp else autocast(self.precision, self.device.type)
+        if config.sharding == "fsdp2":
+            # Our own fully_shard leaves DTensor shards that only accelerate's FSDP plugin knows how to save.
+            if config.resume:
+                raise UserError("resume: not available with sharding: fsdp2; launch with an accelerate FSDP "
+                                "config (configs/accelerate/fsdp2.yaml) to checkpoint sharded runs")
+            self.checkpoint_dir = None
+
+    def _resume(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Load the newest checkpoint when asked to resume; a fresh start clears older ones."""
+        config, root = self.config, self.checkpoint_dir
+        if root is None:
+            return {}
+        found = latest_checkpoint(root) if config.resume else None
+        if found is not None:
+            self.start_step, loop_json, saved_tensors = load_checkpoint(
+                found, self.model, self.optimizer, self.scheduler, self.fingerprint, self.accelerator)
+            self.state = LoopState.from_json(loop_json)
+            _apply_peak_lr(self.optimizer, self.scheduler, config.optim.lr)
+            if self.is_main:
+                console.print(f"[green]resume[/] from {found} (step {self.start_step} of {self.total_steps})")
+            return saved_tensors
+        if config.resume is True:
+            raise UserError(f"resume: no checkpoint of this stage in {root}; nothing to resume from "
+                            "(resume: auto, or --resume=auto, starts afresh when there is none)")
+        if self.is_main and root.exists():
+            shutil.rmtree(root)  # a fresh start must never later resume from an older run
+        return {}
+
+    # ---------------------------------------------------------------- one step
+
+    def _update(self, micro_batches) -> _StepOutcome:
+        """Forward, backward and (when finite) the optimiser step of one step's micro-batches."""
+        local = dist.local_share(micro_batches, self.accelerator)
+        with self.amp:
+            loss, targets = accumulate_gradients(self.model, local, self.forward, self.accelerator)
+        # accelerate clips the way the strategy needs (DeepSpeed clips inside its engine and may report
+        # no norm); under FSDP the norm comes back as a DTensor.
+        norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.optim.grad_clip)
+        grad_norm = float(dist.full_value(norm)) if norm is not None else 0.0
+        # The gradient norm is all-reduced, so every process takes the same decision; a NaN loss leaves NaN
+        # gradients, and an infinite local loss is caught by the loss test.
+        applied = math.isfinite(grad_norm) and math.isfinite(loss / (targets or 1))
+        if applied:
+            self.optimizer.step()
+        return _StepOutcome(loss, targets, sum(batch.tokens for batch in micro_batches), grad_norm, applied)
+
+    def _private_update(self, batch: dict[str, torch.Tensor]) -> _StepOutcome:
+        """One DP-SGD step; opacus steps even on a non-finite loss, so the caller stops right after."""
+        loss = self.private.step(batch)
+        tokens = int(batch["attention_mask"].sum())
+        if loss is None:  # nobody was sampled this step: noise only, no loss to report
+            return _StepOutcome(0.0, 0, tokens, None, True)
+        return _StepOutcome(loss, 1, tokens, None, math.isfinite(loss))
+
+    def _on_non_finite(self, step: int, outcome: _StepOutcome) -> None:
+        """Alert, then stop (always under DP, whose update has happened) or count a skipped step."""
+        state, config = self.state, self.config
+        for alert in self.alerts.check_step(step, outcome.mean_loss, outcome.grad_norm or 0.0):
+            self.log.alert(alert)
+        state.skipped_in_a_row += 1
+        if self.private is not None or config.on_non_finite == "stop" \
+                or state.skipped_in_a_row >= config.max_skipped_steps:
+            skipped = state.skipped_in_a_row if config.on_non_finite == "skip_step" else 0
+            raise NonFiniteStep(_non_finite_message(step, outcome.mean_loss, outcome.grad_norm or 0.0, self.model,
+                                                    self.checkpoint_dir, skipped))
+        state.skipped_steps += 1
+
+    # ---------------------------------------------------------------- the run
+
+    def train(self, steps: Iterable) -> None:
+        """Run the steps from where setup left off: `steps` is a `StepPlan` (anything with `.steps(start)`),
+        or under DP the private run's batches."""
+        config, state = self.config, self.state
+        with track(self.description, total=self.total_steps) as progress:
+            progress.advance(self.start_step)
+            plan = steps.steps(self.start_step) if self.start_step else steps
+            for step, work in enumerate(plan, start=self.start_step + 1):
+                self.step = step
+                started = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                outcome = self._update(work) if self.private is None else self._private_update(work)
+                if not outcome.applied:
+                    self._on_non_finite(step, outcome)
+                else:
+                    state.skipped_in_a_row = 0
+                self.scheduler.step()
+                if self.private is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                if not outcome.applied:
+                    progress.advance(loss=outcome.mean_loss)
+                    continue
+                state.interval.add(outcome.loss, outcome.targets, outcome.tokens, outcome.grad_norm or 0.0,
+                                   time.perf_counter() - started)
+                if outcome.targets:
+                    state.last_loss = outcome.mean_loss
+                progress.advance(loss=outcome.mean_loss if outcome.targets else float("nan"))
+                if outcome.targets:
+                    for alert in self.alerts.check_step(step, outcome.mean_loss, outcome.grad_norm or 0.0):
+                        self.log.alert(alert)
+                for alert in self.alerts.check_device(step):
+                    self.log.alert(alert)
+                if self._log_row(step, lr):
+                    self.stopped_at = step
+                    if self.is_main:
+                        stopper = self.stopper
+                        console.print(f"[yellow]early stop[/] at step {step}: {stopper.metric} has not improved for "
+                                      f"{stopper.patience} checks (best {stopper.best:.4g} at step {stopper.best_step})")
+                    break
+                if (self.checkpoint_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0
+                        and step < self.total_steps):
+                    self.save_checkpoint(step)
+
+    def _log_row(self, step: int, lr: float) -> bool:
+        """Write a metrics row when one is due (validating at check steps); True when early stopping says stop."""
+        config, state = self.config, self.state
+        if not (step % config.log_every == 0 or step == self.total_steps or step in self.check_at):
+            return False
+        row = state.interval.row(step, lr)
+        state.total_tokens += state.interval.tokens
+        state.train_seconds += state.interval.seconds
+        if row["tokens_per_s"] is not None:
+            row["mfu"] = round(mfu(row["tokens_per_s"], self.flops_per_token, self.peak), 5)
+        row["peak_mem_mb"] = round(peak_memory_mb(self.device), 1)
+        if self.private is not None:
+            del row["grad_norm"]  # opacus clips per example: there is no global norm to report
+            row["dp_epsilon"] = round(self.private.epsilon(), 4)
+        stop = False
+        if step in self.check_at:
+            row.update(_validate(self.model, self.val_batches, self.probes, self.objective,
+                                 self.device if self.private is None else None))
+            state.val_loss = row.get("val_loss", state.val_loss)
+            if self.stopper is not None:
+                stop = self.stopper.update(step, row.get(self.stopper.metric), self.model)
+        self.log.metrics(row)
+        state.history.append(row)
+        state.interval = _Interval()
+        return stop
+
+    def save_checkpoint(self, step: int) -> Path:
+        """A resumable checkpoint of this step: weights that train, optimiser, schedule, RNGs and LoopState."""
+        state, stopper = self.state, self.stopper
+        state.alerts, state.alert_rows = self.alerts.state_dict(), self.log.alerts
+        state.trackers = self.log.tracker_state()
+        state.early_stopping = stopper.state() if stopper else None
+        best = {"best": stopper.best_weights} if stopper is not None and stopper.best_weights else {}
+        return save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler,
+                               state.to_json(), self.fingerprint, self.accelerator, keep=self.config.keep_checkpoints,
+                               extra_tensors=best)
+
+    def cleanup(self, failed: bool) -> None:
+        """Close the logs (trackers mark a run that raised as failed) and hand the model back in eval mode."""
+        self.log.close(failed=failed)
+        if self.saved_attention is not None:
+            self.model.set_attn_implementation(self.saved_attention)
+        self.model.eval()
+
+    def summary(self) -> TrainSummary:
+        """The run's figures, for the weights handed back: the best check's when early stopping restored them.
+        Raises NonFiniteStep rather than hand back weights that are not finite."""
+        state, stopper, extra = self.state, self.stopper, self.extra
+        history, val_loss = state.history, state.val_loss
+        reported = history[-1] if history else {}
+        if stopper is not None and stopper.best_weights is not None and stopper.best_step != self.step:
+            _restore(self.model, stopper.best_weights)
+            reported = next((row for row in history if row["step"] == stopper.best_step), reported)
+            val_loss = reported.get("val_loss", val_loss)
+            extra.update({"best_step": stopper.best_step, f"best_{stopper.metric}": stopper.best})
+        if self.stopped_at is not None:
+            extra["stopped_early_at"] = self.stopped_at
+        if state.skipped_steps:
+            extra["skipped_non_finite_steps"] = state.skipped_steps
+        _check_finite_weights(self.model, self.step)
+        extra.update({key: value for key, value in reported.items() if key == "val_rouge_l" or key.startswith("val.")})
+        if self.private is not None:
+            extra.update(self.private.report())
+        extra["peak_mem_mb"] = round(peak_memory_mb(self.device), 1)
+        # The last logged interval's mean is a steadier figure than the final step's loss alone.
+        logged = [row["loss"] for row in history if row.get("loss") is not None]
+        final_loss = logged[-1] if logged else state.last_loss
+        summary = TrainSummary(
+            steps=self.step, train_loss=final_loss, val_loss=val_loss, tokens=state.total_tokens,
+            seconds=state.train_seconds, precision=self.precision, history=history, extra=extra,
+            outputs=self.log.outputs(),
+        )
+        if summary.seconds:
+            summary.extra["mfu"] = round(mfu(summary.tokens_per_s, self.flops_per_token, self.peak), 5)
+        if self.is_main:
+            shown_val = f"{val_loss:.4f}" if val_loss is not None else "n/a"
+            world = self.accelerator.num_processes if self.accelerator is not None else 1
+            privacy = (f", ε = {self.private.epsilon():.3f} at δ = {self.private.config.delta}"
+                       if self.private is not None else "")
+            console.print(
+                f"{self.description}: {self.step} steps, loss {final_loss:.4f}, val loss {shown_val}, "
+                f"{summary.tokens_per_s:,.0f} tok/s ({self.precision}, {torch.get_num_threads()} threads, {world} "
+                f"process{'es' if world > 1 else ''}), peak memory {extra['peak_mem_mb']:,.0f} MB{privacy}"
+            )
+        return summary
+
+
 def train(
     model,
-    steps: Iterable[list[Batch]],
+    steps: Iterable,
     total_steps: int,
     config: TrainingSchedule,
     stage_dir: Path,
-    *,
-    checkpoint_dir: Path | None = None,
-    val_batches: Sequence[Batch] = (),
-    probes: Sequence[Probe] = (),
-    objective: Objective | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    accelerator=None,
-    description: str = "train",
+    **options,
 ) -> TrainSummary:
-    """Run `total_steps` optimiser steps of `steps` (an iterable with `.steps(start)`, such as `StepPlan`).
+    """Run `total_steps` optimiser steps of `steps` (a `StepPlan`, or `private.batches()` under DP) with
+    `TrainRecipe(model, config, stage_dir, **options)`: setup, train, cleanup, summary.
 
     Writes `metrics.jsonl`, `alerts.jsonl` and `tensorboard/` in `stage_dir`; checkpoints go to
     `checkpoint_dir` every `config.checkpoint_every` steps and stay until the pipeline has published the
@@ -403,215 +650,15 @@ def train(
     Val loss is measured without autocast, so it is comparable across precisions; time spent on it,
     on generation and on checkpoints is left out of tokens_per_s.
     """
-    configure_threads()
-    accelerator = accelerator or dist.make_accelerator()
-    device = accelerator.device
-    precision = resolve_precision(config.precision, device)
-    use_accelerate_amp = accelerator.mixed_precision != "no"
-    if use_accelerate_amp:
-        precision = accelerator.mixed_precision
-    is_main = accelerator.is_main_process
-    efficiency = config.efficiency
-
-    saved_attention = model.config._attn_implementation
-    if config.attention:
-        model.set_attn_implementation(config.attention)
-    extra: dict[str, Any] = {}
-    if efficiency.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if efficiency.liger and apply_liger_kernels(model, device):
-        extra["liger"] = True
-    if efficiency.compile:
-        extra["compiled_layers"] = compile_layers(model)
-    if next(model.parameters()).device != device:
-        model.to(device)
-    model.train()
-
-    world = accelerator.num_processes
-    fingerprint = _fingerprint(config, world, model)
-    counted_total = sum(p.numel() for p in model.parameters())
-    counted_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops_per_token = training_flops_per_token(counted_trainable, counted_total)
-    peak = peak_flops(device, config.monitor.cpu_peak_tflops * 1e12)
-
-    forward = TrainingForward(model, objective, efficiency.loss_chunk_size if efficiency.chunked_loss else None)
-    if config.sharding == "fsdp2":
-        base = model.get_base_model() if hasattr(model, "peft_config") else model
-        dist.fsdp2_shard(forward, list(base.get_decoder().layers))
-    optimizer = optimizer or build_optimizer(model, config.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
-    )
-    # The scheduler stays unprepared: accelerate's wrapper steps it once per process, and our steps
-    # are already global.
-    if config.sharding == "fsdp2":
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        forward, optimizer = accelerator.prepare(forward, optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    # ---- where to start
-    if config.sharding == "fsdp2":
-        # Our own fully_shard leaves DTensor shards that only accelerate's FSDP plugin knows how to save.
-        if config.resume:
-            raise UserError("resume: not available with sharding: fsdp2; launch with an accelerate FSDP "
-                            "config (configs/accelerate/fsdp2.yaml) to checkpoint sharded runs")
-        checkpoint_dir = None
-    start_step, loop_state = 0, None
-    if checkpoint_dir is not None:
-        found = latest_checkpoint(checkpoint_dir) if config.resume else None
-        if found is not None:
-            start_step, loop_state, saved_tensors = load_checkpoint(found, model, optimizer, scheduler, fingerprint,
-                                                                    accelerator)
-            _apply_peak_lr(optimizer, scheduler, config.optim.lr)
-            if is_main:
-                console.print(f"[green]resume[/] from {found} (step {start_step} of {total_steps})")
-        elif config.resume is True:
-            raise UserError(f"resume: no checkpoint of this stage in {checkpoint_dir}; nothing to resume from "
-                            "(resume: auto, or --resume=auto, starts afresh when there is none)")
-        elif is_main and checkpoint_dir.exists():
-            shutil.rmtree(checkpoint_dir)  # a fresh start must never later resume from an older run
-
-    log = RunLog(stage_dir / "metrics.jsonl", stage_dir / "tensorboard" if config.monitor.tensorboard else None,
-                 restored_rows=loop_state["history"] if loop_state else (),
-                 restored_alerts=loop_state["alert_rows"] if loop_state else (), enabled=is_main,
-                 monitor=config.monitor, params=config.model_dump(mode="json"),
-                 tracker_state=loop_state.get("trackers") if loop_state else None)
-    alerts = AlertMonitor(config.monitor, device)
-    check_at = val_steps(total_steps, config.val_every) if (val_batches or probes) else set()
-    stopper = None
-    if config.early_stopping is not None:
-        rule = config.early_stopping
-        stopper = _EarlyStopping(rule.metric, higher_is_better(rule.metric), rule.patience, rule.min_delta)
-    history: list[dict] = []
-    interval = _Interval()
-    total_tokens, train_seconds, val_loss, last_loss, stopped_at = 0, 0.0, None, float("nan"), None
-    skipped_steps = skipped_in_a_row = 0
-    if loop_state is not None:
-        skipped_steps, skipped_in_a_row = loop_state.get("skipped_steps", 0), loop_state.get("skipped_in_a_row", 0)
-        interval = _Interval(**loop_state["interval"])
-        total_tokens, train_seconds = loop_state["total_tokens"], loop_state["train_seconds"]
-        val_loss, last_loss, history = loop_state["val_loss"], loop_state["last_loss"], loop_state["history"]
-        alerts.load_state_dict(loop_state["alerts"])
-        if stopper is not None and loop_state["early_stopping"]:
-            stopper.best, stopper.best_step, stopper.bad_checks = (
-                loop_state["early_stopping"][key] for key in ("best", "best_step", "bad_checks"))
-            stopper.best_weights = saved_tensors.get("best")
-
-    amp = accelerator.autocast() if use_accelerate_amp else autocast(precision, device.type)
-    step = start_step
-    finished = False  # trackers mark a run that raised (or was interrupted) as failed
+    recipe = TrainRecipe(model, config, stage_dir, **options)
+    recipe.setup(total_steps)
+    finished = False
     try:
-        with track(description, total=total_steps) as progress:
-            progress.advance(start_step)
-            plan = steps.steps(start_step) if start_step else steps
-            for step, micro_batches in enumerate(plan, start=start_step + 1):
-                started = time.perf_counter()
-                local = dist.local_share(micro_batches, accelerator)
-                with amp:
-                    step_loss, targets = accumulate_gradients(model, local, forward, accelerator)
-                # accelerate clips the way the strategy needs (DeepSpeed clips inside its engine and may
-                # report no norm); under FSDP the norm comes back as a DTensor.
-                norm = accelerator.clip_grad_norm_(trainable, config.optim.grad_clip)
-                grad_norm = float(dist.full_value(norm)) if norm is not None else 0.0
-                lr = optimizer.param_groups[0]["lr"]
-                step_mean = step_loss / (targets or 1)
-                # The gradient norm is all-reduced, so every process takes the same decision; a NaN loss
-                # leaves NaN gradients, and an infinite local loss is caught by the loss test.
-                finite = math.isfinite(grad_norm) and math.isfinite(step_mean)
-                if finite:
-                    skipped_in_a_row = 0
-                    optimizer.step()
-                else:
-                    for alert in alerts.check_step(step, step_mean, grad_norm):
-                        log.alert(alert)
-                    skipped_in_a_row += 1
-                    if config.on_non_finite == "stop" or skipped_in_a_row >= config.max_skipped_steps:
-                        raise NonFiniteStep(_non_finite_message(
-                            step, step_mean, grad_norm, model, checkpoint_dir,
-                            skipped_in_a_row if config.on_non_finite == "skip_step" else 0))
-                    skipped_steps += 1
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not finite:
-                    progress.advance(loss=step_mean)
-                    continue
-                tokens = sum(batch.tokens for batch in micro_batches)
-                interval.add(step_loss, targets, tokens, grad_norm, time.perf_counter() - started)
-                last_loss = step_mean
-                progress.advance(loss=last_loss)
-                for alert in alerts.check_step(step, last_loss, grad_norm) + alerts.check_device(step):
-                    log.alert(alert)
-
-                stop = False
-                if step % config.log_every == 0 or step == total_steps or step in check_at:
-                    row = interval.row(step, lr)
-                    total_tokens += interval.tokens
-                    train_seconds += interval.seconds
-                    if row["tokens_per_s"] is not None:
-                        row["mfu"] = round(mfu(row["tokens_per_s"], flops_per_token, peak), 5)
-                    row["peak_mem_mb"] = round(peak_memory_mb(device), 1)
-                    if step in check_at:
-                        row.update(_validate(model, val_batches, probes, objective, device))
-                        val_loss = row.get("val_loss", val_loss)
-                        if stopper is not None:
-                            stop = stopper.update(step, row.get(stopper.metric), model)
-                    log.metrics(row)
-                    history.append(row)
-                    interval = _Interval()
-                if stop:
-                    stopped_at = step
-                    if is_main:
-                        console.print(f"[yellow]early stop[/] at step {step}: {stopper.metric} has not improved "
-                                      f"for {stopper.patience} checks (best {stopper.best:.4g} at step {stopper.best_step})")
-                    break
-                if (checkpoint_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0
-                        and step < total_steps):
-                    state = {
-                        "interval": interval.__dict__, "total_tokens": total_tokens, "train_seconds": train_seconds,
-                        "val_loss": val_loss, "last_loss": last_loss, "history": history,
-                        "alerts": alerts.state_dict(), "alert_rows": log.alerts, "trackers": log.tracker_state(),
-                        "early_stopping": stopper.state() if stopper else None,
-                        "skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row,
-                    }
-                    best = {"best": stopper.best_weights} if stopper is not None and stopper.best_weights else {}
-                    save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, state, fingerprint,
-                                    accelerator, keep=config.keep_checkpoints, extra_tensors=best)
+        recipe.train(steps)
         finished = True
     finally:
-        log.close(failed=not finished)
-        model.set_attn_implementation(saved_attention)
-        model.eval()
-    # The val figures reported are those of the weights handed back: the best check's, when restored.
-    reported = history[-1] if history else {}
-    if stopper is not None and stopper.best_weights is not None and stopper.best_step != step:
-        _restore(model, stopper.best_weights)
-        reported = next((row for row in history if row["step"] == stopper.best_step), reported)
-        val_loss = reported.get("val_loss", val_loss)
-        extra.update({"best_step": stopper.best_step, f"best_{stopper.metric}": stopper.best})
-    if stopped_at is not None:
-        extra["stopped_early_at"] = stopped_at
-    if skipped_steps:
-        extra["skipped_non_finite_steps"] = skipped_steps
-    _check_finite_weights(model, step)
-    extra.update({key: value for key, value in reported.items() if key == "val_rouge_l" or key.startswith("val.")})
-    extra["peak_mem_mb"] = round(peak_memory_mb(device), 1)
-    # The last logged interval's mean is a steadier figure than the final step's loss alone.
-    final_loss = history[-1]["loss"] if history else last_loss
-    summary = TrainSummary(
-        steps=step, train_loss=final_loss, val_loss=val_loss, tokens=total_tokens, seconds=train_seconds,
-        precision=precision, history=history, extra=extra, outputs=log.outputs(),
-    )
-    if summary.seconds:
-        summary.extra["mfu"] = round(mfu(summary.tokens_per_s, flops_per_token, peak), 5)
-    shown_val = f"{val_loss:.4f}" if val_loss is not None else "n/a"
-    if is_main:
-        console.print(
-            f"{description}: {step} steps, loss {final_loss:.4f}, val loss {shown_val}, "
-            f"{summary.tokens_per_s:,.0f} tok/s ({precision}, {torch.get_num_threads()} threads, {world} process"
-            f"{'es' if world > 1 else ''}), peak memory {extra['peak_mem_mb']:,.0f} MB"
-        )
-    return summary
+        recipe.cleanup(failed=not finished)
+    return recipe.summary()
 
 
 def _check_finite_weights(model, step: int) -> None:
@@ -637,80 +684,3 @@ def _restore(model, weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-
-
-def train_private(
-    private,
-    config: TrainingSchedule,
-    stage_dir: Path,
-    *,
-    val_batches: Sequence[Batch] = (),
-    probes: Sequence[Probe] = (),
-    description: str = "train (DP-SGD)",
-) -> TrainSummary:
-    """DP-SGD with opacus (`lmsmith.train.privacy.PrivateTraining`): its Poisson-sampled batches,
-    per-example clipping and noise, with this loop's lr schedule, validation, metrics and alerts.
-
-    Each row reports ε spent so far. There are no checkpoints: resuming would also need the
-    accountant's history, and the config refuses `resume` with `privacy`. fp32 throughout, as opacus'
-    per-example gradient hooks expect.
-    """
-    configure_threads()
-    model = private.model._module if hasattr(private.model, "_module") else private.model
-    total_steps = private.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        private.optimizer, lambda step: lr_factor(step, total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
-    )
-    log = RunLog(stage_dir / "metrics.jsonl", stage_dir / "tensorboard" if config.monitor.tensorboard else None,
-                 monitor=config.monitor, params=config.model_dump(mode="json"))
-    alerts = AlertMonitor(config.monitor)
-    check_at = val_steps(total_steps, config.val_every) if (val_batches or probes) else set()
-    history: list[dict] = []
-    losses: list[float] = []
-    tokens = total_tokens = 0
-    seconds = train_seconds = 0.0
-    val_loss, step = None, 0
-    model.train()
-    finished = False
-    try:
-        with track(description, total=total_steps) as progress:
-            for step, batch in enumerate(private.batches(), start=1):
-                started = time.perf_counter()
-                lr = private.optimizer.param_groups[0]["lr"]
-                loss = private.step(batch)
-                scheduler.step()
-                seconds += time.perf_counter() - started
-                tokens += int(batch["attention_mask"].sum())
-                if loss is not None:
-                    for alert in alerts.check_step(step, loss, 0.0):
-                        log.alert(alert)
-                    if not math.isfinite(loss):  # opacus has stepped already: stop before another update
-                        raise NonFiniteStep(_non_finite_message(step, loss, 0.0, model, None))
-                    losses.append(loss)
-                progress.advance(loss=loss if loss is not None else float("nan"))
-                if step % config.log_every and step != total_steps and step not in check_at:
-                    continue
-                row = {"step": step, "loss": round(sum(losses) / len(losses), 5) if losses else None, "lr": lr,
-                       "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
-                       "dp_epsilon": round(private.epsilon(), 4)}
-                if step in check_at:
-                    row.update(_validate(model, val_batches, probes, None, None))
-                    val_loss = row.get("val_loss", val_loss)
-                    model.train()
-                log.metrics(row)
-                history.append(row)
-                total_tokens, train_seconds = total_tokens + tokens, train_seconds + seconds
-                losses, tokens, seconds = [], 0, 0.0
-        finished = True
-    finally:
-        log.close(failed=not finished)
-        model.eval()
-    _check_finite_weights(model, step)
-    final = next((row["loss"] for row in reversed(history) if row["loss"] is not None), float("nan"))
-    summary = TrainSummary(steps=step, train_loss=final, val_loss=val_loss, tokens=total_tokens,
-                           seconds=train_seconds, precision="fp32", history=history,
-                           extra={**private.report(), "peak_mem_mb": round(peak_memory_mb(torch.device("cpu")), 1)},
-                           outputs=log.outputs())
-    console.print(f"{description}: {step} steps, loss {final:.4f}, ε = {private.epsilon():.3f} at δ = "
-                  f"{private.config.delta}")
-    return summary

@@ -128,6 +128,11 @@ class PrivateTraining:
     steps_done: int = 0
     losses: list[float] = field(default_factory=list)
 
+    @property
+    def trained_model(self) -> torch.nn.Module:
+        """The model under opacus' wrapper: what validation and saving see."""
+        return getattr(self.model, "_module", self.model)
+
     def epsilon(self) -> float:
         """ε spent so far at the configured δ."""
         if self.steps_done == 0:

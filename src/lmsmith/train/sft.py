@@ -22,7 +22,7 @@ from lmsmith.train.checkpoint import checkpoint_root
 from lmsmith.train.config import SFTConfig
 from lmsmith.train.data import Example, StepPlan, chat_example, eval_batches, oversample, pack_examples
 from lmsmith.train.export import merge_adapter, save_adapter
-from lmsmith.train.loop import GenerationProbe, resolve_precision, train, train_private
+from lmsmith.train.loop import GenerationProbe, resolve_precision, train
 from lmsmith.train.methods import apply_method, build_optimizer, is_adapter, is_mergeable
 from lmsmith.train.model import check_fits, load_causal_lm, save_causal_lm
 
@@ -178,8 +178,9 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
 
         private = make_private(model, optimizer, train_examples, tokenizer.pad_token_id, config.batch_size,
                                plan.total_steps, config.privacy, method_name=config.method.name)
-        summary = train_private(private, config, ctx.stage_dir, val_batches=val, probes=probes,
-                                description=f"sft ({config.method.name}, DP-SGD)")
+        summary = train(private.trained_model, private.batches(), private.steps, config, ctx.stage_dir,
+                        val_batches=val, probes=probes, private=private,
+                        description=f"sft ({config.method.name}, DP-SGD)")
     else:
         summary = train(
             model,
