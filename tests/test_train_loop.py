@@ -333,3 +333,43 @@ def test_loop_state_round_trips_through_json_and_refuses_unknown_fields():
     assert again == state and again.interval.row(2, 1e-3)["loss"] == 1.5
     with pytest.raises(UserError, match="unknown loop fields extra"):
         LoopState.from_json({**state.to_json(), "extra": 1})
+
+
+def test_replay_mixes_corpus_blocks_into_sft_at_the_asked_token_share(sft_upstream, tmp_path):
+    from lmsmith.pipeline import StageContext
+    from lmsmith.recipe import Recipe
+    from lmsmith.tokenizer.records import read_conversations
+    from lmsmith.train.config import SFTConfig
+    from lmsmith.train.data import IGNORE_INDEX
+    from lmsmith.train.model import load_tokenizer
+    from lmsmith.train.sft import chat_examples, replay_examples
+
+    replay = {"token_share": 0.25, "seq_len": 32}
+    metrics = run_sft(sft_upstream, tmp_path, replay=replay)
+    config = SFTConfig(replay=replay)
+    ctx = StageContext(run_dir=tmp_path, stage_dir=tmp_path / "sft", recipe=Recipe(pretrain={}, sft=config))
+    tokenizer = load_tokenizer(ctx.artifact("pretrain", "model"))
+    examples, _ = chat_examples(tokenizer, read_conversations(ctx.artifact("data", "sft_train")), config.max_len,
+                                "render sft_train")
+    blocks = replay_examples(config, ctx, tokenizer, examples)
+    assert metrics["replay_rows"] == len(blocks) and metrics["replay_tokens"] == 32 * len(blocks)
+    assert metrics["train_rows"] == metrics["train_examples"] + len(blocks)
+    assert all(len(block) == 32 and block.labels == block.input_ids for block in blocks)  # every token a target
+    answers = sum(sum(label != IGNORE_INDEX for label in example.labels[1:]) for example in examples)
+    corpus = 31 * len(blocks)
+    assert abs(corpus / (corpus + answers) - 0.25) <= 31 / (corpus + answers)  # within one block of the share
+    distinct = {tuple(block.input_ids) for block in blocks}
+    assert len(distinct) == len(blocks)  # no repeats while the corpus lasts
+
+
+def test_replay_settings_that_cannot_work_are_refused():
+    from pydantic import ValidationError
+
+    from lmsmith.train.config import SFTConfig
+
+    with pytest.raises(ValidationError, match="replay.seq_len"):
+        SFTConfig(max_len=64, replay={"token_share": 0.2, "seq_len": 128})
+    with pytest.raises(ValidationError, match="privacy cannot be combined with replay"):
+        SFTConfig(replay={"token_share": 0.2}, privacy={"noise_multiplier": 1.0, "delta": 1e-5})
+    with pytest.raises(ValidationError, match="token_share"):
+        SFTConfig(replay={"token_share": 1.0})

@@ -237,6 +237,17 @@ class PretrainConfig(TrainingSchedule):
         return self
 
 
+class ReplayConfig(StrictModel):
+    """Rehearsal against forgetting: blocks of the data stage's pretraining corpus (`corpus_train`) mixed
+    into the SFT rows and trained with the plain language-model loss on every token."""
+
+    token_share: float = Field(
+        ..., gt=0, lt=1, description="Share of each epoch's target tokens that come from corpus blocks (0.2: one "
+        "corpus token for every four answer tokens). Blocks are drawn without repeats until the corpus runs out."
+    )
+    seq_len: int = Field(256, ge=16, description="Tokens per corpus block (at most sft.max_len).")
+
+
 class SFTConfig(TrainingSchedule):
     """Supervised fine-tuning on chat-formatted instructions with answer-only loss."""
 
@@ -268,11 +279,16 @@ class SFTConfig(TrainingSchedule):
         description="Repeat the training conversations of a task (the record's `task` field) this many times "
         "per epoch, e.g. {yoy: 2.0}; fractions repeat a seeded share of them.",
     )
+    replay: Optional[ReplayConfig] = Field(
+        None, description="Mix blocks of the pretraining corpus into the SFT rows, against forgetting (None: off)."
+    )
     epochs: float = Field(5.0, gt=0)
     optim: OptimConfig = OptimConfig(lr=2e-3)
 
     @model_validator(mode="after")
     def _compatible(self) -> "SFTConfig":
+        if self.replay is not None and self.replay.seq_len > self.max_len:
+            raise ValueError(f"replay.seq_len ({self.replay.seq_len}) must not exceed max_len ({self.max_len})")
         if self.early_stopping is not None and self.early_stopping.metric == "val_rouge_l" and not self.val_generations:
             raise ValueError("early_stopping.metric val_rouge_l needs val_generations > 0")
         if self.early_stopping is not None and self.early_stopping.metric.startswith("val.") and not self.val_tasks:
@@ -287,7 +303,8 @@ class SFTConfig(TrainingSchedule):
                                              ("distill", self.distill is not None), ("class_weights", self.class_weights),
                                              ("oversample", bool(self.oversample)), ("grad_accum_steps > 1",
                                              self.grad_accum_steps > 1), ("sharding", self.sharding != "none"),
-                                             ("on_non_finite: skip_step", self.on_non_finite == "skip_step"))
+                                             ("on_non_finite: skip_step", self.on_non_finite == "skip_step"),
+                                             ("replay", self.replay is not None))
                        if on]
             if clashes:
                 raise ValueError(f"privacy cannot be combined with {', '.join(clashes)}")

@@ -8,6 +8,7 @@ model is saved merged, and a LoRA run also saves its adapter.
 from __future__ import annotations
 
 import gc
+import random
 
 import torch
 
@@ -105,6 +106,30 @@ def weigh_by_task(examples: list[Example], tasks: list[str], ctx: StageContext) 
     return [replace(example, weight=float(weights.get(task, 1.0))) for example, task in zip(examples, tasks)]
 
 
+def replay_examples(config: SFTConfig, ctx: StageContext, tokenizer, examples: list[Example]) -> list[Example]:
+    """Blocks of `corpus_train` carrying `replay.token_share` of the epoch's target tokens, every token a
+    target; drawn with the run's seed, without repeats until every block is used."""
+    from lmsmith.tokenizer.records import read_corpus_texts
+    from lmsmith.train.data import IGNORE_INDEX, pack_documents
+    from lmsmith.train.pretrain import document_separator, tokenize_documents
+
+    replay = config.replay
+    if "corpus_train" not in ctx.manifest("data").outputs:
+        raise UserError("sft.replay: the data stage has no corpus to replay; set data.corpus or drop sft.replay")
+    path = ctx.artifact("data", "corpus_train")
+    documents = tokenize_documents(tokenizer, read_corpus_texts(path), "tokenize corpus_train (replay)")
+    blocks = pack_documents(documents, document_separator(tokenizer), replay.seq_len, keep_remainder=False)
+    if not blocks:
+        raise UserError(f"sft.replay: {path} holds fewer than replay.seq_len ({replay.seq_len}) tokens")
+    answer_targets = sum(sum(label != IGNORE_INDEX for label in example.labels[1:]) for example in examples)
+    wanted = max(1, round(replay.token_share / (1 - replay.token_share) * answer_targets / (replay.seq_len - 1)))
+    rng = random.Random(f"{ctx.seed}:replay")
+    chosen: list[Example] = []
+    while len(chosen) < wanted:
+        chosen += rng.sample(blocks, min(len(blocks), wanted - len(chosen)))
+    return chosen
+
+
 def objective_for(config: SFTConfig, model, device):
     """The loss the loop optimises: distillation, class-weighted CE, or None (the loop's chunked CE)."""
     from lmsmith.train import objectives
@@ -160,6 +185,8 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
             raise UserError(f"sft.oversample: no training conversation has task {', '.join(unknown)} "
                             f"(tasks: {', '.join(sorted(set(tasks)))})")
         train_examples = oversample(train_examples, [tasks[i] for i in kept], config.oversample, ctx.seed)
+    replayed = replay_examples(config, ctx, tokenizer, train_examples) if config.replay is not None else []
+    train_examples = train_examples + replayed
     if config.efficiency.packing:
         train_examples = pack_examples(train_examples, config.max_len)
         val_examples = pack_examples(val_examples, config.max_len)
@@ -231,6 +258,8 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
         "trainable_share": round(params.share, 6),
         "train_examples": distinct,
         "train_rows": len(train_examples),
+        **({"replay_rows": len(replayed), "replay_tokens": sum(len(example) for example in replayed)}
+           if replayed else {}),
         "val_examples": len(val_examples),
         "skipped_too_long": train_too_long + len(val_conversations) - len(val_kept),
     }
