@@ -27,9 +27,11 @@ Packed layouts keep the tokens per step of the padded ones (fewer, longer rows).
 
 Throughput counts real (non-padding) tokens over the wall time of the training call, set-up included.
 Every run is its own subprocess, so peak RSS belongs to one side only. After training each side's model
-is scored on the same held-out batches by one function in fp32 (`lmsmith.train.loop.evaluate`), so the
-loss columns compare the trained models, not each side's logging. The sides run in a rotated order in
-each round; each ratio is the median over rounds.
+is scored on the same held-out batches by one function in fp32 (`lmsmith.train.forward.evaluate`). The
+sides run in a rotated order in each round; each ratio is the median over rounds. Each side's own batch
+order and layout change what a short run learns, so the loss check is a last run of every side on the
+very same batches (lmsmith's order, fed sequentially): there the held-out losses and the train-loss
+curves may differ only by precision and kernels.
 
 GPU mode mirrors `shared/notes/gpu_baseline_hf_peft.py`: random-init Qwen2-architecture models in bf16,
 random token sequences of `--seq` tokens, LoRA r16 on every linear layer; the baseline is the plain eager
@@ -168,6 +170,9 @@ def run_cpu_side(args, side: str, variant: dict) -> dict:
     data = json.loads((work / "data.json").read_text())[args.shape]
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     train_rows, epochs = data["train"][: max(args.batch_size, round(len(data["train"]) * args.share))], data["epochs"]
+    if args.same_order:
+        train_rows, epochs = in_lmsmith_order(train_rows, epochs, args.batch_size), 1.0
+        variant = {**variant, "layout": "sequential"}
     model = cpu_model(tokenizer)
     bf16 = variant.get("bf16", False)
     if args.shape == "sft":
@@ -180,7 +185,7 @@ def run_cpu_side(args, side: str, variant: dict) -> dict:
 
     if side == "lmsmith":
         from lmsmith.train.config import MonitorConfig, OptimConfig, TrainingSchedule
-        from lmsmith.train.data import StepPlan
+        from lmsmith.train.data import StepPlan, collate
         from lmsmith.train.loop import train
 
         examples = [Example(input_ids=row["input_ids"], labels=row["labels"]) for row in train_rows]
@@ -191,8 +196,11 @@ def run_cpu_side(args, side: str, variant: dict) -> dict:
             monitor=MonitorConfig(tensorboard=False),
         )
         plan = StepPlan(examples, pad_id=tokenizer.pad_token_id, batch_size=args.batch_size, epochs=epochs, seed=0)
+        if args.same_order:  # the rows are in StepPlan's order already: batch them as they come
+            plan = [[collate(examples[i : i + args.batch_size], tokenizer.pad_token_id)]
+                    for i in range(0, len(examples), args.batch_size)]
         started = time.perf_counter()
-        summary = train(model, plan, plan.total_steps, config, out, description="lmsmith")
+        summary = train(model, plan, len(plan), config, out, description="lmsmith")
         seconds = time.perf_counter() - started
         losses = [row["loss"] for row in summary.history]
         steps, settings = summary.steps, {"precision": summary.precision, "attention": config.attention}
@@ -237,7 +245,9 @@ def hf_trainer(args, side: str, variant: dict, model, tokenizer, rows, epochs: f
                 "attention_mask": torch.tensor([fill([1] * len(f["input_ids"]), 0) for f in features]),
             }
 
-        arguments = TrainingArguments(per_device_train_batch_size=batch_size, **schedule)
+        sampling = "sequential" if args.same_order else "random"
+        arguments = TrainingArguments(per_device_train_batch_size=batch_size, train_sampling_strategy=sampling,
+                                      **schedule)
         return Trainer(model=model, args=arguments, train_dataset=rows, data_collator=pad)
 
     from trl import SFTConfig, SFTTrainer
@@ -252,10 +262,27 @@ def hf_trainer(args, side: str, variant: dict, model, tokenizer, rows, epochs: f
         per_device_train_batch_size=batch_size, bf16=variant["bf16"], gradient_checkpointing=False,
         packing=layout == "packing", padding_free=layout == "padding_free",
         max_length=longest if layout == "packing" else None,
-        train_sampling_strategy="group_by_length" if layout == "group_by_length" else "random",
+        train_sampling_strategy={"group_by_length": "group_by_length", "sequential": "sequential"}.get(layout, "random"),
         **schedule,
     )
     return SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+
+
+def in_lmsmith_order(rows: list[dict], epochs: float, batch_size: int) -> list[dict]:
+    """The rows in the order lmsmith's StepPlan feeds them, every epoch spelled out: fed sequentially in
+    batches of `batch_size`, every side then sees the same batches (`--same-order`)."""
+    import math
+    import random
+
+    from lmsmith.train.data import length_grouped_order
+
+    lengths = [len(row["input_ids"]) for row in rows]
+    steps = math.ceil(math.ceil(len(rows) / batch_size) * epochs)
+    ordered: list[dict] = []
+    for epoch in range(math.ceil(epochs)):
+        for batch in length_grouped_order(lengths, batch_size, random.Random(f"0:{epoch}")):
+            ordered.extend(rows[i] for i in batch)
+    return ordered[: steps * batch_size]
 
 
 def trl_variants(shape: str, bf16: bool) -> list[dict]:
@@ -335,6 +362,7 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-share", type=float, default=0.25,
                         help="CPU: share of the training rows each TRL sweep run trains on (it ranks, not measures)")
     parser.add_argument("--share", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--same-order", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -350,12 +378,13 @@ def parse_args(argv=None):
 
 
 def subprocess_run(args, side: str, variant: dict | None = None, shape: str | None = None,
-                   share: float = 1.0) -> dict:
+                   share: float = 1.0, same_order: bool = False) -> dict:
     command = [sys.executable, __file__, "--only", side, "--work", args.work, "--device", args.device,
                "--size", args.size, "--seq", str(args.seq), "--batch-size", str(args.batch_size),
                "--steps", str(args.steps), "--pretrain-epochs", str(args.pretrain_epochs),
                "--shape", shape or "sft", "--variant", json.dumps(variant or {}), "--share", str(share)]
-    command += [flag for flag, on in (("--checkpointing", args.checkpointing), ("--compile", args.compile)) if on]
+    command += [flag for flag, on in (("--checkpointing", args.checkpointing), ("--compile", args.compile),
+                                      ("--same-order", same_order)) if on]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"side": side, "settings": variant, "error": done.stderr[-1500:]}
@@ -412,8 +441,15 @@ def cpu_shape(args, shape: str, bf16: bool) -> dict:
             results[side] = subprocess_run(args, side, settings[side], shape)
             print(f"[{shape}] round {number + 1} {side:<8} {describe(results[side])}", flush=True)
         rounds.append(results)
+    # The loss check: every side on the very same batches (lmsmith's order, fed sequentially), each at its
+    # own precision; held-out losses then differ by precision and kernels only.
+    same_order = {}
+    for side in CPU_SIDES:
+        same_order[side] = subprocess_run(args, side, settings[side], shape, same_order=True)
+        print(f"[{shape}] same batches  {side:<8} {describe(same_order[side])}  train loss every 10 steps "
+              f"{[round(loss, 3) for loss in same_order[side].get('train_losses', [])]}", flush=True)
     ok = [r for r in rounds if all("error" not in r[side] for side in CPU_SIDES)]
-    summary = {"shape": shape, "settings": settings, "sweep": sweep, "rounds": rounds}
+    summary = {"shape": shape, "settings": settings, "sweep": sweep, "rounds": rounds, "same_order": same_order}
     if ok:
         median = lambda values: round(statistics.median(values), 3)  # noqa: E731
         for side in CPU_SIDES:
@@ -463,6 +499,9 @@ def main(argv=None) -> None:
                         print(f"| {shape['shape']} | {side} | {json.dumps(shape['settings'][side])} | "
                               f"{shape[side]['tokens_per_s']:,.0f} | {shape[side]['peak_mb']:,.0f} | "
                               f"{shape[side]['held_out_loss']:.4f} |")
+                losses = {side: shape["same_order"][side].get("held_out_loss") for side in CPU_SIDES}
+                print(f"[{shape['shape']}] held-out loss after the same batches: "
+                      + ", ".join(f"{side} {loss}" for side, loss in losses.items()))
                 if "speed_vs_trl" in shape:
                     print(f"[{shape['shape']}] lmsmith / TRL: {shape['speed_vs_trl']:.2f}x tok/s, "
                           f"{shape['memory_vs_trl']:.2f}x peak RSS; lmsmith / Trainer: "
