@@ -162,12 +162,27 @@ def test_the_objective_hook_replaces_the_loss(tmp_path):
 def test_oversampling_repeats_a_task_by_its_factor():
     rows = [Example(input_ids=[i, i], labels=[i, i]) for i in range(100)]
     tasks = ["rare" if i < 10 else "common" for i in range(100)]
-    result = oversample(rows, tasks, {"rare": 3.0, "common": 0.5}, seed=0)
+    labels = [[task] for task in tasks]
+    result = oversample(rows, labels, {"rare": 3.0, "common": 0.5}, seed=0)
     rare = sum(1 for e in result if e.input_ids[0] < 10)
     common = len(result) - rare
     assert rare == 30
     assert 30 <= common <= 60  # a seeded half of the common ones
-    assert oversample(rows, tasks, {"rare": 3.0, "common": 0.5}, seed=0) == result
+    assert oversample(rows, labels, {"rare": 3.0, "common": 0.5}, seed=0) == result
+
+
+def test_oversampling_by_a_data_stage_tag_takes_the_largest_factor_that_applies():
+    rows = [Example(input_ids=[i, i], labels=[i, i]) for i in range(20)]
+    labels = [["yoy", "tag:rare_cluster"] if i < 5 else ["yoy"] for i in range(20)]
+    result = oversample(rows, labels, {"yoy": 2.0, "tag:rare_cluster": 4.0}, seed=0)
+    assert sum(1 for e in result if e.input_ids[0] < 5) == 20 and len(result) == 20 + 30
+
+
+def test_sft_oversample_refuses_a_tag_no_conversation_carries(sft_upstream, tmp_path):
+    from lmsmith.errors import UserError
+
+    with pytest.raises(UserError, match="no training conversation has the task or tag tag:rare_cluster"):
+        run_sft(sft_upstream, tmp_path, oversample={"tag:rare_cluster": 2.0})
 
 
 @pytest.mark.parametrize("recipe", ["recipes/two-stage.yaml", "recipes/finance-demo.yaml"])

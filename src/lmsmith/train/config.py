@@ -276,8 +276,10 @@ class SFTConfig(TrainingSchedule):
     )
     oversample: dict[str, float] = Field(
         default_factory=dict,
-        description="Repeat the training conversations of a task (the record's `task` field) this many times "
-        "per epoch, e.g. {yoy: 2.0}; fractions repeat a seeded share of them.",
+        description="Repeat the training conversations of a task (the record's `task` field), or those the data "
+        "stage tagged (`tag:<name>`, e.g. tag:rare_cluster from its coverage step), this many times per epoch, "
+        "e.g. {yoy: 2.0, tag:rare_cluster: 3.0}; a conversation takes the largest factor that applies; "
+        "fractions repeat a seeded share.",
     )
     replay: Optional[ReplayConfig] = Field(
         None, description="Mix blocks of the pretraining corpus into the SFT rows, against forgetting (None: off)."

@@ -140,16 +140,19 @@ def pack_examples(examples: Sequence[Example], capacity: int) -> list[Example]:
     return packed
 
 
-def oversample(examples: Sequence[Example], tasks: Sequence[str], factors: dict[str, float], seed: int) -> list[Example]:
-    """Repeat the examples of each task `factor` times: whole copies, plus a seeded share for the fraction.
+def oversample(
+    examples: Sequence[Example], labels: Sequence[Sequence[str]], factors: dict[str, float], seed: int
+) -> list[Example]:
+    """Repeat each example by the largest factor among its labels (its task, `tag:<name>` for each tag the
+    data stage gave it; 1 when none is listed): whole copies, plus a seeded share for the fraction.
 
     The simple counterweight to a rare class: its examples weigh more in every epoch without any change
     to the loss.
     """
     rng = random.Random(f"oversample:{seed}")
     result: list[Example] = []
-    for example, task in zip(examples, tasks):
-        factor = factors.get(task, 1.0)
+    for example, names in zip(examples, labels):
+        factor = max((factors[name] for name in names if name in factors), default=1.0)
         copies = int(factor) + (1 if rng.random() < factor - int(factor) else 0)
         result.extend([example] * copies)
     return result

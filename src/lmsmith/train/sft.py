@@ -176,15 +176,18 @@ def run(config: SFTConfig, ctx: StageContext) -> StageResult:
     if train_too_long:
         console.print(f"[yellow]skipped[/] {train_too_long} training conversations longer than sft.max_len")
     distinct = len(train_examples)
-    tasks = [row.get("task") or "" for _, row in iter_jsonl(train_path)]
+    rows = [row for _, row in iter_jsonl(train_path)]
+    tasks = [row.get("task") or "" for row in rows]
     if config.class_weights:
         train_examples = weigh_by_task(train_examples, [tasks[i] for i in kept], ctx)
     if config.oversample:
-        unknown = sorted(set(config.oversample) - set(tasks))
+        labels = [[row.get("task") or "", *(f"tag:{tag}" for tag in row.get("tags") or ())] for row in rows]
+        known = {name for names in labels for name in names}
+        unknown = sorted(set(config.oversample) - known)
         if unknown:
-            raise UserError(f"sft.oversample: no training conversation has task {', '.join(unknown)} "
-                            f"(tasks: {', '.join(sorted(set(tasks)))})")
-        train_examples = oversample(train_examples, [tasks[i] for i in kept], config.oversample, ctx.seed)
+            raise UserError(f"sft.oversample: no training conversation has the task or tag {', '.join(unknown)} "
+                            f"(tasks and tags: {', '.join(sorted(known - {''}))})")
+        train_examples = oversample(train_examples, [labels[i] for i in kept], config.oversample, ctx.seed)
     replayed = replay_examples(config, ctx, tokenizer, train_examples) if config.replay is not None else []
     train_examples = train_examples + replayed
     if config.efficiency.packing:
