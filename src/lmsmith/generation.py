@@ -107,7 +107,11 @@ def decode_batch(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Decode up to `max_new_tokens` for a left-padded batch; returns the new ids (pad after eos)."""
+    """Decode up to `max_new_tokens` for a left-padded batch; returns the new ids (pad after eos).
+
+    A row that has produced its eos leaves the batch (its cache rows are dropped), so the steps that
+    finish the longest answers compute only the rows still writing.
+    """
     from transformers import DynamicCache
 
     batch = input_ids.shape[0]
@@ -115,10 +119,11 @@ def decode_batch(
     # Left padding shifts each row, so positions come from the mask, as in `generate`.
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     cache = DynamicCache(config=model.config)
-    finished = torch.zeros(batch, dtype=torch.bool)
-    chosen: list[torch.Tensor] = []
+    new_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
+    rows = torch.arange(batch)  # the original row of each row still in the batch
+    steps = 0
     step_ids = input_ids
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         out = model(
             input_ids=step_ids,
             attention_mask=attention_mask,
@@ -128,18 +133,21 @@ def decode_batch(
             logits_to_keep=1,
         )
         next_ids = _choose_next(out.logits[:, -1, :], do_sample, temperature, top_p, generator)
-        next_ids = next_ids.masked_fill(finished, pad_id)
-        chosen.append(next_ids)
+        new_ids[rows, step] = next_ids
+        steps = step + 1
         if stop_at_eos:
-            finished |= torch.isin(next_ids, eos)
+            finished = torch.isin(next_ids, eos)
             if bool(finished.all()):
                 break
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(1)
+                rows, next_ids = rows[keep], next_ids[keep]
+                attention_mask, position_ids = attention_mask[keep], position_ids[keep]
+                cache.batch_select_indices(keep)
         step_ids = next_ids[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
-    if not chosen:
-        return input_ids.new_empty(batch, 0)
-    return torch.stack(chosen, dim=1)
+    return new_ids[:, :steps]
 
 
 def _trim(new_ids: list[int], eos_ids: set[int], stop_at_eos: bool) -> tuple[list[int], int]:
@@ -167,8 +175,8 @@ def generate_chat(
 ) -> Generation:
     """Answer each conversation (its last turn is the user's); greedy unless `do_sample`.
 
-    Prompts are batched in the order given with left padding. `stop_at_eos=False` always produces
-    `max_new_tokens` per prompt, for throughput measurements.
+    Prompts are batched by length with left padding; the answers come back in the order given.
+    `stop_at_eos=False` always produces `max_new_tokens` per prompt, for throughput measurements.
     """
     prompts = render_prompts(tokenizer, conversations)
     eos_ids = eos_token_ids(model, tokenizer)
@@ -177,14 +185,16 @@ def generate_chat(
     generator = torch.Generator().manual_seed(seed) if do_sample else None
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    texts: list[str] = []
-    counts: list[int] = []
     wall = 0.0
-    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    # Prompts of similar length batch together (less left padding); answers come back in the given order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    answers: dict[int, tuple[str, int]] = {}
     try:
         with maybe_track(progress, len(prompts)) as tracker:
             for chunk in batches:
-                encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                encoded = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
+                                    add_special_tokens=False)
                 started = time.perf_counter()
                 new_ids = decode_batch(
                     model,
@@ -200,14 +210,16 @@ def generate_chat(
                     generator=generator,
                 )
                 wall += time.perf_counter() - started
-                for row in new_ids.tolist():
+                for index, row in zip(chunk, new_ids.tolist()):
                     content, used = _trim(row, eos_ids, stop_at_eos)
-                    texts.append(tokenizer.decode(content, skip_special_tokens=True).strip())
-                    counts.append(used)
+                    answers[index] = (tokenizer.decode(content, skip_special_tokens=True).strip(), used)
                 if tracker is not None:
-                    tracker.advance(len(chunk), tok_s=sum(counts) / wall if wall else 0.0)
+                    done = sum(used for _, used in answers.values())
+                    tracker.advance(len(chunk), tok_s=done / wall if wall else 0.0)
     finally:
         tokenizer.padding_side = previous_side
+    texts = [answers[i][0] for i in range(len(prompts))]
+    counts = [answers[i][1] for i in range(len(prompts))]
     return Generation(texts=texts, new_tokens=counts, wall_s=wall)
 
 
