@@ -30,8 +30,9 @@ Every run is its own subprocess, so peak RSS belongs to one side only. After tra
 is scored on the same held-out batches by one function in fp32 (`lmsmith.train.forward.evaluate`). The
 sides run in a rotated order in each round; each ratio is the median over rounds. Each side's own batch
 order and layout change what a short run learns, so the loss check is a last run of every side on the
-very same batches (lmsmith's order, fed sequentially): there the held-out losses and the train-loss
-curves may differ only by precision and kernels.
+very same batches (lmsmith's order, fed sequentially) with the same AdamW and schedule (lmsmith's, handed
+to the HF trainers): there the held-out losses may differ only by precision and kernels. (The train-loss
+curves are printed too; Trainer logs the mean of its step losses, lmsmith the token-weighted mean.)
 
 GPU mode mirrors `shared/notes/gpu_baseline_hf_peft.py`: random-init Qwen2-architecture models in bf16,
 random token sequences of `--seq` tokens, LoRA r16 on every linear layer; the baseline is the plain eager
@@ -248,7 +249,8 @@ def hf_trainer(args, side: str, variant: dict, model, tokenizer, rows, epochs: f
         sampling = "sequential" if args.same_order else "random"
         arguments = TrainingArguments(per_device_train_batch_size=batch_size, train_sampling_strategy=sampling,
                                       **schedule)
-        return Trainer(model=model, args=arguments, train_dataset=rows, data_collator=pad)
+        return Trainer(model=model, args=arguments, train_dataset=rows, data_collator=pad,
+                       optimizers=same_optimizer(args, model, rows))
 
     from trl import SFTConfig, SFTTrainer
 
@@ -265,7 +267,28 @@ def hf_trainer(args, side: str, variant: dict, model, tokenizer, rows, epochs: f
         train_sampling_strategy={"group_by_length": "group_by_length", "sequential": "sequential"}.get(layout, "random"),
         **schedule,
     )
-    return SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    return SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      optimizers=same_optimizer(args, model, rows))
+
+
+def same_optimizer(args, model, rows: list[dict]) -> tuple:
+    """In the loss check, lmsmith's own AdamW and schedule for the HF sides too (Trainer's warmup starts
+    at lr 0, lmsmith's one step later), so the held-out losses differ only by precision and kernels;
+    otherwise (None, None): each trainer builds its own."""
+    if not args.same_order:
+        return None, None
+    import math
+
+    import torch
+
+    from lmsmith.train.config import OptimConfig
+    from lmsmith.train.loop import build_optimizer, lr_factor
+
+    optimizer = build_optimizer(model, OptimConfig(lr=LR, warmup_ratio=WARMUP, min_lr_ratio=MIN_LR_RATIO, betas=BETAS,
+                                                   weight_decay=WEIGHT_DECAY, grad_clip=CLIP))
+    total = math.ceil(len(rows) / args.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, WARMUP, MIN_LR_RATIO))
+    return optimizer, schedule
 
 
 def in_lmsmith_order(rows: list[dict], epochs: float, batch_size: int) -> list[dict]:
