@@ -5,6 +5,7 @@ passive waiting.
 
     python bench/train_profile.py                # every scenario, one subprocess each
     python bench/train_profile.py --profile      # also the torch profiler's top operators per ISA
+    python bench/train_profile.py --isas avx2 --waits default spin10k   # some scenarios only
 
 Limiting the instruction set uses torch's own switches, `ATEN_CPU_CAPABILITY=avx2` and
 `ONEDNN_MAX_CPU_ISA=AVX2`: the kernels an AVX2-only CPU gets, and `precision: auto` then falls back to
@@ -32,6 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 SEQ_LEN, BATCH = 256, 16
+WAITS = {"default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin10k": {"GOMP_SPINCOUNT": "10000"},
+         "spin100k": {"GOMP_SPINCOUNT": "100000"}}
 
 
 def blocks(work: Path):
@@ -117,6 +120,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps per run (batch 16 x 256 tokens)")
     parser.add_argument("--profile", action="store_true", help="torch profiler's top operators (alone, per ISA)")
+    parser.add_argument("--isas", nargs="+", choices=["native", "avx2"], default=["native", "avx2"])
+    parser.add_argument("--waits", nargs="+", choices=sorted(WAITS), default=["default", "PASSIVE"],
+                        help="OpenMP waiting: libgomp's default spin, passive, or a shorter spin count")
     parser.add_argument("--only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -128,8 +134,10 @@ def main(argv=None) -> None:
         args.work = work
         blocks(Path(work))
         for isa, isa_env in (("native", {}), ("avx2", AVX2_ONLY)):
-            for wait in ("default", "PASSIVE"):
-                wait_env = {} if wait == "default" else {"OMP_WAIT_POLICY": "PASSIVE"}
+            if isa not in args.isas:
+                continue
+            for wait in args.waits:
+                wait_env = WAITS[wait]
                 for copies in (1, 2):
                     results = scenario(args, work, {**isa_env, **wait_env}, copies)
                     row = {"isa": isa, "omp_wait": wait, "processes": copies, "results": results}

@@ -19,7 +19,6 @@ DDP/FSDP/DeepSpeed wrapping and gradient synchronisation (`dist.py`); opacus the
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -38,17 +37,7 @@ from lmsmith.train.data import Batch
 from lmsmith.train.efficiency import apply_liger_kernels, compile_layers, enable_gradient_checkpointing
 from lmsmith.train.forward import Objective, TrainingForward, accumulate_gradients, evaluate
 from lmsmith.train.monitor import AlertMonitor, RunLog, mfu, peak_flops, peak_memory_mb, training_flops_per_token
-
-def configure_threads() -> int:
-    """Use every core this process may run on, unless the user pinned a count with OMP_NUM_THREADS."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores))
-    return torch.get_num_threads()
-
+from lmsmith.train.threads import ThreadBudget
 
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:
     """"auto" is bf16 where the device multiplies bf16 natively (several times faster), else fp32."""
@@ -344,12 +333,13 @@ class TrainRecipe:
         self.extra: dict[str, Any] = {}
         self.stopper: _EarlyStopping | None = None
         self.stopped_at: int | None = None
+        self.threads_used: set[int] = set()
 
     # ---------------------------------------------------------------- setup
 
     def setup(self, total_steps: int) -> None:
         """Precision, efficiency switches, optimiser, schedule, accelerate wrapping; then the resumed state."""
-        configure_threads()
+        self.threads = ThreadBudget()
         config, model = self.config, self.model
         self.total_steps = total_steps
         if self.private is None:
@@ -504,6 +494,7 @@ class TrainRecipe:
             plan = steps.steps(self.start_step) if self.start_step else steps
             for step, work in enumerate(plan, start=self.start_step + 1):
                 self.step = step
+                self.threads_used.add(self.threads.adjust())
                 started = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 outcome = self._update(work) if self.private is None else self._private_update(work)
@@ -597,6 +588,8 @@ class TrainRecipe:
             extra["stopped_early_at"] = self.stopped_at
         if state.skipped_steps:
             extra["skipped_non_finite_steps"] = state.skipped_steps
+        if len(self.threads_used) > 1:  # other processes took cores for part of the run (threads.py)
+            extra["threads_used"] = sorted(self.threads_used)
         _check_finite_weights(self.model, self.step)
         extra.update({key: value for key, value in reported.items() if key == "val_rouge_l" or key.startswith("val.")})
         if self.private is not None:

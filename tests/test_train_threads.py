@@ -1,0 +1,47 @@
+"""The loop's thread budget: torch gets the cores other processes leave free, re-read as the load changes."""
+
+from __future__ import annotations
+
+import torch
+
+from lmsmith.train import threads
+from lmsmith.train.threads import ThreadBudget
+
+
+def fake_machine(monkeypatch, others_per_reading: list[float], cores: int = 2):
+    """/proc readings where the rest of the machine keeps `others` cores busy between two readings."""
+    state = {"busy": 0, "total": 0, "own": 0, "readings": iter(others_per_reading)}
+
+    def machine():
+        others = next(state["readings"], 0.0)
+        state["total"] += 100 * cores
+        state["busy"] += int(100 * others) + 50  # this process's own 50 ticks count as busy too
+        state["own"] += 50
+        return state["busy"], state["total"]
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_cores", lambda: cores)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(threads, "_machine_jiffies", machine)
+    monkeypatch.setattr(threads, "_own_jiffies", lambda: state["own"])
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
+
+
+def test_a_busy_machine_leaves_fewer_threads_and_an_idle_one_all_of_them(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        fake_machine(monkeypatch, [0.0, 0.0, 1.0, 1.0, 0.0])  # the first is the baseline reading
+        budget = ThreadBudget(interval_s=0.0)
+        assert torch.get_num_threads() == 2  # idle at the start: every core
+        assert budget.adjust() == 1  # another process keeps one core busy
+        assert budget.adjust() == 1
+        assert budget.adjust() == 2  # it finished
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_omp_num_threads_set_by_the_user_is_left_alone(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    budget = ThreadBudget(interval_s=0.0)
+    assert not budget.enabled and budget.adjust() == before == torch.get_num_threads()
