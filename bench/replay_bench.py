@@ -2,10 +2,11 @@
 
     python bench/replay_bench.py runs/finance-demo                  # shares 0, 0.1 and 0.25
     python bench/replay_bench.py runs/finance-demo --shares 0 0.2   # others
+    python bench/replay_bench.py RUN --recipe my-recipe.yaml        # a run of another recipe
 
 Takes a finished run of a recipe with a pretrain and an sft stage (for example `make demo`'s), copies its
 data, tokenizer and pretrain stages, and for each `sft.replay.token_share` trains the sft stage again
-with the run's own sft settings, then scores it with the eval stage on the run's held-out tasks. Prints,
+with the recipe's own sft settings, then scores it with the eval stage on the run's held-out tasks. Prints,
 per share: held-out perplexity of the test corpus (report text: what SFT makes the model forget),
 held-out answers ROUGE-L (what SFT teaches), sft val loss and train time. Nothing else runs meanwhile, so
 the times compare; the scores are deterministic for the recipe.
@@ -26,15 +27,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished run folder (recipe.json, data/, tokenizer/, pretrain/)")
+    parser.add_argument("--recipe", type=Path, default=Path(__file__).parents[1] / "recipes" / "finance-demo.yaml",
+                        help="the recipe the run was made with (default: the demo's)")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.1, 0.25])
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
 
     from lmsmith.artifacts import Manifest
     from lmsmith.pipeline import run_pipeline
-    from lmsmith.recipe import Recipe
+    from lmsmith.recipe import load_recipe
 
-    source = Recipe.model_validate_json((args.run / "recipe.json").read_text())
+    source = load_recipe(args.recipe)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for share in args.shares:
