@@ -78,7 +78,8 @@ operators.
 **Fitted steps** learn part of their spec from the data: `perplexity` with `quantile` (its
 `max_perplexity` is that quantile of the perplexities of the texts the rules keep), `quality_classifier`
 (a logistic regression on hashed character n-grams, seeded with the rule labels and self-trained) and
-`coverage` (k-means clusters; texts in rare ones are tagged for oversampling). Before the stream runs,
+`coverage` (k-means clusters; rows of texts in rare ones carry the tag in their `tags` field, and
+`sft.oversample: {tag:rare_cluster: 3.0}` repeats those conversations in training). Before the stream runs,
 the pipeline reads the first `fit_sample` records (default 2000) of each source, checked as the stream
 checks them, runs the steps before the fitted one on copies (so it sees the text as it will in the
 stream), marks each record the rules (every operator that is not fitted) drop or empty as noisy, and

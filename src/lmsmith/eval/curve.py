@@ -61,7 +61,8 @@ def _subset_data(run_dir: Path, folder: Path, share: float, seed: int) -> int:
     (stage / "sft_train.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept),
                                            encoding="utf-8")
     outputs: dict[str, str] = {"sft_train": "sft_train.jsonl"}
-    for name in ("sft_val", "class_weights"):
+    # corpus_train feeds sft.replay: the curve varies the conversations, not the replayed text.
+    for name in ("sft_val", "class_weights", "corpus_train"):
         if name in source.outputs:
             copied = stage / f"{name}{source.output_path(run_dir / 'data', name).suffix}"
             shutil.copyfile(source.output_path(run_dir / "data", name), copied)
