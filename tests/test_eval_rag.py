@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lmsmith.errors import UserError
 from lmsmith.eval.suite import evaluate_task
 from lmsmith.eval.tasks import TaskConfig
 from lmsmith.rag.kb import KnowledgeBase
@@ -20,8 +21,8 @@ def test_retrieval_metrics_match_hand_computed_values(tmp_path, monkeypatch):
     ranking = {"q1": ["a", "x", "b"], "q2": ["x", "y", "z"]}  # q1's relevant: a (rank 1), b (rank 3); q2's: c (absent)
 
     class FakeKB:
-        def search(self, query, settings):
-            return [SimpleNamespace(chunk={"doc_id": doc}) for doc in ranking[query]]
+        def search_many(self, queries, settings):
+            return [[SimpleNamespace(chunk={"doc_id": doc}) for doc in ranking[query]] for query in queries]
 
     monkeypatch.setattr(KnowledgeBase, "open", classmethod(lambda cls, folder: FakeKB()))
     qrels = tmp_path / "qrels.jsonl"
@@ -74,3 +75,34 @@ def test_kb_applies_to_answering_and_retrieval_tasks_only(tmp_path):
         TaskConfig(name="x", type="classification", dataset=tmp_path / "a.csv", kb=tmp_path)
     with pytest.raises(ValueError, match="retrieval task ranks"):
         TaskConfig(name="x", type="retrieval", dataset=tmp_path / "q.jsonl")
+
+
+def test_searching_a_batch_finds_what_each_search_finds(tmp_path):
+    KnowledgeBase.build([write_docs(tmp_path / "docs")], tmp_path / "kb")
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    queries = ["华信银行的不良贷款率是多少？", "资本充足率", "net interest margin"]
+    for query, hits in zip(queries, kb.search_many(queries)):
+        alone = kb.search(query)
+        assert [hit.row for hit in hits] == [hit.row for hit in alone]
+        assert [hit.score for hit in hits] == pytest.approx([hit.score for hit in alone], abs=1e-6)
+    with pytest.raises(UserError, match="query is empty"):
+        kb.search_many(["资本充足率", " "])
+
+
+def test_one_comparison_grounds_each_question_once_for_every_model(tmp_path, monkeypatch):
+    KnowledgeBase.build([write_docs(tmp_path / "docs")], tmp_path / "kb")
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"messages": [{"role": "user", "content": "华信银行的不良贷款率是多少？"},
+                                              {"role": "assistant", "content": "1.3%"}],
+                                 "answer": {"value": 1.3}}, ensure_ascii=False) + "\n", encoding="utf-8")
+    searched = []
+    search_many = KnowledgeBase.search_many
+    monkeypatch.setattr(KnowledgeBase, "search_many",
+                        lambda self, queries, settings=None: searched.append(len(queries)) or search_many(self, queries,
+                                                                                                         settings))
+    task = TaskConfig(name="rag", type="numeric", dataset=items, kb=tmp_path / "kb", kb_top_k=1)
+    shared: dict = {}
+    first, second = (evaluate_task(task, CopyingModel(), shared) for _ in range(2))
+    assert searched == [1] and first == second and first["numeric_acc"] == 100.0
+    evaluate_task(task, CopyingModel())  # no shared work given: searches again
+    assert searched == [1, 1]

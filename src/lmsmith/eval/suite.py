@@ -262,17 +262,23 @@ def score_multiple_choice(task: TaskConfig, backend, items: list[ChoiceQuestion]
     return scores
 
 
-def answer_items(task: TaskConfig, backend, items: list[Reference]) -> tuple[list[str], list[Any]]:
+def answer_items(task: TaskConfig, backend, items: list[Reference],
+                 shared: dict[str, Any] | None = None) -> tuple[list[str], list[Any]]:
     """The model's answers, and each item's grounding when the task has a kb (else None): the kb's chunks go
     into the prompt as `lmsmith serve --kb` puts them, and a question the kb cannot back gets its refusal
-    without asking the model."""
+    without asking the model. The groundings do not depend on the model: `shared` keeps them for the next
+    model of one comparison."""
     if task.kb is None:
         return backend.answers([item.messages for item in items], task.max_new_tokens,
                                f"{task.name}: answers"), [None] * len(items)
     from lmsmith.rag.grounding import GroundedModel, RagSettings
 
-    grounded = GroundedModel(task.name, task.kb, RagSettings(top_k=task.kb_top_k))
-    groundings = [grounded.ground_now(list(item.messages)) for item in items]
+    shared = {} if shared is None else shared
+    key = f"groundings:{task.name}"
+    if key not in shared:
+        grounded = GroundedModel(task.name, task.kb, RagSettings(top_k=task.kb_top_k))
+        shared[key] = grounded.ground_many([list(item.messages) for item in items])
+    groundings = shared[key]
     asked = [index for index, grounding in enumerate(groundings) if grounding.refusal is None]
     texts = backend.answers([groundings[index].messages for index in asked], task.max_new_tokens,
                             f"{task.name}: answers with {Path(task.kb).name}")
@@ -306,11 +312,12 @@ def kb_scores(groundings: list[Any], answers: list[str], truths: list[float], re
     return scores
 
 
-def score_generation(task: TaskConfig, backend, items: list[Reference]) -> dict[str, Any]:
+def score_generation(task: TaskConfig, backend, items: list[Reference],
+                     shared: dict[str, Any] | None = None) -> dict[str, Any]:
     from lmsmith.eval.metrics import bleu4, chrf, corpus_statistics, edit_rates, exact_match, rouge_l_scores
     from lmsmith.eval.stats import bootstrap_stderr_of_sums
 
-    answers, _ = answer_items(task, backend, items)
+    answers, _ = answer_items(task, backend, items, shared)
     references = [item.reference for item in items]
     scores: dict[str, Any] = {"items": len(items)}
     for name, values in (("rougeL", rouge_l_scores(answers, references)), ("exact_match", exact_match(answers, references)),
@@ -325,7 +332,8 @@ def score_generation(task: TaskConfig, backend, items: list[Reference]) -> dict[
     return scores
 
 
-def score_numeric(task: TaskConfig, backend, items: list[Reference]) -> dict[str, Any]:
+def score_numeric(task: TaskConfig, backend, items: list[Reference],
+                  shared: dict[str, Any] | None = None) -> dict[str, Any]:
     from lmsmith.eval.metrics import extract_number, numeric_match
 
     truths = []
@@ -335,7 +343,7 @@ def score_numeric(task: TaskConfig, backend, items: list[Reference]) -> dict[str
             raise UserError(f"{task.dataset}: item {item.id} has no numeric truth (answer.value, or a number in "
                             "its reference)")
         truths.append(truth)
-    texts, groundings = answer_items(task, backend, items)
+    texts, groundings = answer_items(task, backend, items, shared)
     values = [100.0 * numeric_match(text, truth, task.rel_tol) for text, truth in zip(texts, truths)]
     scores: dict[str, Any] = {"items": len(items)}
     scores["numeric_acc"], scores["numeric_acc_stderr"] = _mean_with_stderr(values)
@@ -356,9 +364,9 @@ def score_retrieval(task: TaskConfig, backend, items: list[RelevanceJudgement]) 
     k = task.retrieval_k
     settings = SearchConfig(k=max(k * 4, 50), candidates=max(k * 4, 50))
     recall, mrr, ndcg = [], [], []
-    for item in items:
+    for item, hits in zip(items, kb.search_many([item.query for item in items], settings)):
         ranked: list[str] = []
-        for hit in kb.search(item.query, settings):
+        for hit in hits:
             if hit.chunk["doc_id"] not in ranked:
                 ranked.append(hit.chunk["doc_id"])
         relevant = set(item.relevant)
@@ -493,13 +501,23 @@ def score_perplexity(task: TaskConfig, backend, documents: list[str]) -> dict[st
     return {"items": len(documents), **backend.perplexity(documents, f"{task.name}: perplexity")}
 
 
-def evaluate_task(task: TaskConfig, backend) -> dict[str, Any]:
-    """Scores of one task on one model (`LocalModel` or `RemoteModel`)."""
+def evaluate_task(task: TaskConfig, backend, shared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scores of one task on one model (`LocalModel` or `RemoteModel`). `shared` keeps what does not depend
+    on the model (a kb's groundings, a retrieval task's scores) for the next model of one comparison."""
+    shared = {} if shared is None else shared
     shots, items = split_shots(task, read_items(task))
     if task.type == "multiple_choice":
         return score_multiple_choice(task, backend, items, shots)
-    scorer = {"generate": score_generation, "numeric": score_numeric, "classification": score_classification,
-              "extraction": score_extraction, "perplexity": score_perplexity, "retrieval": score_retrieval}[task.type]
+    if task.type in ("generate", "numeric"):
+        scorer = score_generation if task.type == "generate" else score_numeric
+        return scorer(task, backend, items, shared)
+    if task.type == "retrieval":
+        key = f"retrieval:{task.name}"
+        if key not in shared:
+            shared[key] = score_retrieval(task, backend, items)
+        return dict(shared[key])
+    scorer = {"classification": score_classification, "extraction": score_extraction,
+              "perplexity": score_perplexity}[task.type]
     return scorer(task, backend, items)
 
 
@@ -564,6 +582,7 @@ def evaluate_models(entries: Sequence[Any], task_paths: Sequence[Path], out: Pat
                                        "scores": {}}
     report, report_tokens = _first_generation_item(tasks)
     timing_prompts = speed_conversations(tasks, speed.requests) if speed is not None else []
+    shared: dict[str, Any] = {}
     for entry in entries:
         facts: dict[str, Any] = {"describe": entry.describe, "trainable_params": entry.trainable_params}
         if entry.path is None:
@@ -580,7 +599,7 @@ def evaluate_models(entries: Sequence[Any], task_paths: Sequence[Path], out: Pat
                       "params": parameter_count(entry.path)}
         for task in tasks:
             console.print(f"[bold]{task.name}[/] on {entry.label}")
-            results["tasks"][task.name]["scores"][entry.label] = evaluate_task(task, backend)
+            results["tasks"][task.name]["scores"][entry.label] = evaluate_task(task, backend, shared)
         if speed is not None:
             console.print(f"timing {entry.label}")
             facts["speed"] = (measure_local_speed(model, backend.tokenizer, timing_prompts, report, report_tokens, speed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from pydantic import Field
 
@@ -72,10 +72,15 @@ class GroundedModel:
     def ground_now(self, messages: list[dict[str, Any]], tokenizer: Any = None) -> Grounding:
         """`ground` on the calling thread (batch work: evaluation); without a tokenizer the budget counts
         characters."""
-        query = next((m["content"] for m in reversed(messages) if m["role"] == "user" and m["content"].strip()), None)
-        if query is None:
-            raise ValueError("messages: a knowledge-base model needs a user message to search for")
-        hits = self.kb.search(query, SearchConfig(k=self.settings.top_k))
+        return self.ground_many([messages], tokenizer)[0]
+
+    def ground_many(self, conversations: Sequence[list[dict[str, Any]]], tokenizer: Any = None) -> list[Grounding]:
+        """`ground_now` for each conversation, their questions searched as one batch."""
+        queries = [_question(messages) for messages in conversations]
+        found = self.kb.search_many(queries, SearchConfig(k=self.settings.top_k))
+        return [self._grounding(messages, hits, tokenizer) for messages, hits in zip(conversations, found)]
+
+    def _grounding(self, messages: list[dict[str, Any]], hits: list[Any], tokenizer: Any) -> Grounding:
         settings = self.settings
         no_words = settings.require_word_match and not any(hit.sparse for hit in hits)
         best_dense = max((hit.dense for hit in hits if hit.dense is not None), default=None)
@@ -98,3 +103,11 @@ class GroundedModel:
         else:
             grounded = [{"role": "system", "content": system}, *messages]
         return Grounding(grounded, citations)
+
+
+def _question(messages: list[dict[str, Any]]) -> str:
+    """The last user message with text: what a knowledge-base model searches for."""
+    query = next((m["content"] for m in reversed(messages) if m["role"] == "user" and m["content"].strip()), None)
+    if query is None:
+        raise ValueError("messages: a knowledge-base model needs a user message to search for")
+    return query

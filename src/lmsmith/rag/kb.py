@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -261,17 +261,28 @@ class KnowledgeBase:
         return self._sparse
 
     def search(self, query: str, settings: SearchConfig | None = None) -> list[Hit]:
+        return self.search_many([query], settings)[0]
+
+    def search_many(self, queries: Sequence[str], settings: SearchConfig | None = None) -> list[list[Hit]]:
+        """`search` for each query, the queries embedded in one batch (the cost of batch work such as
+        evaluation is the embedding model's per-call overhead, not the index)."""
         settings = settings or SearchConfig()
-        if not query.strip():
-            raise UserError("the query is empty")
+        for query in queries:
+            if not query.strip():
+                raise UserError("the query is empty")
         allowed = self._filter_rows(settings.filter)
-        if allowed is not None and not allowed.any():
-            return []
+        if not queries or (allowed is not None and not allowed.any()):
+            return [[] for _ in queries]
+        dense_wanted = settings.mode in ("hybrid", "dense") and bool(self.chunks)
+        vectors = self.embedder().encode(list(queries)) if dense_wanted else [None] * len(queries)
+        return [self._search_one(query, vector, settings, allowed) for query, vector in zip(queries, vectors)]
+
+    def _search_one(self, query: str, vector: np.ndarray | None, settings: SearchConfig,
+                    allowed: np.ndarray | None) -> list[Hit]:
         n = max(settings.candidates, settings.k)
         dense: list[tuple[int, float]] = []
         sparse: list[tuple[int, float]] = []
-        if settings.mode in ("hybrid", "dense") and self.chunks:
-            vector = self.embedder().encode([query])[0]
+        if vector is not None:
             dense = self.dense().search(vector, n, allowed, settings.hnsw_ef_search)
         if settings.mode in ("hybrid", "sparse") and self.chunks:
             sparse = self.sparse().search(words(query), n, allowed)
