@@ -17,7 +17,8 @@ HEADER = """# Data engineering
 
 **One pipeline** (`lmsmith.data.engine`, in the manner of datatrove: a list of steps over one record
 type, `lmsmith.data.record.Record`): sources → the operators below → exact dedup → near dedup →
-split → writers. The recipe's `data` stage and `lmsmith data clean` run the same code with other ends:
+split → writers. The recipe's `data` stage, `lmsmith data clean` and `lmsmith data split` run the same
+code with other ends:
 
 - the **data stage** reads `data.corpus` (text) and `data.instructions` (conversations) and the
   `synth_tables`' instructions, assigns every record's group a split (train/val/test by
@@ -28,17 +29,25 @@ split → writers. The recipe's `data` stage and `lmsmith data clean` run the sa
 - `lmsmith data clean INPUT --out DIR [--pipeline PIPE.yaml] [--executor local|ray] [--workers N]
   [--on-error fail|skip]` writes each kept row back as read (text rewritten) to `DIR/kept.jsonl`, drops to
   `DIR/dropped.jsonl` and the counters to `DIR/manifest.json` (`counts.read = counts.kept +
-  counts.dropped`, and `steps`: in / dropped / out per step).
+  counts.dropped`, and `steps`: in / dropped / out per step);
+- `lmsmith data split INPUT --out DIR [--ratios 8:1:1] [--seed N] [--group FIELD] [--stratify FIELD]
+  [--threshold 0.8] [--no-leak-check]` runs no operator and no exact dedup, writes each row as read to
+  `DIR/{train,val,test}.jsonl` and the counts to `DIR/split_report.json`, and drops nothing but leaks
+  (`read` = `written` + `leaks_removed`). Rows sharing the `--group` field's value stay in one split (a
+  row without it stands alone); `--stratify` cuts each value of its field by the ratios on its own, so
+  every value keeps its share in every split (`strata`). A near duplicate across splits leaves the later
+  split (train before val before test; `leaks_by_pair`, `leak_examples`); near duplicates within one
+  split stay and are counted (`near_duplicates_within_split`). Text records are compared with text
+  records, conversations with conversations.
 
-`lmsmith data split` cuts train/val/test (8:1:1, `--stratify FIELD`, `--group FIELD`) and removes
-near-duplicate leaks between splits; `lmsmith data ops` lists the operators.
+`lmsmith data ops` lists the operators.
 
-**Input** (both ends): jsonl, json, csv, parquet, and folders of txt/md (one record per blank-line
+**Input** (every end): jsonl, json, csv, parquet, and folders of txt/md (one record per blank-line
 block), each optionally `.gz`. **Records**: `{"text"}`, alpaca `{instruction, input, output}`, sharegpt
 `{conversations: [{from, value}]}` or `{messages: [{role, content}]}`, detected per record or named
 with `format:`; rows may carry `id`, `group`, `source`, `task`, `answer` and `noise`. A malformed record
-stops the run with `file:line` (the data stage always; `lmsmith data clean` unless `--on-error skip`,
-which drops it with reason `read`).
+stops the run with `file:line` (the data stage and `lmsmith data split` always; `lmsmith data clean` unless
+`--on-error skip`, which drops it with reason `read`).
 
 **Pipeline YAML** (`lmsmith.data.config.PipelineConfig`; a recipe's `data:` block takes the same
 fields, `executor`, `workers` and `ray_address` included):
@@ -91,9 +100,10 @@ reuse a fit. The 3C report's `cleaning_vs_labels.by_op` gives each step's precis
 the noise labels, so what a model-based step adds over the rules shows there.
 
 **Memory** grows by a few bytes a record, not by the record: a batch in flight per worker, four 8-byte
-keys per record (group, exact-dedup key, positions), the near-dedup index (signatures and band keys
-spill to disk; clustering loads one band at a time) and the report's bounded sample. A group's split
-is decided after the first pass, over hashed group keys (exact counts by the ratios).
+keys per record (group, exact-dedup key, positions; a fifth, the stratum, with `--stratify`), the
+near-dedup index (signatures and band keys spill to disk; clustering loads one band at a time) and the
+report's bounded sample. A group's split is decided after the first pass, over hashed group keys (exact
+counts by the ratios, within each stratum when stratifying).
 """
 
 

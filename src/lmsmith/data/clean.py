@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from lmsmith.console import console
 from lmsmith.data.config import PipelineConfig
-from lmsmith.data.engine import OnError, Source, run_stream, stream_options
+from lmsmith.data.engine import OnError, Original, Source, run_stream, stream_options
 from lmsmith.data.executor import ExecutorKind
 from lmsmith.data.record import Record
 
@@ -28,7 +28,8 @@ class _CleanWriter:
         row = {**(record.row or {}), "tags": tags} if tags else record.row
         self.kept.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str]) -> None:
+    def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str],
+             original: Optional[Original]) -> None:
         row = record.row if record.row is not None else record.raw
         self.dropped.write(json.dumps({"reason": reason, "detail": detail, "where": record.where, "id": record.id,
                                        "record": row}, ensure_ascii=False) + "\n")

@@ -1,20 +1,25 @@
-"""The data pipeline, one for the recipe's data stage and for `lmsmith data clean`: sources → operators
-(on a local or Ray executor) → exact and near dedup → split → writers, with every record accounted for.
+"""The data pipeline, one for the recipe's data stage, `lmsmith data clean` and `lmsmith data split`: sources
+→ operators (on a local or Ray executor) → exact and near dedup → split → writers, with every record
+accounted for.
 
 Two passes over one stream of `Record`s:
 1. Sources stream records in batches; `clean_batch` (run by either executor, unchanged) applies the
    operators and returns each survivor with its exact-dedup key and MinHash signature. Survivors go to
    a work file, signatures to a spill file (`lmsmith.data.minhash`), drops to a second work file, and
-   each record's group to a compact key array.
-2. With every group seen, groups get their split (`lmsmith.data.split`); exact keys (numpy `unique`,
-   earliest kept) and the near-duplicate index (earliest kept, train before val before test) decide
-   which survivors are duplicates; the work files are re-read and handed to the `Writer`.
+   each record's group (the first of the `group_by` fields it has, else the record alone) and, when
+   stratifying, its stratum to compact key arrays.
+2. With every group seen, groups get their split (`lmsmith.data.split`: cut by the ratios, within each
+   stratum when `stratify` names a field); exact keys (numpy `unique`, earliest kept) and the
+   near-duplicate index (earliest kept, train before val before test) decide which survivors are
+   duplicates; the work files are re-read and handed to the `Writer`.
 
-A drop's `reason` names the step: `read` (malformed, when errors are skipped), `empty`, an operator (`#2`
-for its second use), `exact_dedup`, `near_dedup`, or `near_dedup_leak` (a val/test record close to one in
-an earlier split). `Stream` holds the counters, per kind and split; read = kept + dropped holds at every
-step. Memory holds the batches in flight and a few 8-byte keys per record (group, exact-dedup key,
-positions); signatures and band keys spill to disk (docs/benchmarks.md has the measured peaks).
+A drop's `reason` names the step: `read` (malformed, when errors are skipped), `empty` (unless
+`drop_empty` is off), an operator (`#2` for its second use), `exact_dedup`, `near_dedup` (a copy within
+one split; with `near_leaks_only` it stays and is counted in `Stream.near_kept`), or `near_dedup_leak` (a
+val/test record close to one in an earlier split). `Stream` holds the counters, per kind and split;
+read = kept + dropped holds at every step. Memory holds the batches in flight and a few 8-byte keys per
+record (group, stratum when stratifying, exact-dedup key, positions); signatures and band keys spill to
+disk (docs/benchmarks.md has the measured peaks).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from lmsmith.data.io import ReadError, TextUnit, iter_file, list_input_files
 from lmsmith.data.minhash import Bander, MinHasher, NearDupIndex, lsh_params
 from lmsmith.data.steps import REGISTRY, Mapper, Op, build_op, build_ops, validate_op_spec
 from lmsmith.data.record import Kind, Record, RecordFormat, check_row, dedup_key, is_empty, kind_of_format, rewrite_fields
-from lmsmith.data.split import SPLITS, group_key, split_of_keys
+from lmsmith.data.split import NO_STRATUM, SPLITS, group_key, split_of_units, stratum_key
+from lmsmith.errors import UserError
 
 OnError = Literal["fail", "skip"]
 KINDS: tuple[Kind, ...] = ("corpus", "instructions")
@@ -113,8 +119,6 @@ def apply_ops(record: Record, ops: list[tuple[str, Op]],
     modified it). Each operator's `tags` on the text it kept are appended to `tags`."""
     row, fmt = record.row, record.fmt
     assert row is not None
-    if is_empty(row, fmt):
-        return (EMPTY, "no text to begin with"), []
     modified = []
     for step, op in ops:
         if not op.applies_to(record.kind):
@@ -160,6 +164,9 @@ def clean_batch(payload: dict[str, Any], records: list[Record]) -> BatchResult:
         if record.error is not None:
             outcomes.append(Outcome(record, READ, record.error))
             continue
+        if payload["drop_empty"] and is_empty(record.row, record.fmt):
+            outcomes.append(Outcome(record, EMPTY, "no text to begin with"))
+            continue
         tags: list[tuple[str, str]] = []
         verdict, modified = apply_ops(record, ops, tags)
         if verdict is not None:
@@ -180,13 +187,23 @@ def clean_batch(payload: dict[str, Any], records: list[Record]) -> BatchResult:
 # ------------------------------------------------------------------------------------------- the stream
 
 
+@dataclass(frozen=True)
+class Original:
+    """The record a duplicate was dropped for: its id, where it was read and its split."""
+
+    id: str
+    where: str
+    split: str
+
+
 class Writer(Protocol):
     """Where pass 2 sends each record: kept (with its split, the steps that rewrote it and the tags the
-    operators gave it) or dropped (with the step and why)."""
+    operators gave it) or dropped (with the step and why, and for a duplicate the record it duplicates)."""
 
     def keep(self, record: Record, split: str, modified: list[str], tags: list[str]) -> None: ...
 
-    def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str]) -> None: ...
+    def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str],
+             original: Optional[Original]) -> None: ...
 
 
 @dataclass
@@ -199,6 +216,7 @@ class Stream:
     dropped: Counter = field(default_factory=Counter)  # (kind, split, reason)
     modified: Counter = field(default_factory=Counter)  # (kind, step)
     tags: Counter = field(default_factory=Counter)  # (kind, step, tag), over the records kept
+    near_kept: Counter = field(default_factory=Counter)  # (kind, split): near duplicates left in (leaks only)
     shards: list[dict[str, int]] = field(default_factory=list)
     near_dedup: dict[str, Any] = field(default_factory=dict)
     groups: dict[str, int] = field(default_factory=dict)  # distinct groups per split
@@ -243,7 +261,8 @@ class Stream:
 
 @dataclass
 class StreamOptions:
-    """How the stream runs: the operators, dedup, batching, executor and what happens to a bad record."""
+    """How the stream runs: the operators, dedup, batching, executor, what happens to a bad record, and
+    how records are split (the defaults are the data stage's; `lmsmith data split` sets the last four)."""
 
     ops: list[dict[str, Any]]
     exact_dedup: bool
@@ -257,6 +276,10 @@ class StreamOptions:
     ratios: tuple[float, float, float] = (1.0, 0.0, 0.0)
     split_seed: int = 0
     fit_sample: int = 2000  # records read from each source to fit the fitted operators on
+    group_by: tuple[str, ...] = ("group", "id")  # a record's split follows the first of these fields it has
+    stratify: Optional[str] = None  # each value of this field is cut by `ratios` on its own
+    near_leaks_only: bool = False  # near dedup drops copies across splits only; those within one stay, counted
+    drop_empty: bool = True  # False: a record with no text to begin with goes on like any other
 
 
 def _checked(source: Source, on_error: OnError,
@@ -331,10 +354,11 @@ def run_stream(sources: list[Source], options: StreamOptions, writer: Writer, wo
     splits = options.ratios[0] < 1
     stream = Stream(steps=[READ, EMPTY, *names, EXACT, NEAR, *([LEAK] if splits else [])])
     options, stream.fitted = fit_ops(sources, options, work.parent / "fitted")
-    payload = {"ops": options.ops, "near_dedup": options.near_dedup}
+    payload = {"ops": options.ops, "near_dedup": options.near_dedup, "drop_empty": options.drop_empty}
     near = options.near_dedup
     started = time.perf_counter()
     groups = array("Q")  # per record read
+    strata = array("Q") if options.stratify else None  # per record read, when stratifying
     survivor_at = {kind: array("q") for kind in KINDS}  # read position of each survivor, by kind
     exact_keys = {kind: array("Q") for kind in KINDS}
     near_at = {kind: array("q") for kind in KINDS}  # survivor index (in its kind) of each signature
@@ -353,7 +377,9 @@ def run_stream(sources: list[Source], options: StreamOptions, writer: Writer, wo
                         for outcome in result.outcomes:
                             record = outcome.record
                             position = len(groups)
-                            groups.append(group_key(record.group) if record.row is not None else group_key(record.where))
+                            groups.append(group_key(record.group_by(options.group_by)))
+                            if strata is not None:
+                                strata.append(stratum_key(record.value_of(options.stratify)))
                             if outcome.reason is not None:
                                 _dump(drops, record, position, {"reason": outcome.reason, "detail": outcome.detail,
                                                                 "modified": outcome.modified})
@@ -371,8 +397,7 @@ def run_stream(sources: list[Source], options: StreamOptions, writer: Writer, wo
                                 index.add(result.signatures[rows], result.band_keys[rows])
                         bar.advance(len(result.outcomes))
                     stream.shards.append(dict(stats))
-        split_index = _split_index(np.frombuffer(groups, dtype=np.uint64) if len(groups) else
-                                   np.empty(0, dtype=np.uint64), options, stream)
+        split_index = _split_index(_keys(groups), None if strata is None else _keys(strata), options, stream)
         duplicates = {kind: _duplicates(survivor_at[kind], exact_keys[kind], near_at[kind], indexes.get(kind),
                                         split_index, options) for kind in KINDS}
         _write(work, stream, writer, split_index, duplicates)
@@ -388,9 +413,24 @@ def run_stream(sources: list[Source], options: StreamOptions, writer: Writer, wo
     return stream
 
 
-def _split_index(groups: np.ndarray, options: StreamOptions, stream: Stream) -> np.ndarray:
-    """The split (0 train, 1 val, 2 test) of every record read, from its group."""
-    distinct, index = split_of_keys(groups, options.ratios, options.split_seed)
+def _keys(keys: array) -> np.ndarray:
+    return np.frombuffer(keys, dtype=np.uint64) if len(keys) else np.empty(0, dtype=np.uint64)
+
+
+class NoRecordHasField(UserError):
+    """`stratify` names a field no record has; raised after reading, before anything is written."""
+
+    def __init__(self, name: str):
+        super().__init__(f"{name}: no record has this field")
+
+
+def _split_index(groups: np.ndarray, strata: Optional[np.ndarray], options: StreamOptions,
+                 stream: Stream) -> np.ndarray:
+    """The split (0 train, 1 val, 2 test) of every record read, from its group (and its stratum)."""
+    if strata is not None and not (strata != NO_STRATUM).any():
+        assert options.stratify is not None
+        raise NoRecordHasField(options.stratify)
+    distinct, index = split_of_units(groups, strata, options.ratios, options.split_seed)
     stream.groups = {split: int(count) for split, count in zip(SPLITS, np.bincount(index, minlength=3))}
     return index[np.searchsorted(distinct, groups)] if len(groups) else np.empty(0, dtype=np.int8)
 
@@ -400,19 +440,24 @@ class _Duplicates:
     """Per survivor of one kind: why it goes (an index into `REASONS`, 0 when kept) and the survivor it
     duplicates (or -1). One byte and eight a survivor: the arrays span the whole input."""
 
-    REASONS = ("", EXACT, NEAR, LEAK)
+    NEAR_KEPT = 4  # a near duplicate within its split, kept and counted (near_leaks_only)
+    REASONS = ("", EXACT, NEAR, LEAK, "")
     code: np.ndarray
     of: np.ndarray
 
     def reason(self, at: int) -> str:
         return self.REASONS[int(self.code[at])]
 
+    def near_kept(self, at: int) -> bool:
+        return int(self.code[at]) == self.NEAR_KEPT
+
 
 def _duplicates(survivor_at: array, keys: array, near_at: array, index: Optional[NearDupIndex],
                 split_index: np.ndarray, options: StreamOptions) -> _Duplicates:
     """Exact keys (the first read is kept), then near-duplicate clusters: in each, the survivor that ranks
     first is kept (train before val before test when splitting, then reading order), so a near copy across
-    splits leaves val/test; an exact duplicate never keeps a cluster."""
+    splits leaves val/test (and, with `near_leaks_only`, a copy within the keeper's split stays); an exact
+    duplicate never keeps a cluster."""
     n = len(survivor_at)
     positions = np.frombuffer(survivor_at, dtype=np.int64) if n else np.empty(0, dtype=np.int64)
     split = split_index[positions].astype(np.int64)
@@ -431,8 +476,12 @@ def _duplicates(survivor_at: array, keys: array, near_at: array, index: Optional
         keeper = rows[index.clusters(near_rank).keeper]
         candidates = (keeper != rows) & ~exact_dup[rows]
         dropped, kept_by = rows[candidates], keeper[candidates]
+        within = split[dropped] == split[kept_by]
+        if options.near_leaks_only:
+            code[dropped[within]] = _Duplicates.NEAR_KEPT
+            dropped, kept_by, within = dropped[~within], kept_by[~within], within[~within]
         duplicate_of[dropped] = kept_by
-        code[dropped] = np.where(split[dropped] == split[kept_by], 2, 3)  # NEAR, LEAK
+        code[dropped] = np.where(within, 2, 3)  # NEAR, LEAK
     return _Duplicates(code, duplicate_of)
 
 
@@ -446,15 +495,16 @@ def _write(work: Path, stream: Stream, writer: Writer, split_index: np.ndarray,
             stream.read[(record.kind, split)] += 1
             stream.dropped[(record.kind, split, data["reason"])] += 1
             stream.modified.update((record.kind, step) for step in data["modified"])
-            writer.drop(record, split, data["reason"], data["detail"], data["modified"])
+            writer.drop(record, split, data["reason"], data["detail"], data["modified"], None)
     referenced = {kind: set(dups.of[dups.of >= 0].tolist()) for kind, dups in duplicates.items()}
-    ids: dict[tuple[str, int], str] = {}
+    originals: dict[tuple[str, int], Original] = {}
     with open(work / "survivors.jsonl", encoding="utf-8") as survivors:
         seen: Counter = Counter()
         for line in survivors:
-            record, _ = _load(line)
+            record, data = _load(line)
             if seen[record.kind] in referenced[record.kind]:
-                ids[(record.kind, seen[record.kind])] = record.id
+                originals[(record.kind, seen[record.kind])] = Original(record.id, record.where,
+                                                                       SPLITS[int(split_index[data["at"]])])
             seen[record.kind] += 1
     with open(work / "survivors.jsonl", encoding="utf-8") as survivors:
         seen = Counter()
@@ -468,15 +518,17 @@ def _write(work: Path, stream: Stream, writer: Writer, split_index: np.ndarray,
             reason = duplicates[kind].reason(at)
             if not reason:
                 stream.kept[(kind, split)] += 1
+                if duplicates[kind].near_kept(at):
+                    stream.near_kept[(kind, split)] += 1
                 stream.tags.update((kind, step, tag) for step, tag in data["tags"])
                 writer.keep(record, split, data["modified"], sorted({tag for _, tag in data["tags"]}))
                 continue
-            original = ids[(kind, int(duplicates[kind].of[at]))]
-            detail = (f"same normalised text as {original}" if reason == EXACT else
-                      f"near duplicate of {original} (MinHash cluster, earliest kept)" if reason == NEAR else
-                      f"near duplicate of {original}, which is in an earlier split")
+            original = originals[(kind, int(duplicates[kind].of[at]))]
+            detail = (f"same normalised text as {original.id}" if reason == EXACT else
+                      f"near duplicate of {original.id} (MinHash cluster, earliest kept)" if reason == NEAR else
+                      f"near duplicate of {original.id}, which is in an earlier split")
             stream.dropped[(kind, split, reason)] += 1
-            writer.drop(record, split, reason, detail, data["modified"])
+            writer.drop(record, split, reason, detail, data["modified"], original)
 
 
 def stream_options(config: Any, on_error: OnError = "fail", ratios: tuple[float, float, float] = (1.0, 0.0, 0.0),

@@ -56,15 +56,29 @@ class Record:
     source: str = ""  # the input it came from, as named in ids (`file.jsonl`, `synth:table.csv`)
     split: str = ""
 
+    def value_of(self, name: str) -> Optional[str]:
+        """The row's field `name` as text when it is a string or a number (what ids, groups and strata
+        are), else None."""
+        value = self.row.get(name) if isinstance(self.row, dict) else None
+        return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+
     @property
     def id(self) -> str:
-        value = self.row.get("id") if isinstance(self.row, dict) else None
-        return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else self.where
+        value = self.value_of("id")
+        return self.where if value is None else value
 
     @property
     def group(self) -> str:
-        value = self.row.get("group") if isinstance(self.row, dict) else None
-        return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else self.id
+        return self.group_by(("group", "id"))
+
+    def group_by(self, fields: tuple[str, ...]) -> str:
+        """What this record shares a split with: the first of `fields` it holds (records with the same
+        value stay together), else where it was read (it stands alone)."""
+        for name in fields:
+            value = self.value_of(name)
+            if value is not None:
+                return value
+        return self.where
 
     def content(self) -> str:
         """What filters judge and the dedup key hashes: the text fields joined by newlines."""

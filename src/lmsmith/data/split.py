@@ -1,10 +1,14 @@
-"""Train/val/test: the grouped assignment both the data stage and `lmsmith data split` use (numpy's seeded
-permutation over hashed group keys), and `lmsmith data split` itself (`run_split`: a cleaned input cut
-into split files, optionally stratified, with near-duplicate leaks between splits removed by
-`lmsmith.data.minhash`; it holds the rows in memory, since it runs after cleaning on the kept records).
+"""Train/val/test: the grouped assignment the data pipeline (`lmsmith.data.engine`) splits by (numpy's
+seeded permutation over hashed group keys, cut by the ratios, optionally within each stratum), and
+`lmsmith data split`: that pipeline with no operators and other ends (`run_split`: each row written
+back as read to OUT/{train,val,test}.jsonl, the counts to split_report.json).
 
 Whole groups move together: every record of one company-year (a document, its instructions) lands in
-the same split, so nothing a test question is about was seen in training.
+the same split, so nothing a test question is about was seen in training. `data split` groups by the
+field it is given (a record without it stands alone), may cut each value of a `--stratify` field by the
+ratios on its own, and removes only near duplicates across splits (the copy in the later split goes:
+train before val before test); near duplicates within one split stay and are counted. Nothing else is
+dropped, so read = written + leaks_removed.
 """
 
 from __future__ import annotations
@@ -13,25 +17,29 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, IO, Any, Iterable, Optional
 
 import numpy as np
 
-from lmsmith.console import console, track
-from lmsmith.data.io import full_where, iter_records
-from lmsmith.data.minhash import MinHasher, NearDupIndex
-from lmsmith.data.record import check_row, text_fields
+from lmsmith.console import console
 from lmsmith.errors import UserError
 
 if TYPE_CHECKING:
     from lmsmith.data.config import NearDedupConfig
+    from lmsmith.data.engine import Original
+    from lmsmith.data.record import Record
 
 SPLITS = ("train", "val", "test")
+NO_STRATUM = 0  # the stratum key of a record without the field (a value's hash is 0 once in 2^64)
 
 
 def group_key(group: str) -> int:
     """A group's 64-bit key: what the assignment sorts and shuffles (8 bytes a group, however long the name)."""
     return int.from_bytes(hashlib.blake2b(group.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def stratum_key(value: Optional[str]) -> int:
+    return NO_STRATUM if value is None else group_key(value)
 
 
 def split_of_keys(keys: np.ndarray, ratios: tuple[float, float, float], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +59,23 @@ def split_of_keys(keys: np.ndarray, ratios: tuple[float, float, float], seed: in
     return distinct, index
 
 
+def split_of_units(units: np.ndarray, strata: Optional[np.ndarray], ratios: tuple[float, float, float],
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`split_of_keys` over the units (group keys, one per record), or with `strata` (a stratum key per
+    record) over each stratum's units on its own, so that every stratum keeps its share in every split.
+
+    A unit takes the stratum of its first record: a group whose records disagree still moves whole."""
+    if strata is None:
+        return split_of_keys(units, ratios, seed)
+    distinct, first = np.unique(units, return_index=True)
+    unit_strata = strata[first]
+    order = np.lexsort((distinct, unit_strata))  # by stratum, then by unit key
+    index = np.empty(len(distinct), dtype=np.int8)
+    for members in np.split(order, np.flatnonzero(np.diff(unit_strata[order])) + 1):
+        index[members] = split_of_keys(distinct[members], ratios, seed)[1]
+    return distinct, index
+
+
 def assign_groups(groups: Iterable[str], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
     """Group → split name (`split_of_keys` over the groups' keys)."""
     names = sorted(set(groups))
@@ -60,37 +85,45 @@ def assign_groups(groups: Iterable[str], ratios: tuple[float, float, float], see
     return {name: SPLITS[int(index[at])] for name, at in zip(names, position)}
 
 
-def assign_stratified(
-    units: dict[str, str], ratios: tuple[float, float, float], seed: int
-) -> dict[str, str]:
-    """Unit (a record or group key) → split, cutting each stratum (unit → stratum value) by `ratios`
-    on its own, so every category keeps its share in every split."""
-    strata: dict[str, list[str]] = {}
-    for unit, stratum in units.items():
-        strata.setdefault(stratum, []).append(unit)
-    assignment: dict[str, str] = {}
-    for stratum in sorted(strata):
-        assignment.update(assign_groups(strata[stratum], ratios, seed))
-    return assignment
+# ------------------------------------------------------------------------------------- lmsmith data split
 
 
-def split_rows(
-    rows: list[dict],
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    stratify: Optional[str] = None,
-    group: Optional[str] = None,
-) -> list[str]:
-    """The split of each row. Rows sharing the value of `group` stay together; with `stratify`, each
-    value of that field is split by `ratios` separately. Deterministic for a given seed and row set."""
-    units: dict[str, str] = {}
-    unit_of = []
-    for index, row in enumerate(rows):
-        unit = f"g:{row.get(group)}" if group and row.get(group) is not None else f"r:{index}"
-        unit_of.append(unit)
-        units.setdefault(unit, str(row.get(stratify)) if stratify else "")
-    assignment = assign_stratified(units, ratios, seed)
-    return [assignment[unit] for unit in unit_of]
+class _SplitWriter:
+    """The stream's end for `data split`: OUT/{split}.jsonl, each row as read, and what the report counts
+    (the strata kept per split, the leaks by pair). The files open at the first record handed over, after
+    the stream has read everything, so a run stopped by a bad row or an unknown field writes nothing."""
+
+    def __init__(self, out_dir: Path, stratify: Optional[str], examples: int):
+        self.out_dir, self.stratify, self.examples = out_dir, stratify, examples
+        self.files: dict[str, IO[str]] = {}
+        self.strata: dict[str, Counter] = {split: Counter() for split in SPLITS}  # a record without it: "None"
+        self.leaks: Counter = Counter()  # "train->val": the copy kept in train, the one in val removed
+        self.leak_examples: list[dict[str, Any]] = []
+
+    def open(self) -> None:
+        if not self.files:
+            self.files = {split: open(self.out_dir / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
+
+    def keep(self, record: "Record", split: str, modified: list[str], tags: list[str]) -> None:
+        self.open()
+        self.files[split].write(json.dumps(record.row, ensure_ascii=False) + "\n")
+        if self.stratify:
+            self.strata[split][str(record.value_of(self.stratify))] += 1
+
+    def drop(self, record: "Record", split: str, reason: str, detail: str, modified: list[str],
+             original: Optional["Original"]) -> None:
+        # No operators, no exact dedup, empty records kept, a bad row stops the run: a leak is all that goes.
+        if original is None or original.split == split:
+            raise AssertionError(f"data split drops only near-duplicate leaks, got {reason}: {detail}")
+        self.leaks[f"{original.split}->{split}"] += 1
+        if len(self.leak_examples) < self.examples:
+            self.leak_examples.append({"split": split, "where": record.where, "id": record.id,
+                                       "leaks_from": original.split, "from_where": original.where,
+                                       "from_id": original.id})
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
 
 
 def run_split(
@@ -107,79 +140,42 @@ def run_split(
     if any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise UserError(f"--ratios: must be non-negative and sum to 1, got {list(ratios)}")
     from lmsmith.data.config import NearDedupConfig
+    from lmsmith.data.engine import KINDS, LEAK, NoRecordHasField, Source, StreamOptions, run_stream  # it imports us
 
     near = near or NearDedupConfig(apply_to="both")
-    out_dir = Path(out_dir)
-    rows: list[dict[str, Any]] = []
-    texts: list[str] = []
-    for raw in iter_records(Path(input_path)):
-        if raw.error is not None:
-            raise UserError(f"{full_where(Path(input_path), raw.where)}: {raw.error}")
-        problem, fmt = check_row(raw.row, "auto")
-        if problem is not None:
-            raise UserError(f"{full_where(Path(input_path), raw.where)}: {problem}")
-        rows.append(raw.row)
-        texts.append("\n".join(text_fields(raw.row, fmt)))
-    if stratify and not any(stratify in row for row in rows):
-        raise UserError(f"--stratify {stratify}: no record has this field")
-    splits = split_rows(rows, ratios, seed, stratify, group)
-
-    leaks: list[dict[str, Any]] = []
-    within: Counter = Counter()
-    removed = set()
-    if near.enabled and rows:
-        order = sorted(range(len(rows)), key=lambda i: (SPLITS.index(splits[i]), i))
-        hasher = MinHasher(near.num_perm, near.unit, near.char_ngram, near.word_ngram)
-        with NearDupIndex(near.threshold, near.num_perm) as index, track("leak check", total=len(order)) as bar:
-            for start in range(0, len(order), 1024):
-                chunk = order[start:start + 1024]
-                index.add(hasher.signatures([texts[i] for i in chunk]))
-                bar.advance(len(chunk))
-            keeper = index.clusters().keeper
-        for rank, first_rank in enumerate(keeper.tolist()):
-            if first_rank == rank:
-                continue
-            record, first = order[rank], order[first_rank]
-            if splits[record] == splits[first]:
-                within[splits[record]] += 1
-                continue
-            removed.add(record)
-            leaks.append({"split": splits[record], "index": record, "id": rows[record].get("id"),
-                          "leaks_from": splits[first], "from_index": first, "from_id": rows[first].get("id")})
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {split: 0 for split in SPLITS}
-    handles = {split: open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    options = StreamOptions(ops=[], exact_dedup=False, near_dedup=near.model_dump(mode="json"), ratios=ratios,
+                            split_seed=seed, group_by=(group,) if group else (), stratify=stratify,
+                            near_leaks_only=True, drop_empty=False)
+    writer = _SplitWriter(out_dir, stratify, examples)
     try:
-        for index, row in enumerate(rows):
-            if index not in removed:
-                handles[splits[index]].write(json.dumps(row, ensure_ascii=False) + "\n")
-                counts[splits[index]] += 1
+        stream = run_stream([Source(str(input_path), path=input_path)], options, writer, out_dir / ".work",
+                            label="splitting")
+        writer.open()  # an input with no records still gets its three (empty) files
+    except NoRecordHasField as exc:
+        raise UserError(f"--stratify {exc}") from None
     finally:
-        for handle in handles.values():
-            handle.close()
-    leak_counts = Counter(f"{leak['leaks_from']}->{leak['split']}" for leak in leaks)
+        writer.close()
+    written = {split: sum(stream.kept[(kind, split)] for kind in KINDS) for split in SPLITS}
+    leaks = stream.dropped_by().get(LEAK, 0)
     report = {
         "input": str(input_path),
         "ratios": list(ratios),
         "seed": seed,
         "stratify": stratify,
         "group": group,
-        "read": len(rows),
-        "written": counts,
-        "leaks_removed": len(leaks),
-        "leaks_by_pair": dict(sorted(leak_counts.items())),
-        "near_duplicates_within_split": {split: within[split] for split in SPLITS},
-        "leak_examples": leaks[:examples],
+        "read": stream.total(stream.read),
+        "written": written,
+        "leaks_removed": leaks,
+        "leaks_by_pair": dict(sorted(writer.leaks.items())),
+        "near_duplicates_within_split": {split: sum(stream.near_kept[(kind, split)] for kind in KINDS)
+                                         for split in SPLITS},
+        "leak_examples": writer.leak_examples,
         "near_dedup": near.model_dump(mode="json"),
     }
     if stratify:
-        report["strata"] = {
-            split: dict(sorted(Counter(str(rows[i].get(stratify)) for i in range(len(rows))
-                                       if splits[i] == split and i not in removed).items()))
-            for split in SPLITS
-        }
+        report["strata"] = {split: dict(sorted(writer.strata[split].items())) for split in SPLITS}
     (out_dir / "split_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    console.print(f"split {len(rows)} records: " + ", ".join(f"{s} {counts[s]}" for s in SPLITS)
-                  + f"; {len(leaks)} near-duplicate leaks removed")
+    console.print(f"split {report['read']} records: " + ", ".join(f"{s} {written[s]}" for s in SPLITS)
+                  + f"; {leaks} near-duplicate leaks removed")
     return report

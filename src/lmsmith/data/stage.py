@@ -23,7 +23,7 @@ from lmsmith.console import console, track
 from lmsmith.data.annotate import Annotator, annotate_rows, score, write_conll
 from lmsmith.data.augment import augment
 from lmsmith.data.config import EMBEDDED, EMBEDDED_MODERATION, DataConfig
-from lmsmith.data.engine import READ, Source, Stream, run_stream, step_names, stream_options
+from lmsmith.data.engine import READ, Original, Source, Stream, run_stream, step_names, stream_options
 from lmsmith.data.steps import build_ops
 from lmsmith.data.quality import QualitySample, build_quality_report, summarise_for_manifest
 from lmsmith.data.record import Record, check_row, corpus_row, instruction_row
@@ -133,7 +133,8 @@ class StageWriter:
         if self.sample is not None and self.sample.holds(record):
             self.sample.after.append(self.sample.enrich(row, record) | {"modified_by": modified})
 
-    def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str]) -> None:
+    def drop(self, record: Record, split: str, reason: str, detail: str, modified: list[str],
+             original: Optional[Original]) -> None:
         row: dict[str, Any] = {"kind": record.kind, "id": record.id, "where": record.where, "split": split,
                                "reason": reason, "detail": detail}
         if reason == READ:  # malformed (on_error: skip): kept as it was read, counted nowhere else
