@@ -184,7 +184,7 @@ class CompressConfig(StrictModel):
     tasks: list[str] = Field(["held-out"], description="Eval tasks every variant is scored on (the eval stage's names).")
     max_items: Optional[int] = Field(40, ge=1, description="Items scored per task.")
     max_new_tokens: Optional[int] = Field(96, ge=1, description="Cap on answer length.")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass (agreement, perplexity, the tasks).")
     agreement_texts: int = Field(16, ge=1, description="Held-out texts whose next-token argmax is compared with "
                                  "the source model's at every position.")
     speed_requests: int = Field(4, ge=1, description="Requests timed per variant (tok/s at batch 1, p50 latency).")

@@ -9,6 +9,7 @@ and prints its peak resident memory above what the imports alone took.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,16 @@ def peak_memory_mb(folder: Path, tokenizer_folder: Path, batch: int, new_tokens:
     if done.returncode != 0:
         raise UserError(f"{folder}: measuring peak memory failed:\n{done.stderr.strip()[-2000:]}")
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def peak_memory_each(folders: Sequence[Path], tokenizer_folder: Path, batch: int, new_tokens: int) -> list[float]:
+    """`peak_memory_mb` of each folder, a fresh process each, as many at once as there are cores: a
+    process's own high-water mark does not depend on what runs beside it, and most of each process's
+    time is its imports."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(len(folders), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda folder: peak_memory_mb(folder, tokenizer_folder, batch, new_tokens), folders))
 
 
 def _status_kib(field: str) -> int:

@@ -111,11 +111,12 @@ def run(config: CompressConfig, ctx: StageContext) -> StageResult:
     speed = SpeedConfig(requests=config.speed_requests, new_tokens=config.speed_new_tokens, batch=config.speed_batch)
     results = evaluate_models(entries, tasks, out, config.batch_size, speed, tokenizer_path=tuned_dir, write=False)
 
-    for label, folder in folders.items():
+    peaks = (measure.peak_memory_each(list(folders.values()), tuned_dir, config.speed_batch, 8)
+             if config.peak_memory else [None] * len(folders))
+    for label, peak in zip(folders, peaks):
         entry = results["models"][label]
         entry["perplexity"] = perplexities[label]
-        entry["peak_memory_mb"] = (measure.peak_memory_mb(folder, tuned_dir, config.speed_batch, 8)
-                                   if config.peak_memory else None)
+        entry["peak_memory_mb"] = peak
     results["models"][SOURCE]["agreement"] = 100.0
     failed = []
     for variant in config.variants:
