@@ -68,6 +68,7 @@ def document(index: int) -> str:
 
 def bench_cleaning(count: int) -> dict:
     plan = PipelineConfig(near_dedup={"enabled": False}).model_dump(mode="json")
+    plan["drop_empty"] = True  # clean_batch's payload also says this (StreamOptions' default)
     items = [Record(f"bench:{i}", {"text": document(i)}, fmt="text") for i in range(count)]
     size = sum(len(item.row["text"].encode()) for item in items) / count
     clean_batch(plan, items[:50])  # build the operators outside the timing
