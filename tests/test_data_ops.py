@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from lmsmith.data.config import DataConfig
@@ -18,7 +19,7 @@ from lmsmith.data.steps import (
     validate_op_spec,
 )
 from lmsmith.data.record import dedup_key
-from lmsmith.data.split import assign_groups
+from lmsmith.data.split import SPLITS, group_key, split_of_keys
 from lmsmith.errors import UserError
 from lmsmith.recipe import validate_recipe
 
@@ -220,6 +221,14 @@ def test_dedup_key_ignores_width_case_punctuation_and_spaces():
     assert dedup_key("营业收入12.35亿元，同比增长。") == dedup_key("营业收入 12.35亿元, 同比增长.")
     assert dedup_key("Revenue UP") == dedup_key("revenue up!")
     assert dedup_key("营业收入12.35亿元") != dedup_key("营收12.35亿元")
+
+
+def assign_groups(groups, ratios, seed):
+    """Group name → split name, as the stream assigns them (`split_of_keys` over hashed group keys)."""
+    names = sorted(set(groups))
+    keys = np.array([group_key(name) for name in names], dtype=np.uint64)
+    distinct, index = split_of_keys(keys, ratios, seed)
+    return {name: SPLITS[int(index[at])] for name, at in zip(names, np.searchsorted(distinct, keys))}
 
 
 def test_assign_groups_is_deterministic_and_follows_the_ratios():

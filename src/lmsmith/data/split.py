@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, IO, Any, Iterable, Optional
+from typing import TYPE_CHECKING, IO, Any, Optional
 
 import numpy as np
 
@@ -74,15 +74,6 @@ def split_of_units(units: np.ndarray, strata: Optional[np.ndarray], ratios: tupl
     for members in np.split(order, np.flatnonzero(np.diff(unit_strata[order])) + 1):
         index[members] = split_of_keys(distinct[members], ratios, seed)[1]
     return distinct, index
-
-
-def assign_groups(groups: Iterable[str], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Group → split name (`split_of_keys` over the groups' keys)."""
-    names = sorted(set(groups))
-    keys = np.array([group_key(name) for name in names], dtype=np.uint64)
-    distinct, index = split_of_keys(keys, ratios, seed)
-    position = np.searchsorted(distinct, keys)
-    return {name: SPLITS[int(index[at])] for name, at in zip(names, position)}
 
 
 # ------------------------------------------------------------------------------------- lmsmith data split

@@ -39,6 +39,7 @@ from lmsmith.train.forward import Objective, TrainingForward, accumulate_gradien
 from lmsmith.train.monitor import AlertMonitor, RunLog, mfu, peak_flops, peak_memory_mb, training_flops_per_token
 from lmsmith.train.threads import ThreadBudget
 
+
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:
     """"auto" is bf16 where the device multiplies bf16 natively (several times faster), else fp32."""
     if precision != "auto":

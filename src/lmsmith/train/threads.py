@@ -5,7 +5,8 @@ to wait; beside another busy process, two threads on two shared cores spend thei
 measured throughput fell to a quarter (docs/benchmarks.md, bench/train_profile.py). So the loop samples
 how much CPU the rest of the machine uses (from /proc/stat, minus this process's own time from
 /proc/self/stat) from the first step on, once 0.2 s have passed since set-up (no waiting is added), and
-every `interval_s` after, and sets torch's thread count to the cores left free (at least one). OMP_NUM_THREADS set by the user turns this off; so does a system without /proc.
+every `interval_s` after, and sets torch's thread count to the cores left free (at least one).
+OMP_NUM_THREADS set by the user turns this off; so does a system without /proc.
 """
 
 from __future__ import annotations
